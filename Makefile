@@ -1,0 +1,45 @@
+# Two commands set everything up on a fresh machine: `make train` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATASET ?= fashion-mnist
+MODEL ?= cnn
+WORKDIR ?= runs/$(DATASET)-$(MODEL)
+STEPS ?=
+PYTEST_ARGS ?=
+
+STEPS_FLAG := $(if $(STEPS),--steps $(STEPS),)
+STAMP := $(VENV)/.installed
+
+.PHONY: install data train eval-watch eval-once test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+data: install
+	$(BIN)/python -m common.fetch_data --dataset $(DATASET)
+
+train: data
+	$(BIN)/trainer --workdir $(WORKDIR) --dataset $(DATASET) --model $(MODEL) $(STEPS_FLAG)
+
+eval-watch: install
+	$(BIN)/evaluator --workdir $(WORKDIR)
+
+eval-once: install
+	$(BIN)/evaluator --workdir $(WORKDIR) --once
+
+# Tests make their own tiny data; the real dataset is fetched so that the `realdata` tests run too.
+test: data
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check common trainer evaluator tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

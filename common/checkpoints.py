@@ -1,0 +1,202 @@
+"""The checkpoint layout both programs agree on, and TF's `checkpoint` state file.
+
+A workdir holds `model-<step>.index` + `model-<step>.data-*` per checkpoint and the state file
+`checkpoint` (a text `CheckpointState` proto, the format `tf.train.get_checkpoint_state` reads).
+Its first line, `model_checkpoint_path`, names the checkpoint to restore.
+
+Inside a checkpoint, object paths are:
+  global_step                 the training step (int64)
+  model/<layer>/<kernel|bias> the raw weights
+  ema/<layer>/<kernel|bias>   their exponential moving averages
+  optimizer/...               optimizer slots
+TF appends `/.ATTRIBUTES/VARIABLE_VALUE` to each path to form the tensor key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow.python.training import checkpoint_state_pb2
+
+from common.errors import ProjectError
+from common.fileio import atomic_write_text
+
+STATE_FILE = "checkpoint"
+PREFIX = "model"
+STEP_KEY = "global_step"
+MODEL_KEY = "model"
+EMA_KEY = "ema"
+OPTIMIZER_KEY = "optimizer"
+VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+# What TF's checkpoint reader raises for missing, truncated or corrupt files (it maps C++ status
+# codes onto several Python types: DataLossError, "Read less bytes than requested" IndexError, ...).
+READ_ERRORS = (tf.errors.OpError, ValueError, IndexError, RuntimeError)
+_NAME_RE = re.compile(rf"^{PREFIX}-(\d+)$")
+
+
+class CheckpointError(ProjectError):
+    """A checkpoint or state file cannot be used; the message says which and why."""
+
+    exit_code = 2
+
+
+def name_for(step: int) -> str:
+    """The checkpoint name for `step` (`model-1000`)."""
+    return f"{PREFIX}-{step}"
+
+
+def step_of(path: str | Path) -> int | None:
+    """The step in a checkpoint name or path (`.../model-1000` -> 1000), or None."""
+    match = _NAME_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def tensor_key(path: str) -> str:
+    """The tensor key TF stores for object path `path` (`ema/conv1/kernel`)."""
+    return path + VALUE_SUFFIX
+
+
+@dataclasses.dataclass
+class State:
+    """What the state file says: the checkpoint to restore and every one kept, oldest first."""
+
+    latest: str | None = None
+    paths: list[str] = dataclasses.field(default_factory=list)
+    timestamps: list[float] = dataclasses.field(default_factory=list)
+    last_preserved_timestamp: float = 0.0
+
+    def timestamp_of(self, path: str) -> float:
+        """The save time recorded for `path` (0.0 when the file did not record one)."""
+        if len(self.timestamps) == len(self.paths) and path in self.paths:
+            return self.timestamps[self.paths.index(path)]
+        return 0.0
+
+
+def state_path(workdir: str | Path) -> Path:
+    """Where the state file of `workdir` lies."""
+    return Path(workdir) / STATE_FILE
+
+
+def read_state(workdir: str | Path) -> State | None:
+    """Parse the state file; None when there is none.
+
+    Raises:
+      CheckpointError: the file exists but cannot be parsed. Unlike `tf.train.get_checkpoint_state`,
+        which logs and returns None, this never lets a broken file pass for "no checkpoint".
+    """
+    path = state_path(workdir)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable state file ({e})") from e
+    proto = checkpoint_state_pb2.CheckpointState()
+    try:
+        text_format.Parse(text, proto)
+    except text_format.ParseError as e:
+        raise CheckpointError(f"{path}: corrupt state file ({e})") from e
+    if not proto.model_checkpoint_path:
+        raise CheckpointError(f"{path}: state file names no model_checkpoint_path")
+    return State(
+        latest=proto.model_checkpoint_path,
+        paths=list(proto.all_model_checkpoint_paths),
+        timestamps=list(proto.all_model_checkpoint_timestamps),
+        last_preserved_timestamp=proto.last_preserved_timestamp,
+    )
+
+
+def write_state(workdir: str | Path, state: State) -> None:
+    """Write the state file atomically (temp file, fsync, rename)."""
+    proto = checkpoint_state_pb2.CheckpointState(
+        model_checkpoint_path=state.latest or "",
+        all_model_checkpoint_paths=state.paths,
+        all_model_checkpoint_timestamps=state.timestamps,
+        last_preserved_timestamp=state.last_preserved_timestamp,
+    )
+    atomic_write_text(state_path(workdir), text_format.MessageToString(proto))
+
+
+def resolve(workdir: str | Path, path: str) -> Path:
+    """Resolve a checkpoint path from the state file (relative to the workdir, as TF writes it)."""
+    p = Path(path)
+    return p if p.is_absolute() else Path(workdir) / p
+
+
+def files_of(prefix: str | Path) -> list[Path]:
+    """The files that make up checkpoint `prefix`: its `.index` and `.data-*` shards."""
+    prefix = Path(prefix)
+    if not prefix.parent.is_dir():
+        return []
+    return sorted(p for p in prefix.parent.glob(prefix.name + ".*") if p.name == prefix.name + ".index"
+                  or p.name.startswith(prefix.name + ".data-"))
+
+
+def on_disk(workdir: str | Path) -> list[int]:
+    """Steps of the `model-<step>` checkpoints whose index file exists, ascending."""
+    root = Path(workdir)
+    if not root.is_dir():
+        return []
+    steps = (step_of(p.name[: -len(".index")]) for p in root.glob(f"{PREFIX}-*.index"))
+    return sorted(s for s in steps if s is not None)
+
+
+def check_readable(prefix: str | Path) -> str | None:
+    """Why checkpoint `prefix` cannot be read (missing, truncated, corrupt), or None if it can.
+
+    Costs one full read of the checkpoint (milliseconds for these models).
+    """
+    prefix = Path(prefix)
+    index = Path(f"{prefix}.index")
+    if not index.is_file():
+        return f"{index.name} is missing"
+    try:
+        reader = tf.train.load_checkpoint(str(prefix))
+        # Reading every tensor checks each one's CRC32C and length: truncation and flipped bytes show.
+        for key in reader.get_variable_to_shape_map():
+            reader.get_tensor(key)
+        if not reader.has_tensor(tensor_key(STEP_KEY)):
+            return f"no {STEP_KEY} in the checkpoint"
+    except READ_ERRORS as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
+    return None
+
+
+def read_step(prefix: str | Path) -> int:
+    """The `global_step` stored in checkpoint `prefix`."""
+    reader = tf.train.load_checkpoint(str(prefix))
+    return int(reader.get_tensor(tensor_key(STEP_KEY)))
+
+
+def restore_variables(prefix: str | Path, mapping: dict[str, tf.Variable]) -> None:
+    """Load checkpoint tensors into variables, by object path (see `common.ema.variables_to_restore`).
+
+    Raises:
+      CheckpointError: a key is missing or has another shape; the message lists every one, and
+        no variable is changed.
+    """
+    try:
+        reader = tf.train.load_checkpoint(str(prefix))
+    except READ_ERRORS as e:
+        raise CheckpointError(f"{prefix}: cannot open checkpoint ({str(e).splitlines()[0]})") from e
+    shapes = reader.get_variable_to_shape_map()
+    missing = [k for k in mapping if tensor_key(k) not in shapes]
+    if missing:
+        raise CheckpointError(f"{prefix}: no {', '.join(missing)} in the checkpoint")
+    wrong = [
+        f"{k} {shapes[tensor_key(k)]} != {v.shape.as_list()}"
+        for k, v in mapping.items()
+        if list(shapes[tensor_key(k)]) != v.shape.as_list()
+    ]
+    if wrong:
+        raise CheckpointError(f"{prefix}: shape mismatch: {'; '.join(wrong)}")
+    try:
+        values = {k: reader.get_tensor(tensor_key(k)) for k in mapping}
+    except READ_ERRORS as e:
+        raise CheckpointError(f"{prefix}: cannot read ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    for k, var in mapping.items():
+        var.assign(values[k])

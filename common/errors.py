@@ -1,0 +1,44 @@
+"""Errors that end a command with a one-line message and a documented exit code."""
+
+from __future__ import annotations
+
+# Exit codes, shared by every console script (README: "Exit codes").
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2  # bad flags, bad files, a workdir that disagrees, a lock held by another process
+EXIT_DIVERGED = 3  # training produced a non-finite loss or weights
+EXIT_NO_DATA = 4  # the dataset could not be found or fetched
+EXIT_IO = 5  # the workdir could not be written (disk full, permissions changed mid-run)
+
+
+class ProjectError(Exception):
+    """An expected failure: printed as one line, then the process exits with `exit_code`."""
+
+    exit_code = 1
+
+
+class UsageError(ProjectError):
+    """Bad input from the user: flags, files or a workdir that does not fit."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class DataFormatError(UsageError):
+    """A dataset file exists but is not valid IDX (or npz) data."""
+
+
+class DataNotFoundError(ProjectError):
+    """No source of the dataset worked."""
+
+    exit_code = EXIT_NO_DATA
+
+
+class DivergedError(ProjectError):
+    """Training produced a non-finite loss; nothing from that point was saved."""
+
+    exit_code = EXIT_DIVERGED
+
+
+class WorkdirIOError(ProjectError):
+    """Writing into the workdir failed (disk full, read-only, permissions)."""
+
+    exit_code = EXIT_IO

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from common.tfenv import quiet_import_tensorflow
+
+quiet_import_tensorflow()
+
+from tests.helpers import write_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with the four IDX files of a 600 + 200 image dataset."""
+    return write_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def make_config(tiny_data: Path, tmp_path: Path) -> Callable[..., Any]:
+    """Build a TrainConfig for a tiny, fast run in a temp workdir; keyword arguments override."""
+    from common.datasets import DATASETS
+    from common.runconfig import RunSpec
+    from trainer.cli import RUN_DEFAULTS
+    from trainer.config import TrainConfig
+
+    def build(**overrides: Any) -> TrainConfig:
+        spec_fields = {k: overrides.pop(k) for k in list(overrides) if k in RUN_DEFAULTS}
+        settings = RUN_DEFAULTS | {"model": "softmax", "batch_size": 32} | spec_fields
+        spec = RunSpec(**settings, class_names=DATASETS[settings["dataset"]].class_names)
+        base = {"workdir": tmp_path / "run", "steps": 60, "save_every": 20, "keep": 5, "data_dir": str(tiny_data),
+                "steps_per_loop": 10, "log_every": 20, "progress": "plain"}
+        return TrainConfig(spec=spec, **(base | overrides))
+
+    return build
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Fail a test that leaves a non-daemon thread running (watchdog observers, workers)."""
+    before = set(threading.enumerate())
+    yield
+    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
+    assert not leaked, f"threads leaked: {leaked}"

@@ -1,0 +1,33 @@
+"""Tiny generated MNIST-like data and config builders shared by the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from common.idx import write_idx
+
+
+def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy images whose class is a bright bar at a class-dependent row: learnable, not trivial."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = (rng.random((n, 28, 28)) * 120).astype(np.uint8)
+    for i, label in enumerate(labels):
+        row = 2 + 2 * int(label) + int(rng.integers(-1, 2))
+        images[i, row:row + 3, 4:24] = 255
+    return images, labels
+
+
+def write_dataset(folder: Path, *, n_train: int = 600, n_test: int = 200, gz: bool = True, dotted: bool = False,
+                  seed: int = 0) -> Path:
+    """Write the four IDX files of a tiny dataset into `folder` and return it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    sep = "." if dotted else "-"
+    for prefix, n, s in (("train", n_train, seed), ("t10k", n_test, seed + 1)):
+        images, labels = make_images(n, s)
+        write_idx(folder / f"{prefix}-images{sep}idx3-ubyte{suffix}", images)
+        write_idx(folder / f"{prefix}-labels{sep}idx1-ubyte{suffix}", labels)
+    return folder

@@ -1,0 +1,93 @@
+"""`trainer`: parse flags, then call `trainer.loop.train`. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from common.errors import ProjectError, UsageError
+
+# Settings that define a run (stored in run.json). Unset flags take run.json's value on resume.
+RUN_DEFAULTS: dict[str, Any] = {
+    "dataset": "fashion-mnist", "model": "cnn", "batch_size": 64, "lr": 1e-3, "lr_decay_rate": 1.0,
+    "lr_decay_steps": 1000, "l2": 0.0, "ema_decay": 0.999, "seed": 0,
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trainer", description="Train an MNIST-family classifier into a workdir of crash-safe checkpoints.",
+        epilog="Exit codes: 0 done or stopped by a signal, 2 bad input, 3 diverged, 4 no data, 5 write failed.")
+    p.add_argument("--workdir", type=Path, help="checkpoint folder (default runs/<dataset>-<model>)")
+    p.add_argument("--dataset", help=f"fashion-mnist or mnist (default {RUN_DEFAULTS['dataset']})")
+    p.add_argument("--model", help=f"softmax, mlp or cnn (default {RUN_DEFAULTS['model']})")
+    p.add_argument("--steps", type=int, help="train until this global step (default 10000)")
+    p.add_argument("--batch-size", type=int, help="images per step (default 64)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 0.001)")
+    p.add_argument("--lr-decay-rate", type=float, help="exponential decay factor per --lr-decay-steps (default 1, off)")
+    p.add_argument("--lr-decay-steps", type=int, help="steps per decay factor (default 1000)")
+    p.add_argument("--l2", type=float, help="L2 penalty weight on kernels (default 0)")
+    p.add_argument("--ema-decay", type=float, help="moving-average decay (default 0.999)")
+    p.add_argument("--seed", type=int, help="seed of weights and data order (default 0)")
+    p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (default 1000)")
+    p.add_argument("--keep", type=int, default=5, help="newest checkpoints kept, 0 = all (default 5)")
+    p.add_argument("--keep-every-hours", type=float, default=0.0, help="also keep one per H hours (default 0, off)")
+    p.add_argument("--data-dir", help="folder holding the four IDX files (default: the usual places)")
+    p.add_argument("--from", dest="resume_from", metavar="PATH", help="resume from this checkpoint")
+    p.add_argument("--steps-per-loop", type=int, default=20, help="steps per tf.function call (default 20)")
+    p.add_argument("--log-every", type=int, default=100, help="steps between plain log lines (default 100)")
+    p.add_argument("--progress", default="auto", choices=["auto", "rich", "plain"], help="display (default auto)")
+    return p
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    """Merge flags with the defaults, or with the workdir's run.json when resuming."""
+    from common import datasets, models
+    from common.runconfig import RunSpec, read_run
+    from trainer.config import DEFAULT_STEPS, TrainConfig
+
+    given = {k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k) is not None}
+    for name, registry in (("dataset", datasets.DATASETS), ("model", models.MODELS)):
+        if name in given and given[name] not in registry:
+            raise UsageError(
+                f"unknown {name} {given[name]!r} (choose one of: {', '.join(sorted(registry))})")
+    dataset = given.get("dataset", RUN_DEFAULTS["dataset"])
+    model = given.get("model", RUN_DEFAULTS["model"])
+    workdir = args.workdir or Path("runs") / f"{dataset}-{model}"
+    existing = read_run(workdir)
+    base = {k: getattr(existing, k) for k in RUN_DEFAULTS} if existing else dict(RUN_DEFAULTS)
+    settings = base | given
+    spec = RunSpec(**settings, class_names=datasets.get_info(settings["dataset"]).class_names)
+    return TrainConfig(
+        spec=spec, workdir=workdir, steps=args.steps if args.steps is not None else DEFAULT_STEPS,
+        save_every=args.save_every, keep=args.keep, keep_every_hours=args.keep_every_hours,
+        data_dir=args.data_dir, resume_from=args.resume_from, steps_per_loop=args.steps_per_loop,
+        log_every=args.log_every, progress=args.progress,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        from common.tfenv import quiet_import_tensorflow
+
+        quiet_import_tensorflow()
+        from trainer.loop import train
+
+        cfg = build_config(args)
+        train(cfg)
+    except ProjectError as e:
+        print(f"trainer: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("trainer: interrupted before training started; nothing saved", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

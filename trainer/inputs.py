@@ -1,0 +1,46 @@
+"""The training input pipeline: a pure function of (seed, step), so a resumed run sees the same batches.
+
+Each epoch is a stateless shuffle of the indices seeded by (seed, epoch), cut into full batches;
+resuming at step s starts at epoch s // steps_per_epoch and skips the batches already seen.
+Batches are gathered from the in-memory uint8 array and scaled to [0, 1] floats on the fly.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from common.datasets import Split
+from common.errors import UsageError
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Full batches per epoch (the remainder of each shuffled epoch is dropped)."""
+    if batch_size > num_examples:
+        raise UsageError(f"--batch-size ({batch_size}) is larger than the training split ({num_examples} images)")
+    return num_examples // batch_size
+
+
+def train_dataset(split: Split, *, batch_size: int, seed: int, start_step: int) -> tf.data.Dataset:
+    """Endless batches of (images float32 [B, 28, 28], labels int64 [B]) from `start_step` on."""
+    n = len(split)
+    per_epoch = steps_per_epoch(n, batch_size)
+    images = tf.constant(split.images)
+    labels = tf.constant(split.labels)
+    first_epoch, skip = divmod(start_step, per_epoch)
+
+    def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
+        )
+        return tf.data.Dataset.from_tensor_slices(tf.reshape(order[: per_epoch * batch_size], [per_epoch, batch_size]))
+
+    def gather(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return tf.cast(tf.gather(images, index), tf.float32) / 255.0, tf.gather(labels, index)
+
+    return (
+        tf.data.Dataset.range(first_epoch, 2**62)
+        .flat_map(epoch_batches)
+        .skip(skip)
+        .map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )

@@ -1,0 +1,220 @@
+"""The outer loop: one place decides when to save, log and stop. The step function does the math."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import tensorflow as tf
+
+from common import checkpoints, datasets, models
+from common.checkpoints import CheckpointError, State
+from common.errors import DivergedError, UsageError
+from common.evaluation import Evaluation
+from common.fileio import atomic_write_json
+from common.runconfig import RunSpec, read_run, write_run
+from trainer import saver as saver_lib
+from trainer.config import TrainConfig
+from trainer.inputs import train_dataset
+from trainer.lock import WorkdirLock
+from trainer.progress import Reporter, log_line, make_reporter
+from trainer.signals import StopRequest, stop_on_signals
+from trainer.step import TrainState, make_train_loop
+
+DONE_FILE = "done.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What a call of `train` did."""
+
+    start_step: int  # global_step at the start (0 when fresh)
+    final_step: int  # global_step of the last committed checkpoint
+    resumed_from: str | None  # the checkpoint restored, if any
+    stopped_by: str | None  # the signal (or request) that ended training early, if any
+    final_checkpoint: str | None  # prefix of the last committed checkpoint
+    metrics: dict[str, Any]  # final EMA metrics per split ("validation", "test"); empty when stopped
+
+
+def warn(text: str) -> None:
+    """Print a warning on stderr in the log format."""
+    print(log_line("warning", message=repr(text)), file=sys.stderr, flush=True)
+
+
+def check_workdir(cfg: TrainConfig) -> RunSpec | None:
+    """Validate the workdir before anything is written; return its run.json if it has one."""
+    why = saver_lib.workdir_writable(cfg.workdir)
+    if why:
+        raise UsageError(f"--workdir {cfg.workdir}: {why}")
+    existing = read_run(cfg.workdir)
+    if existing is not None:
+        diffs = existing.differences(cfg.spec)
+        if diffs:
+            raise UsageError(f"{cfg.workdir}/run.json disagrees with the flags given ({'; '.join(diffs)}); "
+                             "use another --workdir or drop those flags")
+    elif checkpoints.on_disk(cfg.workdir) or checkpoints.state_path(cfg.workdir).exists():
+        raise UsageError(f"{cfg.workdir} holds checkpoints but no run.json; refusing to guess how they were made")
+    return existing
+
+
+def _resume_candidates(workdir: Path) -> tuple[list[str], State | None]:
+    """Checkpoints to try, best first: the state file's choice, then the others newest first."""
+    try:
+        state = checkpoints.read_state(workdir)
+    except CheckpointError as e:
+        warn(f"{e}; falling back to the checkpoints on disk")
+        state = None
+    if state is None:
+        return [checkpoints.name_for(s) for s in reversed(checkpoints.on_disk(workdir))], None
+    others = sorted((p for p in state.paths if p != state.latest), key=lambda p: checkpoints.step_of(p) or -1,
+                    reverse=True)
+    assert state.latest is not None
+    return [state.latest, *others], state
+
+
+def restore(train_state: TrainState, prefix: Path) -> int:
+    """Restore everything from `prefix`; return its step."""
+    try:
+        train_state.checkpoint.read(str(prefix)).assert_existing_objects_matched()
+    except (AssertionError, *checkpoints.READ_ERRORS) as e:
+        raise CheckpointError(f"{prefix}: cannot restore ({str(e).splitlines()[0]})") from e
+    return int(train_state.step.numpy())
+
+
+def find_start(cfg: TrainConfig, train_state: TrainState) -> tuple[str | None, State | None]:
+    """Restore the checkpoint to resume from (if any); return its path and the state file's content."""
+    if cfg.resume_from is not None:
+        prefix = Path(cfg.resume_from)
+        if not Path(f"{prefix}.index").exists() and not prefix.is_absolute():
+            prefix = cfg.workdir / prefix
+        why = checkpoints.check_readable(prefix)
+        if why:
+            raise UsageError(f"--from {cfg.resume_from}: {why}")
+        restore(train_state, prefix)
+        return str(prefix), _state_or_none(cfg.workdir)
+    candidates, state = _resume_candidates(cfg.workdir)
+    for path in candidates:
+        prefix = checkpoints.resolve(cfg.workdir, path)
+        why = checkpoints.check_readable(prefix)
+        if why is None:
+            restore(train_state, prefix)
+            return str(prefix), state
+        warn(f"skipping checkpoint {path}: {why}")
+    if candidates:
+        raise CheckpointError(f"{cfg.workdir}: no readable checkpoint among {', '.join(candidates)}; "
+                              "refusing to start fresh over them (move them away to start again)")
+    return None, state
+
+
+def _state_or_none(workdir: Path) -> State | None:
+    try:
+        return checkpoints.read_state(workdir)
+    except CheckpointError as e:
+        warn(str(e))
+        return None
+
+
+def _initial_state(workdir: Path, state: State | None) -> State:
+    """The saver's view of what is committed: the state file, else the readable checkpoints on disk."""
+    if state is not None:
+        return state
+    names = [checkpoints.name_for(s) for s in checkpoints.on_disk(workdir)]
+    names = [n for n in names if checkpoints.check_readable(workdir / n) is None]
+    stamps = [(workdir / f"{n}.index").stat().st_mtime for n in names]
+    return State(latest=names[-1] if names else None, paths=names, timestamps=stamps)
+
+
+def run_loop(cfg: TrainConfig, train_state: TrainState, data: datasets.Dataset, saver: saver_lib.CheckpointSaver,
+             reporter: Reporter, stop: StopRequest) -> tuple[int, str | None]:
+    """Train from the restored step to `cfg.steps`; return the last step and the last saved prefix."""
+    step = int(train_state.step.numpy())
+    strategy = train_state.strategy
+    spec = train_state.spec
+    ds = train_dataset(data.train, batch_size=spec.batch_size, seed=spec.seed, start_step=step)
+    iterator = iter(strategy.experimental_distribute_dataset(ds))
+    loop = make_train_loop(train_state, spec.batch_size)
+    last_saved: str | None = None
+    next_save = (step // cfg.save_every + 1) * cfg.save_every
+    reporter.start(first_step=step, total_steps=cfg.steps)
+    while step < cfg.steps and not stop:
+        n = min(cfg.steps_per_loop, next_save - step, cfg.steps - step)
+        began = time.perf_counter()
+        out = loop(iterator, tf.constant(n))
+        if not bool(out["all_finite"]):
+            raise DivergedError(f"non-finite loss between steps {step} and {step + n}; nothing after "
+                                f"{last_saved or 'the last committed checkpoint'} was saved")
+        step += n
+        reporter.update({"step": step, "loss": float(out["loss"]), "steps_per_sec": n / (time.perf_counter() - began),
+                         "lr": float(train_state.learning_rate(step))})
+        if step >= next_save or step >= cfg.steps or stop:
+            last_saved = _save(saver, train_state, step)
+            next_save = (step // cfg.save_every + 1) * cfg.save_every
+    return step, last_saved
+
+
+def _save(saver: saver_lib.CheckpointSaver, train_state: TrainState, step: int) -> str:
+    if not train_state.all_finite():
+        raise DivergedError(f"non-finite weights at step {step}; not saved")
+    return str(saver.save(step))
+
+
+def final_metrics(train_state: TrainState, data: datasets.Dataset) -> dict[str, Any]:
+    """Evaluate the EMA weights on the validation and test splits."""
+    model = models.build(train_state.spec.model, num_classes=train_state.spec.num_classes)
+    train_state.ema.copy_to(model)
+    evaluate = Evaluation(model)
+    return {split: evaluate(data.split(split)) for split in ("validation", "test")}
+
+
+def train(cfg: TrainConfig, *, reporter: Reporter | None = None, stop: StopRequest | None = None,
+          strategy: tf.distribute.Strategy | None = None) -> TrainResult:
+    """Train (or resume) the run in `cfg.workdir` and return what happened.
+
+    Raises:
+      UsageError, DataNotFoundError, CheckpointError, DivergedError, WorkdirIOError: see README.
+    """
+    existing = check_workdir(cfg)
+    data = datasets.load(cfg.spec.dataset, cfg.data_dir)
+    reporter = reporter or make_reporter(cfg.progress, cfg.log_every)
+    stop = stop or StopRequest()
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    with WorkdirLock(cfg.workdir), stop_on_signals(stop):
+        spec = existing or dataclasses.replace(cfg.spec, created=time.time())
+        if existing is None:
+            write_run(cfg.workdir, spec)
+        leftovers = saver_lib.clean_leftovers(cfg.workdir)
+        train_state = TrainState(spec, strategy or tf.distribute.get_strategy())
+        resumed_from, state = find_start(cfg, train_state)
+        start = int(train_state.step.numpy())
+        reporter.message(f"resumed from {Path(resumed_from).name} (step {start})" if resumed_from else "starting fresh")
+        if leftovers:
+            reporter.message(f"removed leftovers of an interrupted save: {', '.join(sorted(leftovers))}")
+        reporter.message(f"data: {spec.dataset} from {data.source} (train {len(data.train)}, "
+                         f"validation {len(data.validation)}, test {len(data.test)})")
+        (cfg.workdir / DONE_FILE).unlink(missing_ok=True)
+        saver = saver_lib.CheckpointSaver(cfg.workdir, train_state.checkpoint,
+                                          state=_initial_state(cfg.workdir, state), keep=cfg.keep,
+                                          keep_every_hours=cfg.keep_every_hours, anchor=spec.created)
+        try:
+            step, last_saved = run_loop(cfg, train_state, data, saver, reporter, stop)
+        finally:
+            reporter.close()
+        final = last_saved or resumed_from
+        if stop:
+            reporter.message(f"stopped by {stop.reason} at step {step}; saved {Path(final or '-').name}")
+            return TrainResult(start, step, resumed_from, stop.reason, final, {})
+        metrics = final_metrics(train_state, data)
+        _report_final(reporter, step, metrics)
+        atomic_write_json(cfg.workdir / DONE_FILE, {"step": step, "checkpoint": Path(final or "").name,
+                                                     "time": time.time(), "ema_metrics": metrics})
+        return TrainResult(start, step, resumed_from, None, final, metrics)
+
+
+def _report_final(reporter: Reporter, step: int, metrics: dict[str, Any]) -> None:
+    reporter.message(log_line("final", step=step, weights="ema",
+                              validation_accuracy=round(metrics["validation"]["accuracy"], 4),
+                              test_accuracy=round(metrics["test"]["accuracy"], 4),
+                              validation_loss=metrics["validation"]["loss"], test_loss=metrics["test"]["loss"]))

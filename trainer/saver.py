@@ -1,0 +1,142 @@
+"""Committing checkpoints: write, fsync, then list in the state file; retention deletes only after.
+
+The order of a save is what makes a crash at any instant safe:
+  1. a checkpoint that is about to be replaced (training passes it again after an older one was
+     restored) is first taken out of the state file, then its files are removed;
+  2. `tf.train.Checkpoint.write` writes the files (TF stages them in `<name>_temp/`);
+  3. the files are fsynced, so the state file never names data that is still in flight;
+  4. the state file is replaced atomically, listing the new checkpoint and those retention keeps;
+  5. only then are the checkpoints it no longer lists deleted.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import time
+from pathlib import Path
+
+import tensorflow as tf
+
+from common import checkpoints
+from common.checkpoints import State
+from common.errors import WorkdirIOError
+from common.fileio import fsync_path, leftover_temp_files
+
+
+def select_kept(
+    entries: list[tuple[str, float]], *, keep: int, keep_every_hours: float, anchor: float
+) -> tuple[list[tuple[str, float]], float]:
+    """Choose which checkpoints stay, oldest first.
+
+    The newest `keep` stay (all when `keep` is 0). Of the older ones, one stays every
+    `keep_every_hours`, counted from `anchor` (the run's first start), like TF's
+    `keep_checkpoint_every_n_hours`. The choice for an old checkpoint never changes later.
+
+    Returns:
+      The kept (path, timestamp) pairs in save order, and the last preserved timestamp.
+    """
+    ordered = sorted(entries, key=lambda e: e[1])
+    recent = ordered if keep == 0 else ordered[-keep:]
+    older = ordered[: len(ordered) - len(recent)]
+    last = anchor
+    preserved = []
+    for path, ts in older:
+        if keep_every_hours > 0 and ts - last >= keep_every_hours * 3600:
+            preserved.append((path, ts))
+            last = ts
+    return preserved + recent, last
+
+
+def _raise_io(what: str, error: Exception) -> None:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left" in str(error):
+        raise WorkdirIOError(f"{what}: disk full ({text}); the previous checkpoints are intact") from error
+    raise WorkdirIOError(f"{what}: {text}; the previous checkpoints are intact") from error
+
+
+class CheckpointSaver:
+    """Writes `model-<step>` checkpoints into a workdir and keeps its state file true."""
+
+    def __init__(self, workdir: Path, checkpoint: tf.train.Checkpoint, *, state: State, keep: int,
+                 keep_every_hours: float, anchor: float) -> None:
+        self.workdir = workdir
+        self.checkpoint = checkpoint
+        self.state = state
+        self.keep = keep
+        self.keep_every_hours = keep_every_hours
+        self.anchor = anchor
+
+    def save(self, step: int) -> Path:
+        """Commit a checkpoint for `step`; return its prefix."""
+        name = checkpoints.name_for(step)
+        prefix = self.workdir / name
+        try:
+            self._make_room(name)
+            self.checkpoint.write(str(prefix))
+            for path in checkpoints.files_of(prefix):
+                fsync_path(path)
+            entries = [(p, self.state.timestamp_of(p)) for p in self.state.paths] + [(name, time.time())]
+            kept, last = select_kept(entries, keep=self.keep, keep_every_hours=self.keep_every_hours,
+                                     anchor=self.anchor)
+            new_state = State(latest=name, paths=[p for p, _ in kept], timestamps=[t for _, t in kept],
+                              last_preserved_timestamp=last)
+            checkpoints.write_state(self.workdir, new_state)
+        except (OSError, tf.errors.OpError) as e:
+            _raise_io(f"saving {name}", e)
+        dropped = [p for p in self.state.paths if p not in new_state.paths]
+        self.state = new_state
+        for old in dropped:
+            self._delete(old)
+        return prefix
+
+    def _make_room(self, name: str) -> None:
+        """Remove an earlier checkpoint of the same name: out of the state file first, then its files."""
+        if name in self.state.paths:
+            index = self.state.paths.index(name)
+            paths = self.state.paths[:index] + self.state.paths[index + 1:]
+            stamps = [self.state.timestamp_of(p) for p in paths]
+            latest = self.state.latest if self.state.latest != name else (paths[-1] if paths else None)
+            self.state = State(latest=latest, paths=paths, timestamps=stamps,
+                               last_preserved_timestamp=self.state.last_preserved_timestamp)
+            if latest is None:
+                checkpoints.state_path(self.workdir).unlink(missing_ok=True)
+            else:
+                checkpoints.write_state(self.workdir, self.state)
+        self._delete(name)
+
+    def _delete(self, path: str) -> None:
+        """Delete a checkpoint's files, only if it lies in this workdir."""
+        prefix = checkpoints.resolve(self.workdir, path)
+        if prefix.parent.resolve() != self.workdir.resolve():
+            return
+        for file in checkpoints.files_of(prefix):
+            file.unlink(missing_ok=True)
+
+
+def clean_leftovers(workdir: Path) -> list[str]:
+    """Remove what an interrupted save left: TF's `<name>_temp/` folders and our temp files."""
+    removed = []
+    for folder in workdir.glob(f"{checkpoints.PREFIX}-*_temp"):
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    for file in leftover_temp_files(workdir):
+        file.unlink(missing_ok=True)
+        removed.append(file.name)
+    return removed
+
+
+def workdir_writable(workdir: Path) -> str | None:
+    """Why `workdir` cannot be written (or created), or None if it can."""
+    probe = workdir
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None

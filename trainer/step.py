@@ -1,0 +1,109 @@
+"""The inner loop: model, optimizer, EMA and the `tf.function` that runs many steps per call.
+
+Everything here is built under `strategy.scope()` and stepped through `strategy.run`, so a
+`tf.distribute` strategy can wrap it; with the default strategy it is a plain single-device loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tensorflow as tf
+
+from common import checkpoints, models
+from common.ema import MovingAverage
+from common.runconfig import RunSpec
+
+_FIRST_REPLICA = tf.VariableAggregation.ONLY_FIRST_REPLICA
+
+
+class Adam(tf.Module):
+    """Adam with slots under readable keys (`optimizer/m/conv1/kernel`), one fused op per variable."""
+
+    def __init__(self, named: dict[str, tf.Variable], *, beta1: float = 0.9, beta2: float = 0.999,
+                 epsilon: float = 1e-7) -> None:
+        super().__init__(name="optimizer")
+        self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
+        self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, aggregation=_FIRST_REPLICA)
+        self.m = models.as_tree({k: tf.Variable(tf.zeros_like(v), trainable=False) for k, v in named.items()})
+        self.v = models.as_tree({k: tf.Variable(tf.zeros_like(v), trainable=False) for k, v in named.items()})
+        self._paths = [tuple(k.split("/")) for k in named]
+
+    def apply(self, grads: list[tf.Tensor], variables: list[tf.Variable], lr: tf.Tensor) -> None:
+        """Apply one update; `grads` and `variables` in the order of the `named` dict."""
+        t = tf.cast(self.iterations + 1, tf.float32)
+        b1_power, b2_power = tf.pow(self.beta1, t), tf.pow(self.beta2, t)
+        for (layer, attr), grad, var in zip(self._paths, grads, variables, strict=True):
+            tf.raw_ops.ResourceApplyAdam(
+                var=var.handle, m=self.m[layer][attr].handle, v=self.v[layer][attr].handle,
+                beta1_power=b1_power, beta2_power=b2_power, lr=lr,
+                beta1=self.beta1, beta2=self.beta2, epsilon=self.epsilon, grad=grad,
+            )
+        self.iterations.assign_add(1)
+
+
+class TrainState:
+    """The model, its EMA, the optimizer and the step counter, tracked by one checkpoint."""
+
+    def __init__(self, spec: RunSpec, strategy: tf.distribute.Strategy) -> None:
+        self.spec = spec
+        self.strategy = strategy
+        with strategy.scope():
+            self.model = models.build(spec.model, num_classes=spec.num_classes, seed=spec.seed)
+            self.ema = MovingAverage(self.model, decay=spec.ema_decay)
+            self.optimizer = Adam(self.model.named_variables())
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, aggregation=_FIRST_REPLICA)
+        self.checkpoint = tf.train.Checkpoint(**{
+            checkpoints.STEP_KEY: self.step,
+            checkpoints.MODEL_KEY: self.model,
+            checkpoints.EMA_KEY: self.ema.tree,
+            checkpoints.OPTIMIZER_KEY: self.optimizer,
+        })
+
+    def learning_rate(self, step: tf.Tensor) -> tf.Tensor:
+        """`lr * lr_decay_rate ** (step / lr_decay_steps)`."""
+        spec = self.spec
+        exponent = tf.cast(step, tf.float32) / float(spec.lr_decay_steps)
+        return spec.lr * tf.pow(spec.lr_decay_rate, exponent)
+
+    def all_finite(self) -> bool:
+        """Whether every weight and shadow is finite (checked before a checkpoint is committed)."""
+        tensors = [v for v, _ in self.ema.pairs] + [s for _, s in self.ema.pairs]
+        return bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors]))
+
+
+def make_train_loop(state: TrainState, global_batch_size: int) -> Any:
+    """Build `loop(iterator, n) -> {"loss", "all_finite"}`: n steps in one `tf.function` call."""
+    named = state.model.named_variables()
+    variables = list(named.values())
+    kernels = [v for k, v in named.items() if k.endswith("/kernel")]
+    strategy = state.strategy
+
+    def replica_step(images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            logits = state.model(images)
+            per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
+            if state.spec.l2 > 0:
+                penalty = state.spec.l2 * tf.add_n([tf.nn.l2_loss(k) for k in kernels])
+                loss += penalty / strategy.num_replicas_in_sync
+        grads = tape.gradient(loss, variables)
+        grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        step = state.step.read_value()
+        state.optimizer.apply(grads, variables, state.learning_rate(step))
+        state.ema.update(step)
+        state.step.assign_add(1)
+        return loss
+
+    @tf.function
+    def loop(iterator: Any, n: tf.Tensor) -> dict[str, tf.Tensor]:
+        total = tf.constant(0.0)
+        finite = tf.constant(True)
+        for _ in tf.range(n):
+            per_replica = strategy.run(replica_step, args=next(iterator))
+            loss = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+            total += loss
+            finite = tf.logical_and(finite, tf.math.is_finite(loss))
+        return {"loss": total / tf.cast(n, tf.float32), "all_finite": finite}
+
+    return loop
