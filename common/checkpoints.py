@@ -168,8 +168,11 @@ def check_readable(prefix: str | Path) -> str | None:
 
 def read_step(prefix: str | Path) -> int:
     """The `global_step` stored in checkpoint `prefix`."""
-    reader = tf.train.load_checkpoint(str(prefix))
-    return int(reader.get_tensor(tensor_key(STEP_KEY)))
+    try:
+        reader = tf.train.load_checkpoint(str(prefix))
+        return int(reader.get_tensor(tensor_key(STEP_KEY)))
+    except READ_ERRORS as e:
+        raise CheckpointError(f"{prefix}: cannot read {STEP_KEY} ({str(e).splitlines()[0]})") from e
 
 
 def restore_variables(prefix: str | Path, mapping: dict[str, tf.Variable]) -> None:

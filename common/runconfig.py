@@ -14,8 +14,7 @@ from typing import Any
 from common import __version__
 from common.errors import UsageError
 from common.fileio import atomic_write_json
-
-RUN_FILE = "run.json"
+from common.workdir import RUN_FILE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ from common.tfenv import quiet_import_tensorflow
 
 quiet_import_tensorflow()
 
-from tests.helpers import write_dataset  # noqa: E402
+from tests.helpers import make_train_config, write_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -26,20 +26,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def make_config(tiny_data: Path, tmp_path: Path) -> Callable[..., Any]:
     """Build a TrainConfig for a tiny, fast run in a temp workdir; keyword arguments override."""
-    from common.datasets import DATASETS
-    from common.runconfig import RunSpec
-    from trainer.cli import RUN_DEFAULTS
-    from trainer.config import TrainConfig
-
-    def build(**overrides: Any) -> TrainConfig:
-        spec_fields = {k: overrides.pop(k) for k in list(overrides) if k in RUN_DEFAULTS}
-        settings = RUN_DEFAULTS | {"model": "softmax", "batch_size": 32} | spec_fields
-        spec = RunSpec(**settings, class_names=DATASETS[settings["dataset"]].class_names)
-        base = {"workdir": tmp_path / "run", "steps": 60, "save_every": 20, "keep": 5, "data_dir": str(tiny_data),
-                "steps_per_loop": 10, "log_every": 20, "progress": "plain"}
-        return TrainConfig(spec=spec, **(base | overrides))
-
-    return build
+    return lambda **overrides: make_train_config(tiny_data, tmp_path / "run", **overrides)
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,3 +32,18 @@ def write_dataset(folder: Path, *, n_train: int = 600, n_test: int = 200, gz: bo
         write_idx(folder / f"{prefix}-images{sep}idx3-ubyte{suffix}", images)
         write_idx(folder / f"{prefix}-labels{sep}idx1-ubyte{suffix}", labels)
     return folder
+
+
+def make_train_config(tiny_data: Path, workdir: Path, **overrides: Any) -> Any:
+    """A TrainConfig for a tiny, fast softmax run; keyword arguments override any field."""
+    from common.datasets import DATASETS
+    from common.runconfig import RunSpec
+    from trainer.cli import RUN_DEFAULTS
+    from trainer.config import TrainConfig
+
+    spec_fields = {k: overrides.pop(k) for k in list(overrides) if k in RUN_DEFAULTS}
+    settings = RUN_DEFAULTS | {"model": "softmax", "batch_size": 32} | spec_fields
+    spec = RunSpec(**settings, class_names=DATASETS[settings["dataset"]].class_names)
+    base = {"workdir": workdir, "steps": 60, "save_every": 20, "keep": 5, "data_dir": str(tiny_data),
+            "steps_per_loop": 10, "log_every": 20, "progress": "plain"}
+    return TrainConfig(spec=spec, **(base | overrides))

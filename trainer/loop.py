@@ -16,15 +16,14 @@ from common.errors import DivergedError, UsageError
 from common.evaluation import Evaluation
 from common.fileio import atomic_write_json
 from common.runconfig import RunSpec, read_run, write_run
+from common.signals import StopRequest, stop_on_signals
+from common.workdir import DONE_FILE
 from trainer import saver as saver_lib
 from trainer.config import TrainConfig
 from trainer.inputs import train_dataset
 from trainer.lock import WorkdirLock
-from trainer.progress import Reporter, log_line, make_reporter
-from trainer.signals import StopRequest, stop_on_signals
+from trainer.progress import Heartbeat, Reporter, Tee, log_line, make_reporter
 from trainer.step import TrainState, make_train_loop
-
-DONE_FILE = "done.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +181,7 @@ def train(cfg: TrainConfig, *, reporter: Reporter | None = None, stop: StopReque
     stop = stop or StopRequest()
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     with WorkdirLock(cfg.workdir), stop_on_signals(stop):
+        reporter = Tee(reporter, Heartbeat(cfg.workdir))
         spec = existing or dataclasses.replace(cfg.spec, created=time.time())
         if existing is None:
             write_run(cfg.workdir, spec)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from common.fileio import atomic_write_json
+from common.workdir import HEARTBEAT_FILE
 
 
 def log_line(event: str, **fields: Any) -> str:
@@ -91,3 +97,59 @@ def make_reporter(kind: str, log_every: int) -> Reporter:
     if kind == "rich" or (kind == "auto" and sys.stdout.isatty()):
         return RichBar()
     return PlainLog(log_every)
+
+
+class Heartbeat:
+    """Rewrites `heartbeat.json` (step, steps/s, loss, time) at most once per `every_secs`.
+
+    The evaluator reads it to show the trainer's status; it is a consumer like any display.
+    """
+
+    def __init__(self, workdir: Path, every_secs: float = 1.0) -> None:
+        self.path = workdir / HEARTBEAT_FILE
+        self.every_secs = every_secs
+        self._last = 0.0
+        self._total = 0
+
+    def start(self, *, first_step: int, total_steps: int) -> None:
+        self._total = total_steps
+        self._write({"step": first_step, "steps_per_sec": 0.0, "state": "running"})
+
+    def update(self, metrics: dict[str, float]) -> None:
+        if time.monotonic() - self._last >= self.every_secs:
+            self._write({**metrics, "state": "running"})
+
+    def message(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        self._write({"state": "stopped"})
+
+    def _write(self, fields: dict[str, Any]) -> None:
+        self._last = time.monotonic()
+        payload = {"pid": os.getpid(), "time": time.time(), "total_steps": self._total, **fields}
+        with contextlib.suppress(OSError):  # a missed heartbeat must never stop training
+            atomic_write_json(self.path, payload)
+
+
+class Tee:
+    """Send every call to several reporters."""
+
+    def __init__(self, *reporters: Reporter) -> None:
+        self.reporters = reporters
+
+    def start(self, *, first_step: int, total_steps: int) -> None:
+        for r in self.reporters:
+            r.start(first_step=first_step, total_steps=total_steps)
+
+    def update(self, metrics: dict[str, float]) -> None:
+        for r in self.reporters:
+            r.update(metrics)
+
+    def message(self, text: str) -> None:
+        for r in self.reporters:
+            r.message(text)
+
+    def close(self) -> None:
+        for r in self.reporters:
+            r.close()

@@ -1,23 +1,26 @@
-"""SIGINT/SIGTERM become a stop request that the loop honours between steps."""
+"""SIGINT/SIGTERM become a stop request that a loop honours at its next safe point."""
 
 from __future__ import annotations
 
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
 class StopRequest:
-    """Set by a signal handler (or a test); read by the training loop."""
+    """Set by a signal handler (or a test); read by a loop. `on_set` callbacks wake sleepers."""
 
     def __init__(self) -> None:
         self.reason: str | None = None
+        self.on_set: list[Callable[[], None]] = []
 
     def set(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
+        for callback in self.on_set:
+            callback()
 
     def __bool__(self) -> bool:
         return self.reason is not None

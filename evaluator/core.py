@@ -1,0 +1,84 @@
+"""The evaluation core: a checkpoint path in, records out. It knows nothing of watching or display."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import checkpoints, datasets, models
+from common.checkpoints import CheckpointError
+from common.ema import raw_variables, variables_to_restore
+from common.evaluation import Evaluation
+from common.runconfig import RunSpec
+from common.workdir import EVAL_DIR
+from evaluator.ledger import Record
+from evaluator.snapshot import Gone, snapshot
+
+WEIGHT_CHOICES = {"ema": ("ema",), "raw": ("raw",), "both": ("ema", "raw")}
+
+
+def fingerprint(split: datasets.Split) -> str:
+    """A short hash of a split's images and labels, so results on different data never mix silently."""
+    digest = hashlib.sha256(np.ascontiguousarray(split.images).tobytes())
+    digest.update(np.ascontiguousarray(split.labels).tobytes())
+    return digest.hexdigest()[:16]
+
+
+class CheckpointEvaluator:
+    """Evaluate checkpoints of one run on one split, with EMA and/or raw weights."""
+
+    def __init__(self, workdir: Path, spec: RunSpec, split: datasets.Split, *, split_name: str,
+                 weights: str) -> None:
+        if weights not in WEIGHT_CHOICES:
+            raise ValueError(f"`weights` ({weights!r}) must be one of {sorted(WEIGHT_CHOICES)}")
+        self.workdir = workdir
+        self.spec = spec
+        self.split = split
+        self.split_name = split_name
+        self.weights = WEIGHT_CHOICES[weights]
+        self.model = models.build(spec.model, num_classes=spec.num_classes)
+        self.evaluate_model = Evaluation(self.model)
+        self.data_fingerprint = fingerprint(split)
+
+    def evaluate(self, name: str, *, committed: float, detected: float) -> list[Record]:
+        """Evaluate checkpoint `name` of the workdir; one record per weights kind.
+
+        Never raises for a bad checkpoint: a deleted one gives `status: gone`, an unreadable one
+        (truncated, corrupt, missing EMA shadows) `status: error` with the reason.
+        """
+        started = time.time()
+        prefix = checkpoints.resolve(self.workdir, name)
+        base: Record = {
+            "checkpoint": Path(name).name, "step": checkpoints.step_of(name), "split": self.split_name,
+            "committed": committed, "detected": detected, "started": started,
+            "data_fingerprint": self.data_fingerprint, "examples": len(self.split),
+        }
+        try:
+            with snapshot(prefix, self.workdir / EVAL_DIR) as private:
+                try:
+                    results = [self._evaluate_weights(private, kind) for kind in self.weights]
+                except CheckpointError as e:  # name the checkpoint, not the private snapshot
+                    return self._failed(base, "error", str(e).replace(str(private), base["checkpoint"]))
+        except Gone as e:
+            return self._failed(base, "gone", str(e))
+        except OSError as e:
+            return self._failed(base, "error", f"cannot snapshot {base['checkpoint']}: {e}")
+        finished = time.time()
+        return [base | r | {"status": "ok", "finished": finished, "eval_secs": finished - started}
+                for r in results]
+
+    def _evaluate_weights(self, prefix: Path, kind: str) -> Record:
+        mapping = variables_to_restore(self.model) if kind == "ema" else raw_variables(self.model)
+        checkpoints.restore_variables(prefix, mapping)
+        step = checkpoints.read_step(prefix)
+        metrics: dict[str, Any] = self.evaluate_model(self.split)
+        return {"weights": kind, "step": step, **metrics}
+
+    def _failed(self, base: Record, status: str, reason: str) -> list[Record]:
+        finished = time.time()
+        return [base | {"weights": kind, "status": status, "reason": reason, "finished": finished,
+                        "eval_secs": finished - base["started"]} for kind in self.weights]

@@ -1,0 +1,132 @@
+"""What a person sees: a live Rich table on a terminal, one plain line per evaluation elsewhere.
+
+Displays consume rows and status dicts; they never compute anything the ledger does not hold.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, Protocol
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from evaluator.rows import Row
+
+
+def _pct(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return ""
+    return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
+
+
+def _secs(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}"
+
+
+class Display(Protocol):
+    def update(self, rows: list[Row], status: dict[str, Any]) -> None: ...
+    def message(self, text: str) -> None: ...
+    def close(self) -> None: ...
+
+
+def render_table(rows: list[Row], *, both: bool, limit: int | None = None) -> Table:
+    """The results table; only the last `limit` rows when given."""
+    table = Table(expand=False, header_style="bold")
+    names = ["step", "checkpoint", "acc% ema" if both else "acc%"]
+    names += ["acc% raw", "ema-raw"] if both else []
+    names += ["loss", "Δprev", "best", "eval s", "lag s", "status"]
+    for name in names:
+        table.add_column(name, justify="left" if name in ("checkpoint", "status") else "right",
+                         no_wrap=name != "status")
+    shown = rows if limit is None or len(rows) <= limit else rows[-limit:]
+    if len(shown) < len(rows):
+        table.caption = f"{len(rows) - len(shown)} earlier rows not shown"
+    for row in shown:
+        cells = [str(row.step if row.step is not None else "?"), row.checkpoint, _pct(row.accuracy)]
+        if both:
+            diff = None if row.accuracy is None or row.raw_accuracy is None else row.accuracy - row.raw_accuracy
+            cells += [_pct(row.raw_accuracy), _pct(diff, signed=True)]
+        status = row.status if row.status == "ok" else f"{row.status}: {row.reason}"
+        cells += ["" if row.loss is None else f"{row.loss:.4f}", _pct(row.delta, signed=True),
+                  "★" if row.best else "", _secs(row.eval_secs), _secs(row.lag_secs), status]
+        table.add_row(*cells, style=None if row.status == "ok" else "yellow")
+    return table
+
+
+def header_text(status: dict[str, Any]) -> Text:
+    """The lines above the table: workdir, run, trainer status, backlog, warnings."""
+    text = Text()
+    text.append(f"{status.get('workdir')}", style="bold")
+    if status.get("run"):
+        text.append(f"  {status['run']}")
+    text.append(f"\ntrainer: {status.get('trainer', 'unknown')}   backlog: {status.get('backlog', 0)}")
+    if status.get("state"):
+        text.append(f"   {status['state']}")
+    for warning in status.get("warnings", []):
+        text.append(f"\n⚠ {warning}", style="yellow")
+    return text
+
+
+class LiveTable:
+    """A Rich Live view that redraws the header and the table on every update."""
+
+    def __init__(self, *, both: bool, console: Console | None = None) -> None:
+        self.console = console or Console()
+        self.both = both
+        self.live = Live(Text("starting"), console=self.console, refresh_per_second=4, transient=False)
+        self.live.start()
+
+    def update(self, rows: list[Row], status: dict[str, Any]) -> None:
+        limit = max(5, self.console.size.height - 10)
+        self.live.update(Group(header_text(status), render_table(rows, both=self.both, limit=limit)))
+
+    def message(self, text: str) -> None:
+        self.live.console.print(text, markup=False, highlight=False)
+
+    def close(self) -> None:
+        self.live.stop()
+
+
+def log_line(event: str, **fields: Any) -> str:
+    """The evaluator's one greppable plain format: `<time> evaluator <event> key=value ...`."""
+    parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items() if v is not None]
+    return " ".join([time.strftime("%Y-%m-%dT%H:%M:%S"), "evaluator", event, *parts])
+
+
+class PlainLines:
+    """One line per new evaluation and per change of status, for logs and pipes."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stdout
+        self._printed: set[tuple[str, str]] = set()
+        self._last_state = ""
+
+    def update(self, rows: list[Row], status: dict[str, Any]) -> None:
+        for row in rows:
+            key = (row.checkpoint, f"{row.step}:{row.status}:{row.eval_secs}")
+            if key in self._printed:
+                continue
+            self._printed.add(key)
+            self._print(log_line(
+                "result", step=row.step, checkpoint=row.checkpoint, status=row.status,
+                accuracy=row.accuracy, raw_accuracy=row.raw_accuracy, loss=row.loss, delta=row.delta,
+                best="yes" if row.best else None, eval_secs=row.eval_secs, lag_secs=row.lag_secs,
+                reason=json.dumps(row.reason) if row.reason else None))
+        state = status.get("state", "")
+        if state and state != self._last_state:
+            self._print(log_line("status", message=json.dumps(state)))
+        self._last_state = state
+
+    def message(self, text: str) -> None:
+        self._print(text)
+
+    def close(self) -> None:
+        pass
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)

@@ -1,0 +1,69 @@
+"""Turn ledger records into table rows: one per checkpoint, with deltas and the best so far.
+
+Pure functions over dicts, shared by the live table, the plain log lines and `--once`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from evaluator.ledger import Record
+
+
+@dataclasses.dataclass
+class Row:
+    """One checkpoint's evaluation as shown to a person."""
+
+    step: int | None
+    checkpoint: str
+    status: str  # ok, gone or error
+    accuracy: float | None = None  # of the primary weights (EMA unless only raw was asked)
+    raw_accuracy: float | None = None  # with --weights both
+    loss: float | None = None
+    delta: float | None = None  # accuracy change against the previous ok row
+    best: bool = False
+    eval_secs: float | None = None
+    lag_secs: float | None = None  # commit to result
+    reason: str = ""
+    per_class: list[float | None] = dataclasses.field(default_factory=list)
+
+
+def build_rows(records: list[Record], *, split: str, weights: tuple[str, ...]) -> list[Row]:
+    """Rows for the records of `split`, in the order the checkpoints were committed."""
+    groups: dict[tuple[Any, Any], dict[str, Record]] = {}
+    for r in records:
+        if r.get("split") == split and r.get("weights") in weights:
+            groups.setdefault((r.get("checkpoint"), r.get("committed")), {})[r["weights"]] = r
+    ordered = sorted(groups.values(), key=lambda g: (next(iter(g.values())).get("committed") or 0))
+    rows = [_row(g, weights) for g in ordered if weights[0] in g]
+    _mark(rows)
+    return rows
+
+
+def _row(group: dict[str, Record], weights: tuple[str, ...]) -> Row:
+    main = group[weights[0]]
+    row = Row(step=main.get("step"), checkpoint=str(main.get("checkpoint")), status=str(main.get("status")),
+              reason=str(main.get("reason", "")), eval_secs=main.get("eval_secs"))
+    if row.status == "ok":
+        row.accuracy, row.loss = main.get("accuracy"), main.get("loss")
+        row.per_class = list(main.get("per_class_accuracy") or [])
+        if "raw" in group and len(weights) > 1 and group["raw"].get("status") == "ok":
+            row.raw_accuracy = group["raw"].get("accuracy")
+    if main.get("finished") and main.get("committed"):
+        row.lag_secs = main["finished"] - main["committed"]
+    return row
+
+
+def _mark(rows: list[Row]) -> None:
+    previous: float | None = None
+    best: Row | None = None
+    for row in rows:
+        if row.accuracy is None:
+            continue
+        row.delta = None if previous is None else row.accuracy - previous
+        previous = row.accuracy
+        if best is None or row.accuracy > (best.accuracy or 0.0):  # ties keep the earlier step
+            best = row
+    if best is not None:
+        best.best = True
