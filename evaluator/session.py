@@ -131,6 +131,10 @@ class Session:
         trainer, silent = trainer_status(self.cfg.workdir, self.cfg.silent_secs)
         if silent:
             warnings.append(silent)
+        errors = [r.checkpoint for r in self.rows() if r.status == "error"]
+        if errors:
+            warnings.append(f"{len(errors)} checkpoint(s) could not be read: {', '.join(errors[-3:])} "
+                            "(reason in the status column)")
         run = ""
         if self.spec is not None:
             run = f"{self.spec.dataset}/{self.spec.model}  split={self.cfg.split}  weights={self.cfg.weights}"

@@ -262,3 +262,26 @@ def test_trainer_and_watching_evaluator_end_to_end(tmp_path: Path, tiny_data: Pa
     assert all(r["status"] == "ok" for r in records)
     assert all(r["finished"] >= r["detected"] >= r["committed"] - 1 for r in records)
     assert np.isfinite([r["accuracy"] for r in records]).all()
+
+
+def test_plain_lines_print_each_result_once(workdir: Path, tiny_data: Path) -> None:
+    import io
+
+    from evaluator.display import PlainLines
+
+    session = run_once(eval_config(workdir, tiny_data))
+    out = io.StringIO()
+    lines = PlainLines(out)
+    lines.update(session.rows(), session.status(0) | {"state": "watching"})
+    lines.update(session.rows(), session.status(0) | {"state": "watching"})
+    text = out.getvalue().splitlines()
+    results = [line for line in text if " evaluator result " in line]
+    assert len(results) == 3 and "step=60 checkpoint=model-60 status=ok accuracy=" in results[-1]
+    assert sum(" evaluator status " in line for line in text) == 1
+
+
+def test_header_warns_about_unreadable_checkpoints(workdir: Path, tiny_data: Path) -> None:
+    data = next(workdir.glob("model-20.data-*"))
+    data.write_bytes(b"")
+    session = run_once(eval_config(workdir, tiny_data))
+    assert any("1 checkpoint(s) could not be read: model-20" in w for w in session.status(0)["warnings"])
