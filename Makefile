@@ -38,7 +38,7 @@ test: data
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check common trainer evaluator tests
+	$(BIN)/ruff check common trainer evaluator tests bench
 	$(BIN)/mypy
 
 clean:
