@@ -14,11 +14,13 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.reason: str | None = None
+        self.finish = False  # True: end as if done (an early stop); False: just stop (a signal)
         self.on_set: list[Callable[[], None]] = []
 
-    def set(self, reason: str) -> None:
+    def set(self, reason: str, *, finish: bool = False) -> None:
         if self.reason is None:
             self.reason = reason
+            self.finish = finish
         for callback in self.on_set:
             callback()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,3 +21,40 @@ def read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+STOP_REQUEST_FILE = "stop_request.json"  # written by the evaluator (--patience) to stop the trainer early
+BEST_LINK = "best"  # eval/best -> eval/best-<step>-<id>/: the best checkpoint's files and its best.json
+BEST_JSON = "best.json"  # eval/best.json -> best/best.json, so both always change together
+LEASE_DIR = "leases"  # eval/leases/<checkpoint>@<pid>: checkpoints an evaluator is reading
+TB_DIR = "tb"  # TensorBoard logs: tb/train from the trainer, tb/eval from the evaluator
+
+
+def read_best(workdir: Path) -> dict[str, Any] | None:
+    """The best checkpoint's entry (eval/best.json), or None if there is none yet."""
+    return read_json(workdir / EVAL_DIR / BEST_JSON)
+
+
+def lease_path(workdir: Path, checkpoint: str, pid: int) -> Path:
+    """The lease file an evaluator holds while it reads `checkpoint`."""
+    return workdir / EVAL_DIR / LEASE_DIR / f"{checkpoint}@{pid}"
+
+
+def leased(workdir: Path) -> set[str]:
+    """Checkpoints that a live evaluator process is reading now (leases of dead processes are ignored)."""
+    folder = workdir / EVAL_DIR / LEASE_DIR
+    names = set()
+    for lease in folder.glob("*@*") if folder.is_dir() else []:
+        name, _, pid = lease.name.rpartition("@")
+        if pid.isdigit() and pid_alive(int(pid)):
+            names.add(name)
+    return names
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from rich.console import Console, Group
 
+from common.errors import UsageError
 from common.signals import StopRequest, stop_on_signals
-from evaluator.display import Display, LiveTable, PlainLines, header_text, render_table
+from common.workdir import read_best
+from evaluator.display import Display, LiveTable, PlainLines, header_text, per_class_tables, render_table
 from evaluator.session import EvalConfig, json_lines, run_once, run_watch
 
 
 def config_from(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(workdir=args.workdir, split=args.split, weights=args.weights, policy=args.policy,
                       data_dir=args.data_dir, rescan_secs=args.rescan_secs, poll=args.poll,
-                      poll_secs=args.poll_secs, exit_when_done=args.exit_when_done)
+                      poll_secs=args.poll_secs, exit_when_done=args.exit_when_done, patience=args.patience,
+                      min_delta=args.min_delta, per_class=args.per_class)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -26,8 +30,9 @@ def run(args: argparse.Namespace) -> None:
             sys.stdout.write(json_lines(session))
         else:
             console = Console() if sys.stdout.isatty() else Console(width=160)
-            console.print(Group(header_text(session.status(0)),
-                                  render_table(session.rows(), both=cfg.weights == "both")))
+            status = session.status(0)
+            console.print(Group(header_text(status), render_table(session.rows(), both=cfg.weights == "both"),
+                                *per_class_tables(session.rows(), status)))
         return
     display: Display
     if args.progress == "rich" or (args.progress == "auto" and sys.stdout.isatty()):
@@ -42,3 +47,24 @@ def run(args: argparse.Namespace) -> None:
         display.close()
     if stop:
         display.message(f"evaluator stopped by {stop.reason}")
+
+
+def show_best(args: argparse.Namespace) -> None:
+    best = read_best(args.workdir)
+    if best is None:
+        raise UsageError(f"{args.workdir}: no best checkpoint yet (the evaluator keeps it from validation results)")
+    if args.json:
+        print(json.dumps(best, sort_keys=True))
+        return
+    print(f"best: {best['checkpoint']} (step {best['step']}) {best['split']} accuracy "
+          f"{100 * best['accuracy']:.2f}% loss {best['loss']:.4f} ({best['weights']} weights), kept in "
+          f"{args.workdir / 'eval' / 'best'}")
+
+
+def report(args: argparse.Namespace) -> None:
+    from evaluator.report import write_report
+
+    out = write_report(args.workdir, step=args.step, split_name=args.split, data_dir=args.data_dir)
+    print(f"report written to {out}/")
+    for path in sorted(out.iterdir()):
+        print(f"  {path.name}")

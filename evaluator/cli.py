@@ -1,4 +1,9 @@
-"""`evaluator`: parse flags, then run the watch loop or the one-shot evaluation."""
+"""`evaluator`: parse flags, then run the watch loop, the one-shot evaluation or a subcommand.
+
+    evaluator [flags]                 watch a workdir (or --once)
+    evaluator best [--json]           print the best checkpoint
+    evaluator report [--step N|best]  write a report of one checkpoint
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,14 @@ from pathlib import Path
 from common.errors import ProjectError
 
 DEFAULT_WORKDIR = Path("runs") / "fashion-mnist-cnn"
+EPILOG = "Exit codes: 0 done or stopped by a signal, 2 bad input or nothing to show, 4 no data."
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="evaluator",
-        description="Evaluate every checkpoint a trainer commits into a workdir (EMA weights by default).",
-        epilog="Exit codes: 0 done or stopped by a signal, 2 bad input or no checkpoint (--once), 4 no data.")
-    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                   help=f"the trainer's workdir (default {DEFAULT_WORKDIR})")
+        prog="evaluator", epilog=EPILOG + " Subcommands: 'evaluator best --help', 'evaluator report --help'.",
+        description="Evaluate every checkpoint a trainer commits into a workdir (EMA weights by default).")
+    _workdir(p)
     p.add_argument("--once", action="store_true", help="evaluate what is pending, print the table and exit")
     p.add_argument("--json", action="store_true", help="with --once: one JSON object per evaluation on stdout")
     p.add_argument("--policy", default="all", choices=["all", "latest"],
@@ -30,22 +34,53 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-secs", type=float, default=1.0, help="polling interval with --poll (default 1)")
     p.add_argument("--exit-when-done", action="store_true",
                    help="watch mode: exit 0 once the finished run's last checkpoint is evaluated")
+    p.add_argument("--patience", type=int, default=0,
+                   help="ask the trainer to stop after K evaluations without improvement (default 0, off)")
+    p.add_argument("--min-delta", type=float, default=0.0,
+                   help="an improvement must beat the best validation accuracy by more than this (default 0)")
+    p.add_argument("--per-class", action="store_true", help="also show per-class accuracy")
     p.add_argument("--progress", default="auto", choices=["auto", "rich", "plain"],
                    help="watch mode display: a live table on a terminal (auto), or plain lines")
     return p
 
 
+def _workdir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+                   help=f"the trainer's workdir (default {DEFAULT_WORKDIR})")
+
+
+def best_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evaluator best", description="Print the best checkpoint so far.", epilog=EPILOG)
+    _workdir(p)
+    p.add_argument("--json", action="store_true", help="print eval/best.json as it is")
+    return p
+
+
+def report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evaluator report", epilog=EPILOG, description=(
+        "Write eval/report-<step>/: confusion matrix (text, PNG), per-class precision/recall/accuracy, "
+        "misclassified examples (PNG) and the accuracy curve from the ledger (PNG)."))
+    _workdir(p)
+    p.add_argument("--step", default="best", help="a step in the ledger, or 'best' (default)")
+    p.add_argument("--split", default="validation", choices=["validation", "test"], help="default validation")
+    p.add_argument("--data-dir", help="folder holding the four IDX files (default: the usual places)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if args.json and not args.once:
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv and argv[0] in ("best", "report") else "watch"
+    rest = argv[1:] if command != "watch" else argv
+    args = {"watch": parser, "best": best_parser, "report": report_parser}[command]().parse_args(rest)
+    if command == "watch" and args.json and not args.once:
         return _fail("--json goes with --once", 2)
     try:
         from common.tfenv import quiet_import_tensorflow
 
         quiet_import_tensorflow()
-        from evaluator.app import run
+        from evaluator import app
 
-        run(args)
+        {"watch": app.run, "best": app.show_best, "report": app.report}[command](args)
     except ProjectError as e:
         return _fail(str(e), e.exit_code)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,14 @@ class CheckpointEvaluator:
         self.evaluate_model = Evaluation(self.model)
         self.data_fingerprint = fingerprint(split)
 
-    def evaluate(self, name: str, *, committed: float, detected: float) -> list[Record]:
+    def evaluate(self, name: str, *, committed: float, detected: float,
+                 keep: Callable[[Path, list[Record]], None] | None = None) -> list[Record]:
         """Evaluate checkpoint `name` of the workdir; one record per weights kind.
 
         Never raises for a bad checkpoint: a deleted one gives `status: gone`, an unreadable one
-        (truncated, corrupt, missing EMA shadows) `status: error` with the reason.
+        (truncated, corrupt, missing EMA shadows) `status: error` with the reason. `keep`, if given,
+        is called with the private snapshot's prefix and the ok records before the snapshot is
+        removed (it may move the snapshot folder away to keep the files).
         """
         started = time.time()
         prefix = checkpoints.resolve(self.workdir, name)
@@ -63,13 +67,16 @@ class CheckpointEvaluator:
                     results = [self._evaluate_weights(private, kind) for kind in self.weights]
                 except CheckpointError as e:  # name the checkpoint, not the private snapshot
                     return self._failed(base, "error", str(e).replace(str(private), base["checkpoint"]))
+                finished = time.time()
+                records = [base | r | {"status": "ok", "finished": finished, "eval_secs": finished - started}
+                           for r in results]
+                if keep is not None:
+                    keep(private, records)
+                return records
         except Gone as e:
             return self._failed(base, "gone", str(e))
         except OSError as e:
             return self._failed(base, "error", f"cannot snapshot {base['checkpoint']}: {e}")
-        finished = time.time()
-        return [base | r | {"status": "ok", "finished": finished, "eval_secs": finished - started}
-                for r in results]
 
     def _evaluate_weights(self, prefix: Path, kind: str) -> Record:
         mapping = variables_to_restore(self.model) if kind == "ema" else raw_variables(self.model)

@@ -72,6 +72,26 @@ def header_text(status: dict[str, Any]) -> Text:
     return text
 
 
+def per_class_tables(rows: list[Row], status: dict[str, Any]) -> list[Table]:
+    """With --per-class: accuracy per class of the newest and of the best checkpoint."""
+    names = status.get("class_names") or []
+    ok = [r for r in rows if r.per_class]
+    if not status.get("per_class") or not names or not ok:
+        return []
+    latest, best = ok[-1], next((r for r in ok if r.best), ok[-1])
+    table = Table(title="per-class accuracy %", header_style="bold")
+    table.add_column("class")
+    table.add_column(f"latest ({latest.checkpoint})", justify="right")
+    table.add_column(f"best ({best.checkpoint})", justify="right")
+    for i, name in enumerate(names):
+        table.add_row(name, _pct(_at(latest.per_class, i)), _pct(_at(best.per_class, i)))
+    return [table]
+
+
+def _at(values: list[float | None], i: int) -> float | None:
+    return values[i] if i < len(values) else None
+
+
 class LiveTable:
     """A Rich Live view that redraws the header and the table on every update."""
 
@@ -82,8 +102,9 @@ class LiveTable:
         self.live.start()
 
     def update(self, rows: list[Row], status: dict[str, Any]) -> None:
-        limit = max(5, self.console.size.height - 10)
-        self.live.update(Group(header_text(status), render_table(rows, both=self.both, limit=limit)))
+        extra = per_class_tables(rows, status)
+        limit = max(5, self.console.size.height - 10 - (14 if extra else 0))
+        self.live.update(Group(header_text(status), render_table(rows, both=self.both, limit=limit), *extra))
 
     def message(self, text: str) -> None:
         self.live.console.print(text, markup=False, highlight=False)

@@ -67,3 +67,20 @@ def _mark(rows: list[Row]) -> None:
             best = row
     if best is not None:
         best.best = True
+
+
+def without_improvement(rows: list[Row], *, min_delta: float) -> tuple[int, Row | None]:
+    """Evaluations in a row, up to the last, that did not beat the best before them by more than `min_delta`.
+
+    Returns the count and the best row (the one that last improved).
+    """
+    best: Row | None = None
+    count = 0
+    for row in rows:
+        if row.accuracy is None:
+            continue
+        if best is None or row.accuracy > (best.accuracy or 0.0) + min_delta:
+            best, count = row, 0
+        else:
+            count += 1
+    return count, best

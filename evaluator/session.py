@@ -6,8 +6,10 @@ holds, evaluate the rest oldest first (or only the newest), append the results t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,13 +17,17 @@ from typing import Any
 from common import checkpoints, datasets, models
 from common.checkpoints import CheckpointError
 from common.errors import ProjectError, UsageError
+from common.fileio import atomic_write_json
 from common.runconfig import RunSpec, read_run
 from common.signals import StopRequest
-from common.workdir import DONE_FILE, HEARTBEAT_FILE, read_json
+from common.workdir import DONE_FILE, HEARTBEAT_FILE, STOP_REQUEST_FILE, TB_DIR, read_best, read_json
+from evaluator.best import clean_stale, improves, promote
 from evaluator.core import WEIGHT_CHOICES, CheckpointEvaluator
 from evaluator.display import Display
 from evaluator.ledger import Ledger, Record
-from evaluator.rows import Row, build_rows
+from evaluator.rows import Row, build_rows, without_improvement
+from evaluator.snapshot import lease
+from evaluator.tensorboard import TensorBoardSink
 from evaluator.watch import Wake, watching
 
 SETTLE_QUIET_SECS = 0.02  # a save writes the state file once; wait this long for more events
@@ -42,6 +48,9 @@ class EvalConfig:
     poll_secs: float = 1.0  # interval of the polling observer
     exit_when_done: bool = False  # watch mode: exit after the finished run's last checkpoint
     silent_secs: float = 120.0  # warn when the trainer's heartbeat is older than this
+    patience: int = 0  # ask the trainer to stop after this many evaluations without improvement; 0 = off
+    min_delta: float = 0.0  # an improvement must beat the best accuracy by more than this
+    per_class: bool = False  # show per-class accuracy under the live table
 
     def __post_init__(self) -> None:
         choices = {"split": ("validation", "test"), "weights": tuple(WEIGHT_CHOICES), "policy": ("all", "latest")}
@@ -51,6 +60,10 @@ class EvalConfig:
         for name in ("rescan_secs", "poll_secs", "silent_secs"):
             if not getattr(self, name) > 0:
                 raise UsageError(f"--{name.replace('_', '-')} ({getattr(self, name)}) must be positive")
+        if self.patience < 0 or self.min_delta < 0:
+            raise UsageError(f"--patience ({self.patience}) and --min-delta ({self.min_delta}) must not be negative")
+        if self.patience and self.split != "validation":
+            raise UsageError("--patience watches the validation split; drop --split test")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +89,8 @@ class Session:
         self.spec: RunSpec | None = None
         self.first_seen: dict[Candidate, float] = {}
         self.problem = ""  # the current setup or state-file problem, shown until it clears
+        self.tensorboard = TensorBoardSink(cfg.workdir / TB_DIR / "eval")
+        self.stop_requested = ""  # the reason of the stop request this session wrote, if any
 
     def prepare(self) -> CheckpointEvaluator:
         """Build the model from run.json and load the split (once)."""
@@ -118,9 +133,37 @@ class Session:
     def evaluate(self, cand: Candidate) -> list[Record]:
         """Evaluate one checkpoint and record it; return the records added to the ledger."""
         core = self.prepare()
-        records = core.evaluate(cand.name, committed=cand.committed,
-                                detected=self.first_seen.get(cand, time.time()))
-        return self.ledger.append(records)
+        with lease(self.cfg.workdir, Path(cand.name).name):
+            records = core.evaluate(cand.name, committed=cand.committed,
+                                    detected=self.first_seen.get(cand, time.time()), keep=self._keep_if_best)
+        added = self.ledger.append(records)
+        self.tensorboard.write(added)
+        if self.cfg.patience:
+            self._check_patience()
+        return added
+
+    def _keep_if_best(self, private: Path, records: list[Record]) -> None:
+        """Promote the evaluated files to eval/best when they beat the best validation accuracy."""
+        main = records[0]
+        if main["split"] == "validation" and improves(main, read_best(self.cfg.workdir)):
+            promote(self.cfg.workdir, private, main)
+
+    def _check_patience(self) -> None:
+        rows = self.rows()
+        count, best = without_improvement(rows, min_delta=self.cfg.min_delta)
+        if count < self.cfg.patience or best is None:
+            return
+        last = [r for r in rows if r.accuracy is not None][-1]
+        reason = (f"no improvement of more than {self.cfg.min_delta:g} in {count} evaluations "
+                  f"(best {100 * (best.accuracy or 0):.2f}% at step {best.step}, last step {last.step})")
+        request = read_json(self.cfg.workdir / STOP_REQUEST_FILE)
+        if request is None or request.get("step") != last.step:
+            atomic_write_json(self.cfg.workdir / STOP_REQUEST_FILE,
+                              {"step": last.step, "reason": reason, "time": time.time(), "pid": os.getpid()})
+        self.stop_requested = reason
+
+    def close(self) -> None:
+        self.tensorboard.close()
 
     def rows(self) -> list[Row]:
         return build_rows(self.ledger.read(), split=self.cfg.split, weights=self.weights)
@@ -131,6 +174,8 @@ class Session:
         trainer, silent = trainer_status(self.cfg.workdir, self.cfg.silent_secs)
         if silent:
             warnings.append(silent)
+        if self.stop_requested:
+            warnings.append(f"asked the trainer to stop: {self.stop_requested}")
         errors = [r.checkpoint for r in self.rows() if r.status == "error"]
         if errors:
             warnings.append(f"{len(errors)} checkpoint(s) could not be read: {', '.join(errors[-3:])} "
@@ -139,7 +184,8 @@ class Session:
         if self.spec is not None:
             run = f"{self.spec.dataset}/{self.spec.model}  split={self.cfg.split}  weights={self.cfg.weights}"
         return {"workdir": str(self.cfg.workdir), "run": run, "trainer": trainer, "backlog": backlog,
-                "warnings": warnings}
+                "warnings": warnings, "class_names": list(self.spec.class_names) if self.spec else [],
+                "per_class": self.cfg.per_class}
 
 
 def _index_mtime(prefix: Path) -> float:
@@ -177,8 +223,12 @@ def run_once(cfg: EvalConfig) -> Session:
     listed = session.listed()
     if not listed:
         raise UsageError(f"{cfg.workdir}: no checkpoint to evaluate (no state file, or it lists none)")
-    for cand in session.pending(listed):
-        session.evaluate(cand)
+    clean_stale(cfg.workdir)
+    try:
+        for cand in session.pending(listed):
+            session.evaluate(cand)
+    finally:
+        session.close()
     return session
 
 
@@ -199,7 +249,8 @@ def run_watch(cfg: EvalConfig, display: Display, stop: StopRequest) -> None:
         wake.wait(0.5)
     if stop:
         return
-    with watching(cfg.workdir, wake, poll=cfg.poll, poll_secs=cfg.poll_secs):
+    clean_stale(cfg.workdir)
+    with watching(cfg.workdir, wake, poll=cfg.poll, poll_secs=cfg.poll_secs), contextlib.closing(session):
         display.update(session.rows(), session.status(0) | {"state": "watching"})
         while not stop:
             todo = _scan(session)

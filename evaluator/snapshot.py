@@ -14,6 +14,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from common import checkpoints
+from common.workdir import lease_path
+
+
+@contextlib.contextmanager
+def lease(workdir: Path, checkpoint: str) -> Iterator[None]:
+    """Tell the trainer's retention that this process is reading `checkpoint` (see common.workdir.leased)."""
+    path = lease_path(workdir, checkpoint, os.getpid())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
 
 
 class Gone(Exception):
@@ -28,7 +41,7 @@ def snapshot(prefix: Path, scratch: Path) -> Iterator[Path]:
       Gone: the checkpoint's files disappeared or changed while they were being linked.
       OSError: the scratch folder cannot hold hard links to the workdir (another filesystem).
     """
-    folder = scratch / f".snapshot-{secrets.token_hex(4)}"
+    folder = scratch / f".snapshot-{os.getpid()}-{secrets.token_hex(4)}"
     folder.mkdir(parents=True)
     try:
         files = checkpoints.files_of(prefix)

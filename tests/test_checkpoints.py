@@ -73,3 +73,9 @@ def test_retention_orders_by_save_time_not_step() -> None:
     entries = [("model-20", 1.0), ("model-30", 2.0), ("model-25", 3.0), ("model-28", 4.0)]
     kept, _ = select_kept(entries, keep=2, keep_every_hours=0, anchor=0)
     assert [p for p, _ in kept] == ["model-25", "model-28"]
+
+
+def test_retention_never_drops_protected() -> None:
+    entries = [(f"model-{i}", float(i)) for i in range(1, 8)]
+    kept, _ = select_kept(entries, keep=2, keep_every_hours=0, anchor=0, protected=frozenset({"model-3"}))
+    assert [p for p, _ in kept] == ["model-3", "model-6", "model-7"]

@@ -48,7 +48,7 @@ def test_fresh_run_writes_checkpoints_state_and_keys(make_config: Callable[..., 
     assert (result.start_step, result.final_step, result.resumed_from) == (0, 60, None)
     names = sorted(p.name for p in cfg.workdir.iterdir())
     assert names == ["checkpoint", "done.json", "heartbeat.json", "model-40.data-00000-of-00001", "model-40.index",
-                     "model-60.data-00000-of-00001", "model-60.index", "run.json", "trainer.lock"]
+                     "model-60.data-00000-of-00001", "model-60.index", "run.json", "tb", "trainer.lock"]
     tf_state = tf.train.get_checkpoint_state(str(cfg.workdir))
     assert tf_state.model_checkpoint_path == str(cfg.workdir / "model-60")
     assert tf.train.latest_checkpoint(str(cfg.workdir)) == str(cfg.workdir / "model-60")

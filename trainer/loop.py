@@ -17,12 +17,12 @@ from common.evaluation import Evaluation
 from common.fileio import atomic_write_json
 from common.runconfig import RunSpec, read_run, write_run
 from common.signals import StopRequest, stop_on_signals
-from common.workdir import DONE_FILE
+from common.workdir import DONE_FILE, STOP_REQUEST_FILE, TB_DIR, read_json
 from trainer import saver as saver_lib
 from trainer.config import TrainConfig
 from trainer.inputs import train_dataset
 from trainer.lock import WorkdirLock
-from trainer.progress import Heartbeat, Reporter, Tee, log_line, make_reporter
+from trainer.progress import Heartbeat, Reporter, Tee, TensorBoardLog, log_line, make_reporter
 from trainer.step import TrainState, make_train_loop
 
 
@@ -129,7 +129,7 @@ def _initial_state(workdir: Path, state: State | None) -> State:
 def run_loop(cfg: TrainConfig, train_state: TrainState, data: datasets.Dataset, saver: saver_lib.CheckpointSaver,
              reporter: Reporter, stop: StopRequest) -> tuple[int, str | None]:
     """Train from the restored step to `cfg.steps`; return the last step and the last saved prefix."""
-    step = int(train_state.step.numpy())
+    step = start = int(train_state.step.numpy())
     strategy = train_state.strategy
     spec = train_state.spec
     ds = train_dataset(data.train, batch_size=spec.batch_size, seed=spec.seed, start_step=step)
@@ -146,12 +146,23 @@ def run_loop(cfg: TrainConfig, train_state: TrainState, data: datasets.Dataset, 
             raise DivergedError(f"non-finite loss between steps {step} and {step + n}; nothing after "
                                 f"{last_saved or 'the last committed checkpoint'} was saved")
         step += n
+        request = early_stop_request(cfg.workdir, since_step=start)
+        if request:
+            stop.set(f"early stop requested by the evaluator: {request}", finish=True)
         reporter.update({"step": step, "loss": float(out["loss"]), "steps_per_sec": n / (time.perf_counter() - began),
                          "lr": float(train_state.learning_rate(step))})
         if step >= next_save or step >= cfg.steps or stop:
             last_saved = _save(saver, train_state, step)
             next_save = (step // cfg.save_every + 1) * cfg.save_every
     return step, last_saved
+
+
+def early_stop_request(workdir: Path, *, since_step: int) -> str | None:
+    """The reason of an evaluator's stop request made at or after `since_step`, if there is one."""
+    request = read_json(workdir / STOP_REQUEST_FILE)
+    if request is None or int(request.get("step", -1)) < since_step:
+        return None
+    return str(request.get("reason", "no reason given"))
 
 
 def _save(saver: saver_lib.CheckpointSaver, train_state: TrainState, step: int) -> str:
@@ -181,7 +192,7 @@ def train(cfg: TrainConfig, *, reporter: Reporter | None = None, stop: StopReque
     stop = stop or StopRequest()
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     with WorkdirLock(cfg.workdir), stop_on_signals(stop):
-        reporter = Tee(reporter, Heartbeat(cfg.workdir))
+        reporter = Tee(reporter, Heartbeat(cfg.workdir), TensorBoardLog(cfg.workdir / TB_DIR / "train"))
         spec = existing or dataclasses.replace(cfg.spec, created=time.time())
         if existing is None:
             write_run(cfg.workdir, spec)
@@ -195,6 +206,9 @@ def train(cfg: TrainConfig, *, reporter: Reporter | None = None, stop: StopReque
         reporter.message(f"data: {spec.dataset} from {data.source} (train {len(data.train)}, "
                          f"validation {len(data.validation)}, test {len(data.test)})")
         (cfg.workdir / DONE_FILE).unlink(missing_ok=True)
+        stale = read_json(cfg.workdir / STOP_REQUEST_FILE)
+        if stale is not None and int(stale.get("step", -1)) < start:
+            reporter.message(f"ignoring the evaluator's stop request of step {stale.get('step')} (before step {start})")
         saver = saver_lib.CheckpointSaver(cfg.workdir, train_state.checkpoint,
                                           state=_initial_state(cfg.workdir, state), keep=cfg.keep,
                                           keep_every_hours=cfg.keep_every_hours, anchor=spec.created)
@@ -203,14 +217,17 @@ def train(cfg: TrainConfig, *, reporter: Reporter | None = None, stop: StopReque
         finally:
             reporter.close()
         final = last_saved or resumed_from
-        if stop:
+        if stop and not stop.finish:
             reporter.message(f"stopped by {stop.reason} at step {step}; saved {Path(final or '-').name}")
             return TrainResult(start, step, resumed_from, stop.reason, final, {})
+        if stop:
+            reporter.message(f"stopped early at step {step}: {stop.reason}; saved {Path(final or '-').name}")
         metrics = final_metrics(train_state, data)
         _report_final(reporter, step, metrics)
         atomic_write_json(cfg.workdir / DONE_FILE, {"step": step, "checkpoint": Path(final or "").name,
-                                                     "time": time.time(), "ema_metrics": metrics})
-        return TrainResult(start, step, resumed_from, None, final, metrics)
+                                                     "time": time.time(), "stop_reason": stop.reason,
+                                                     "ema_metrics": metrics})
+        return TrainResult(start, step, resumed_from, stop.reason, final, metrics)
 
 
 def _report_final(reporter: Reporter, step: int, metrics: dict[str, Any]) -> None:

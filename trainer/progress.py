@@ -153,3 +153,28 @@ class Tee:
     def close(self) -> None:
         for r in self.reporters:
             r.close()
+
+
+class TensorBoardLog:
+    """Scalars for TensorBoard under `tb/train`: loss, learning rate and steps/s by step."""
+
+    def __init__(self, logdir: Path) -> None:
+        import tensorflow as tf
+
+        self._tf = tf
+        self.writer = tf.summary.create_file_writer(str(logdir))
+
+    def start(self, *, first_step: int, total_steps: int) -> None:
+        pass
+
+    def update(self, metrics: dict[str, float]) -> None:
+        with self.writer.as_default(step=int(metrics["step"])):
+            for name in ("loss", "lr", "steps_per_sec"):
+                self._tf.summary.scalar(name, metrics[name])
+
+    def message(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()

@@ -23,16 +23,19 @@ from common import checkpoints
 from common.checkpoints import State
 from common.errors import WorkdirIOError
 from common.fileio import fsync_path, leftover_temp_files
+from common.workdir import leased, read_best
 
 
 def select_kept(
-    entries: list[tuple[str, float]], *, keep: int, keep_every_hours: float, anchor: float
+    entries: list[tuple[str, float]], *, keep: int, keep_every_hours: float, anchor: float,
+    protected: frozenset[str] = frozenset(),
 ) -> tuple[list[tuple[str, float]], float]:
     """Choose which checkpoints stay, oldest first.
 
     The newest `keep` stay (all when `keep` is 0). Of the older ones, one stays every
     `keep_every_hours`, counted from `anchor` (the run's first start), like TF's
     `keep_checkpoint_every_n_hours`. The choice for an old checkpoint never changes later.
+    `protected` ones (the evaluator's best, those being read) stay whatever else applies.
 
     Returns:
       The kept (path, timestamp) pairs in save order, and the last preserved timestamp.
@@ -46,6 +49,8 @@ def select_kept(
         if keep_every_hours > 0 and ts - last >= keep_every_hours * 3600:
             preserved.append((path, ts))
             last = ts
+        elif path in protected:
+            preserved.append((path, ts))
     return preserved + recent, last
 
 
@@ -79,7 +84,7 @@ class CheckpointSaver:
                 fsync_path(path)
             entries = [(p, self.state.timestamp_of(p)) for p in self.state.paths] + [(name, time.time())]
             kept, last = select_kept(entries, keep=self.keep, keep_every_hours=self.keep_every_hours,
-                                     anchor=self.anchor)
+                                     anchor=self.anchor, protected=self.protected())
             new_state = State(latest=name, paths=[p for p, _ in kept], timestamps=[t for _, t in kept],
                               last_preserved_timestamp=last)
             checkpoints.write_state(self.workdir, new_state)
@@ -90,6 +95,14 @@ class CheckpointSaver:
         for old in dropped:
             self._delete(old)
         return prefix
+
+    def protected(self) -> frozenset[str]:
+        """Checkpoints retention must not delete: the evaluator's best and those being read."""
+        names = set(leased(self.workdir))
+        best = read_best(self.workdir)
+        if best and isinstance(best.get("checkpoint"), str):
+            names.add(best["checkpoint"])
+        return frozenset(names)
 
     def _make_room(self, name: str) -> None:
         """Remove an earlier checkpoint of the same name: out of the state file first, then its files."""

@@ -1,0 +1,166 @@
+"""`evaluator report`: a confusion matrix, per-class metrics, misclassified examples and the accuracy curve."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display is ever needed
+import matplotlib.pyplot as plt
+import numpy as np
+import tensorflow as tf
+
+from common import checkpoints, datasets, models
+from common.ema import variables_to_restore
+from common.errors import UsageError
+from common.runconfig import RunSpec, read_run
+from common.workdir import EVAL_DIR
+from evaluator.best import best_prefix
+from evaluator.ledger import Ledger, Record
+
+GRID = 6  # misclassified examples are shown in a GRID x GRID image
+
+
+def resolve(workdir: Path, step: str) -> tuple[int, Path]:
+    """The step and checkpoint prefix that `--step N|best` names; UsageError when it cannot be used."""
+    records = [r for r in Ledger(workdir).read() if r.get("status") == "ok"]
+    if not records:
+        raise UsageError(f"{workdir}: the ledger is empty; run 'evaluator --once' first")
+    if step == "best":
+        prefix = best_prefix(workdir)
+        if prefix is None:
+            raise UsageError(f"{workdir}: no best checkpoint yet (it is kept from validation evaluations)")
+        return checkpoints.read_step(prefix), prefix
+    if not step.isdigit():
+        raise UsageError(f"--step ({step!r}) must be a step number or 'best'")
+    wanted = int(step)
+    if wanted not in {r.get("step") for r in records}:
+        known = sorted({int(r["step"]) for r in records if r.get("step") is not None})
+        raise UsageError(f"step {wanted} is not in the ledger (evaluated steps: {', '.join(map(str, known))})")
+    prefix = workdir / checkpoints.name_for(wanted)
+    why = checkpoints.check_readable(prefix)
+    if why:
+        raise UsageError(f"step {wanted} is no longer on disk ({why})")
+    return wanted, prefix
+
+
+def predict(spec: RunSpec, prefix: Path, images: np.ndarray) -> np.ndarray:
+    """Class predictions of the checkpoint's EMA weights."""
+    model = models.build(spec.model, num_classes=spec.num_classes)
+    checkpoints.restore_variables(prefix, variables_to_restore(model))
+    logits = tf.function(lambda x: model(tf.cast(x, tf.float32) / 255.0))
+    return np.concatenate([np.argmax(logits(images[i:i + 1000]).numpy(), axis=1)
+                           for i in range(0, len(images), 1000)])
+
+
+def per_class_metrics(confusion: np.ndarray, names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Precision, recall and accuracy (the share of that class's images classified right) per class."""
+    rows = []
+    for i, name in enumerate(names):
+        predicted, actual = confusion[:, i].sum(), confusion[i, :].sum()
+        rows.append({"class": name, "precision": float(confusion[i, i] / predicted) if predicted else None,
+                     "recall": float(confusion[i, i] / actual) if actual else None,
+                     "accuracy": float(confusion[i, i] / actual) if actual else None, "examples": int(actual)})
+    return rows
+
+
+def confusion_text(confusion: np.ndarray, names: tuple[str, ...]) -> str:
+    width = max(len(n) for n in names) + 1
+    head = " " * width + "".join(f"{n[:8]:>9}" for n in names) + "   <- predicted"
+    lines = [head] + [f"{name:<{width}}" + "".join(f"{v:>9d}" for v in row) for name, row in zip(names, confusion,
+                                                                                              strict=True)]
+    return "\n".join(lines) + "\n"
+
+
+def plot_confusion(confusion: np.ndarray, names: tuple[str, ...], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 7), dpi=100)
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (i, j), v in np.ndenumerate(confusion):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
+                color="white" if v > confusion.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_misclassified(split: datasets.Split, preds: np.ndarray, names: tuple[str, ...], path: Path) -> int:
+    wrong = np.flatnonzero(preds != split.labels)[: GRID * GRID]
+    fig, axes = plt.subplots(GRID, GRID, figsize=(9, 10), dpi=100)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < len(wrong):
+            i = wrong[k]
+            ax.imshow(split.images[i], cmap="gray_r")
+            ax.set_title(f"true: {names[split.labels[i]]}\npred: {names[preds[i]]}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return len(wrong)
+
+
+def plot_curve(records: list[Record], path: Path, split: str) -> None:
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    for weights in ("ema", "raw"):
+        points = sorted((r["step"], r["accuracy"]) for r in records if r.get("status") == "ok"
+                        and r.get("split") == split and r.get("weights") == weights)
+        if points:
+            steps, acc = zip(*points, strict=True)
+            ax.plot(steps, [100 * a for a in acc], marker="o", label=f"{weights} weights")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{split} accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(workdir: Path, *, step: str = "best", split_name: str = "validation",
+                 data_dir: str | None = None) -> Path:
+    """Write eval/report-<step>/ and return it.
+
+    Raises:
+      UsageError: no run.json, an empty ledger, a step not in the ledger or no longer on disk.
+    """
+    spec = read_run(workdir)
+    if spec is None:
+        raise UsageError(f"{workdir}: no run.json (not a trainer workdir)")
+    number, prefix = resolve(workdir, step)
+    split = datasets.load(spec.dataset, data_dir).split(split_name)
+    preds = predict(spec, prefix, split.images)
+    names = spec.class_names
+    confusion = np.zeros((len(names), len(names)), dtype=np.int64)
+    np.add.at(confusion, (split.labels, preds), 1)
+    out = workdir / EVAL_DIR / f"report-{number}"
+    tmp = out.with_name(f".{out.name}-{secrets.token_hex(3)}")
+    tmp.mkdir(parents=True)
+    per_class = per_class_metrics(confusion, names)
+    (tmp / "confusion.txt").write_text(confusion_text(confusion, names))
+    (tmp / "per_class.txt").write_text("".join(
+        f"{r['class']:<14} precision {_pct(r['precision'])}  recall {_pct(r['recall'])}  "
+        f"accuracy {_pct(r['accuracy'])}  ({r['examples']} images)\n" for r in per_class))
+    plot_confusion(confusion, names, tmp / "confusion.png")
+    shown = plot_misclassified(split, preds, names, tmp / "misclassified.png")
+    plot_curve(Ledger(workdir).read(), tmp / "accuracy_curve.png", split_name)
+    summary = {"step": number, "checkpoint": str(prefix), "split": split_name, "weights": "ema",
+               "accuracy": float(np.trace(confusion) / confusion.sum()), "confusion": confusion.tolist(),
+               "class_names": list(names), "per_class": per_class, "misclassified_shown": shown}
+    (tmp / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "   n/a" if x is None else f"{100 * x:6.2f}%"
