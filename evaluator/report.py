@@ -108,16 +108,18 @@ def plot_misclassified(split: datasets.Split, preds: np.ndarray, names: tuple[st
     return len(wrong)
 
 
-def plot_curve(records: list[Record], path: Path, split: str) -> None:
+def plot_curve(records: list[Record], path: Path) -> None:
+    """Accuracy against step, one line per split and weights found in the ledger."""
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
-    for weights in ("ema", "raw"):
-        points = sorted((r["step"], r["accuracy"]) for r in records if r.get("status") == "ok"
-                        and r.get("split") == split and r.get("weights") == weights)
-        if points:
-            steps, acc = zip(*points, strict=True)
-            ax.plot(steps, [100 * a for a in acc], marker="o", label=f"{weights} weights")
+    for split in ("validation", "test"):
+        for weights in ("ema", "raw"):
+            points = sorted((r["step"], r["accuracy"]) for r in records if r.get("status") == "ok"
+                            and r.get("split") == split and r.get("weights") == weights)
+            if points:
+                steps, acc = zip(*points, strict=True)
+                ax.plot(steps, [100 * a for a in acc], marker="o", label=f"{split}, {weights} weights")
     ax.set_xlabel("step")
-    ax.set_ylabel(f"{split} accuracy (%)")
+    ax.set_ylabel("accuracy (%)")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -151,7 +153,7 @@ def write_report(workdir: Path, *, step: str = "best", split_name: str = "valida
         f"accuracy {_pct(r['accuracy'])}  ({r['examples']} images)\n" for r in per_class))
     plot_confusion(confusion, names, tmp / "confusion.png")
     shown = plot_misclassified(split, preds, names, tmp / "misclassified.png")
-    plot_curve(Ledger(workdir).read(), tmp / "accuracy_curve.png", split_name)
+    plot_curve(Ledger(workdir).read(), tmp / "accuracy_curve.png")
     summary = {"step": number, "checkpoint": str(prefix), "split": split_name, "weights": "ema",
                "accuracy": float(np.trace(confusion) / confusion.sum()), "confusion": confusion.tolist(),
                "class_names": list(names), "per_class": per_class, "misclassified_shown": shown}
