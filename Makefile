@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 STEPS_FLAG := $(if $(STEPS),--steps $(STEPS),)
 STAMP := $(VENV)/.installed
 
-.PHONY: install data train eval-watch eval-once test lint clean
+.PHONY: install data train eval-watch eval-once test lint clean predict export
 
 install: $(STAMP)
 
@@ -43,3 +43,11 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+
+# Classify image files with the default run: make predict IMAGES="a.png b.jpg folder/"
+IMAGES ?=
+predict: install
+	$(BIN)/predict --model $(WORKDIR) $(IMAGES)
+
+export: install
+	$(BIN)/evaluator export --workdir $(WORKDIR) --frozen

@@ -68,3 +68,14 @@ def report(args: argparse.Namespace) -> None:
     print(f"report written to {out}/")
     for path in sorted(out.iterdir()):
         print(f"  {path.name}")
+
+
+def export(args: argparse.Namespace) -> None:
+    from evaluator.export import FROZEN_FILE, FROZEN_INPUT, FROZEN_OUTPUTS
+    from evaluator.export import export as write_export
+
+    out = write_export(args.workdir, step=args.step, weights=args.weights, out=args.out, frozen=args.frozen)
+    print(f"SavedModel written to {out}/ ({args.weights} weights)")
+    if args.frozen:
+        outputs = ", ".join(f"{name}:0" for name in FROZEN_OUTPUTS)
+        print(f"frozen graph: {out / FROZEN_FILE} (input {FROZEN_INPUT}:0, outputs {outputs})")

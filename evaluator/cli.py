@@ -3,6 +3,7 @@
     evaluator [flags]                 watch a workdir (or --once)
     evaluator best [--json]           print the best checkpoint
     evaluator report [--step N|best]  write a report of one checkpoint
+    evaluator export [--step N|best|latest] [--frozen]   write a SavedModel
 """
 
 from __future__ import annotations
@@ -67,11 +68,28 @@ def report_parser() -> argparse.ArgumentParser:
     return p
 
 
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evaluator export", epilog=EPILOG, description=(
+        "Write a SavedModel with the chosen weights baked in (default export/<step>/): signatures "
+        "serving_default (uint8 images [N, 28, 28] -> probabilities, classes, class_names) and "
+        "predict_image_bytes (encoded PNG/JPEG bytes [N] -> the same)."))
+    _workdir(p)
+    p.add_argument("--step", default="best", help="a step number, 'best' (default) or 'latest'")
+    p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="default ema")
+    p.add_argument("--out", type=Path, help="where to write (default <workdir>/export/<step>)")
+    p.add_argument("--frozen", action="store_true",
+                   help="also write frozen_graph.pb: input images:0, outputs probabilities:0 and classes:0")
+    return p
+
+
+SUBCOMMANDS = {"watch": parser, "best": best_parser, "report": report_parser, "export": export_parser}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    command = argv[0] if argv and argv[0] in ("best", "report") else "watch"
+    command = argv[0] if argv and argv[0] in SUBCOMMANDS and argv[0] != "watch" else "watch"
     rest = argv[1:] if command != "watch" else argv
-    args = {"watch": parser, "best": best_parser, "report": report_parser}[command]().parse_args(rest)
+    args = SUBCOMMANDS[command]().parse_args(rest)
     if command == "watch" and args.json and not args.once:
         return _fail("--json goes with --once", 2)
     try:
@@ -80,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet_import_tensorflow()
         from evaluator import app
 
-        {"watch": app.run, "best": app.show_best, "report": app.report}[command](args)
+        {"watch": app.run, "best": app.show_best, "report": app.report, "export": app.export}[command](args)
     except ProjectError as e:
         return _fail(str(e), e.exit_code)
     return 0

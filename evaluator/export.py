@@ -1,0 +1,160 @@
+"""`evaluator export`: a SavedModel (and optionally a frozen GraphDef) with the chosen weights baked in.
+
+The export needs nothing of this project to be used: `tf.saved_model.load`, `saved_model_cli`
+and `tf.compat.v1` `import_graph_def` read it. Class names travel inside, as a constant output
+and as the asset `labels.txt`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+
+import tensorflow as tf
+
+from common import checkpoints, models
+from common.checkpoints import CheckpointError
+from common.ema import raw_variables, variables_to_restore
+from common.errors import UsageError
+from common.runconfig import RunSpec, read_run
+from evaluator.best import best_prefix
+
+IMAGE_SIZE = 28
+FROZEN_FILE = "frozen_graph.pb"
+LABELS_FILE = "labels.txt"
+FROZEN_INPUT = "images"  # uint8 [N, 28, 28]
+FROZEN_OUTPUTS = ("probabilities", "classes")
+
+
+def resolve(workdir: Path, step: str) -> Path:
+    """The checkpoint prefix that `--step N|best|latest` names in `workdir`."""
+    if step == "best":
+        prefix = best_prefix(workdir)
+        if prefix is None:
+            raise UsageError(f"{workdir}: no best checkpoint yet (run the evaluator first, or use --step latest)")
+    elif step == "latest":
+        state = checkpoints.read_state(workdir)
+        if state is None or state.latest is None:
+            raise UsageError(f"{workdir}: no checkpoint (no state file)")
+        prefix = checkpoints.resolve(workdir, state.latest)
+    elif step.isdigit():
+        prefix = workdir / checkpoints.name_for(int(step))
+    else:
+        raise UsageError(f"--step ({step!r}) must be a step number, 'best' or 'latest'")
+    why = checkpoints.check_readable(prefix)
+    if why:
+        raise UsageError(f"{prefix.name}: cannot be exported ({why})")
+    return prefix
+
+
+class Exported(tf.Module):
+    """What the SavedModel holds: the model, its class names and two signatures."""
+
+    def __init__(self, model: models.Classifier, class_names: tuple[str, ...], labels_path: str) -> None:
+        super().__init__(name="exported")
+        self.model = model
+        self.class_names = tf.constant(list(class_names))
+        self.labels = tf.saved_model.Asset(labels_path)
+
+    def _outputs(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        probabilities = tf.nn.softmax(self.model(tf.cast(images, tf.float32) / 255.0))
+        classes = tf.argmax(probabilities, axis=1)
+        return {"probabilities": probabilities, "classes": classes,
+                "class_names": tf.gather(self.class_names, classes)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE], tf.uint8, name="images")])
+    def serve_images(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        return self._outputs(images)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve_bytes(self, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Encoded PNG/JPEG/BMP/GIF files, decoded to grayscale and resized to 28x28 (no inversion)."""
+
+        def decode(data: tf.Tensor) -> tf.Tensor:
+            image = tf.io.decode_image(data, channels=1, expand_animations=False)
+            image = tf.image.resize(image, [IMAGE_SIZE, IMAGE_SIZE], antialias=True)
+            return tf.cast(tf.clip_by_value(tf.round(image[..., 0]), 0, 255), tf.uint8)
+
+        images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec([IMAGE_SIZE, IMAGE_SIZE], tf.uint8))
+        return self._outputs(images)
+
+
+def load_weights(spec: RunSpec, prefix: Path, weights: str) -> models.Classifier:
+    """Build the run's model and load the EMA (or raw) weights of checkpoint `prefix` into it."""
+    model = models.build(spec.model, num_classes=spec.num_classes)
+    mapping = variables_to_restore(model) if weights == "ema" else raw_variables(model)
+    checkpoints.restore_variables(prefix, mapping)
+    return model
+
+
+def export(workdir: Path, *, step: str = "best", weights: str = "ema", out: Path | None = None,
+           frozen: bool = False) -> Path:
+    """Write the export atomically (a temp folder renamed into place) and return its path."""
+    spec = read_run(workdir)
+    if spec is None:
+        raise UsageError(f"{workdir}: no run.json (not a trainer workdir)")
+    if weights not in ("ema", "raw"):
+        raise UsageError(f"--weights ({weights!r}) must be ema or raw")
+    prefix = resolve(workdir, step)
+    number = checkpoints.read_step(prefix)
+    target = out if out is not None else workdir / "export" / str(number)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model = load_weights(spec, prefix, weights)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        labels = tmp / LABELS_FILE
+        labels.write_text("".join(f"{name}\n" for name in spec.class_names))
+        module = Exported(model, spec.class_names, str(labels))
+        saved = tmp / "saved"
+        tf.saved_model.save(module, str(saved), signatures={
+            "serving_default": module.serve_images, "predict_image_bytes": module.serve_bytes})
+        for path in saved.iterdir():  # the SavedModel is the folder itself
+            os.rename(path, tmp / path.name)
+        saved.rmdir()
+        if frozen:
+            (tmp / FROZEN_FILE).write_bytes(freeze(module).SerializeToString())
+        _replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    """Move `tmp` to `target`; an existing target is moved aside first and removed after."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{secrets.token_hex(3)}")
+        os.rename(target, old)
+    os.rename(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def freeze(module: Exported) -> tf.compat.v1.GraphDef:
+    """One GraphDef with the weights as constants: input `images:0`, outputs `probabilities:0`, `classes:0`."""
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    concrete = module.serve_images.get_concrete_function()
+    frozen = convert_variables_to_constants_v2(concrete)
+    inner = frozen.graph.as_graph_def()
+    # The frozen function's outputs are the signature's dict flattened, i.e. in sorted key order.
+    by_key = dict(zip(sorted(concrete.structured_outputs), frozen.outputs, strict=True))
+    names = [by_key[k].name for k in FROZEN_OUTPUTS]
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf.compat.v1.placeholder(tf.uint8, [None, IMAGE_SIZE, IMAGE_SIZE], name=FROZEN_INPUT)
+        results = tf.graph_util.import_graph_def(inner, input_map={frozen.inputs[0].name: images},
+                                                 return_elements=names, name="model")
+        for name, tensor in zip(FROZEN_OUTPUTS, results, strict=True):
+            tf.identity(tensor, name=name)
+    return graph.as_graph_def()
+
+
+def check_export(path: Path) -> None:
+    """Fail with a clear message if `path` is not a SavedModel this project wrote."""
+    if not (path / "saved_model.pb").is_file():
+        raise CheckpointError(f"{path}: not a SavedModel (no saved_model.pb)")

@@ -1,0 +1,112 @@
+"""Reading image files and turning a photo or scan of one object into an MNIST-style 28x28 image.
+
+MNIST was made this way: the object, light on dark, scaled to fit 20x20 keeping its aspect, then
+placed in 28x28 so that its centre of mass is at the centre. Fashion-MNIST's products were scaled
+so that their longest edge is 28 and centred by their bounding box. Photos and scans are usually
+dark on light, so they are inverted first (the tutorial's `1 - img`), decided from the border pixels.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+MAX_PIXELS = 40_000_000  # larger images are refused as decompression bombs
+CONTENT_THRESHOLD = 0.2  # of full brightness, after inversion: what counts as the object
+SIZE = 28
+# How each dataset's images were made: the box the object is scaled into, and how it is centred.
+STYLES = {"mnist": (20, "mass"), "fashion-mnist": (28, "box")}
+
+
+class ImageError(Exception):
+    """This file cannot be used as an image; the message says why."""
+
+
+def read_gray(path: Path) -> np.ndarray:
+    """The image as float32 [H, W] in [0, 1] (transparent areas become white).
+
+    Raises:
+      ImageError: missing, not an image, truncated, or too large.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, MAX_PIXELS
+            try:
+                with Image.open(path) as image:
+                    image.load()
+                    return _to_gray(image)
+            finally:
+                Image.MAX_IMAGE_PIXELS = previous
+    except FileNotFoundError:
+        raise ImageError("no such file") from None
+    except IsADirectoryError:
+        raise ImageError("is a folder") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image (PNG, JPEG, BMP or GIF)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"image too large, refused as a possible decompression bomb ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"damaged image ({e})") from None
+
+
+def _to_gray(image: Image.Image) -> np.ndarray:
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+
+
+def preprocess(gray: np.ndarray, dataset: str = "mnist") -> np.ndarray:
+    """Turn a grayscale picture (float [H, W] in [0, 1]) into uint8 [28, 28] the way `dataset` was made."""
+    fit, centre = STYLES.get(dataset, STYLES["mnist"])
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    light = gray if np.median(border) < 0.5 else 1.0 - gray  # dark-on-light pictures are inverted
+    rows, cols = np.nonzero(light > CONTENT_THRESHOLD)
+    if len(rows):
+        light = light[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    h, w = light.shape
+    scale = fit / max(h, w)
+    new_size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = np.asarray(Image.fromarray((light * 255).astype(np.uint8)).resize(new_size, Image.Resampling.LANCZOS),
+                       dtype=np.float32)
+    canvas = np.zeros((SIZE, SIZE), dtype=np.float32)
+    top, left = (SIZE - small.shape[0]) // 2, (SIZE - small.shape[1]) // 2
+    canvas[top:top + small.shape[0], left:left + small.shape[1]] = small
+    return _center_by_mass(canvas) if centre == "mass" else np.clip(canvas, 0, 255).astype(np.uint8)
+
+
+def _center_by_mass(canvas: np.ndarray) -> np.ndarray:
+    total = canvas.sum()
+    if total <= 0:
+        return canvas.astype(np.uint8)
+    ys, xs = np.indices(canvas.shape)
+    dy = round((SIZE - 1) / 2 - float((ys * canvas).sum() / total))
+    dx = round((SIZE - 1) / 2 - float((xs * canvas).sum() / total))
+    shifted = np.zeros_like(canvas)
+    src = canvas[max(0, -dy):SIZE - max(0, dy), max(0, -dx):SIZE - max(0, dx)]
+    shifted[max(0, dy):max(0, dy) + src.shape[0], max(0, dx):max(0, dx) + src.shape[1]] = src
+    return np.clip(shifted, 0, 255).astype(np.uint8)
+
+
+def plain_resize(gray: np.ndarray) -> np.ndarray:
+    """`--no-preprocess`: the picture resized to 28x28 as it is (no inversion, no cropping)."""
+    image = Image.fromarray((gray * 255).astype(np.uint8)).resize((SIZE, SIZE), Image.Resampling.LANCZOS)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def expand(paths: list[str]) -> list[Path]:
+    """Files as given, with each folder replaced by the images it holds (recursively, sorted)."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        else:
+            found.append(path)
+    return found

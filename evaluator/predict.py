@@ -1,0 +1,121 @@
+"""`predict`: classify image files with an export, a workdir or a checkpoint, or with a foreign frozen graph.
+
+    predict --model PATH IMG [IMG|DIR ...]
+    predict --graph FILE.pb --input NAME --output NAME [--labels FILE | --synsets F --human-labels F] IMG ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.errors import ProjectError, UsageError
+
+Classifier = Callable[[list[Path]], list[np.ndarray | str]]  # one probability vector (or an error) per file
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="predict", description=__doc__.split("\n\n")[0], epilog=(
+        "Exit codes: 0 all predicted, 1 some file failed (one line each on stderr), 2 bad model or flags."))
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, help="an export folder, a workdir (best, else latest) or a checkpoint")
+    source.add_argument("--graph", type=Path, help="a foreign frozen GraphDef .pb")
+    p.add_argument("images", nargs="+", help="image files or folders (PNG, JPEG, BMP, GIF)")
+    p.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
+    p.add_argument("--json", action="store_true", help="one JSON object per file")
+    p.add_argument("--no-preprocess", action="store_true", help="only resize to 28x28 (no inversion, crop, centring)")
+    g = p.add_argument_group("foreign graphs (--graph)")
+    g.add_argument("--input", help="input tensor or op name, e.g. DecodeJpeg/contents:0")
+    g.add_argument("--output", help="output tensor or op name, e.g. softmax:0")
+    g.add_argument("--labels", type=Path, help="one label per line, line i = class i")
+    g.add_argument("--synsets", type=Path, help="Inception's label map (target_class -> synset)")
+    g.add_argument("--human-labels", type=Path, help="Inception's synset -> human label file")
+    g.add_argument("--input-mean", type=float, default=0.0, help="float inputs: (pixel - mean) / std (default 0)")
+    g.add_argument("--input-std", type=float, default=255.0, help="float inputs: (pixel - mean) / std (default 255)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.top_k < 1:
+            raise UsageError(f"--top-k ({args.top_k}) must be a positive integer")
+        from common.tfenv import quiet_import_tensorflow
+
+        quiet_import_tensorflow()
+        from evaluator import predict_backends
+
+        if args.graph is not None:
+            classify, names = predict_backends.foreign_graph(args)
+        else:
+            classify, names = predict_backends.own_model(args.model, preprocess=not args.no_preprocess)
+        from evaluator.images import expand
+
+        files = expand(args.images)
+        if not files:
+            raise UsageError("no image files found in the given folders")
+        return report(files, classify(files), names, top_k=args.top_k, as_json=args.json)
+    except ProjectError as e:
+        print(f"predict: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def report(files: list[Path], results: list[np.ndarray | str], names: list[str], *, top_k: int,
+           as_json: bool) -> int:
+    """Print one line (or JSON object) per file; return 1 if any file failed, else 0."""
+    failed = 0
+    for path, result in zip(files, results, strict=True):
+        if isinstance(result, str):
+            failed += 1
+            print(f"predict: error: {path}: {result}", file=sys.stderr)
+            continue
+        order = np.argsort(-result)[:top_k]
+        top = [(_name(names, int(i)), int(i), float(result[i])) for i in order]
+        if as_json:
+            print(json.dumps({"file": str(path), "class": top[0][0],
+                              "top": [{"class": c, "index": i, "probability": p} for c, i, p in top]}))
+        else:
+            print(f"{path}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, _, p in top))
+    return 1 if failed else 0
+
+
+def _name(names: list[str], i: int) -> str:
+    return names[i] if i < len(names) else str(i)
+
+
+def read_labels(args: Any) -> list[str]:
+    """Labels for a foreign graph: a plain file, or Inception's synset map plus human labels."""
+    if args.labels is not None:
+        return _read(args.labels).splitlines()
+    if args.synsets is not None and args.human_labels is not None:
+        human = dict(line.split("\t", 1) for line in _read(args.human_labels).splitlines() if "\t" in line)
+        text = _read(args.synsets)
+        classes = re.findall(r"target_class:\s*(\d+)\s*target_class_string:\s*\"([^\"]+)\"", text)
+        if not classes:
+            raise UsageError(f"{args.synsets}: no 'target_class ... target_class_string' entries")
+        size = max(int(i) for i, _ in classes) + 1
+        labels = [str(i) for i in range(size)]
+        for index, synset in classes:
+            labels[int(index)] = human.get(synset, synset).strip()
+        return labels
+    if args.synsets is not None or args.human_labels is not None:
+        raise UsageError("--synsets and --human-labels go together")
+    return []
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The models `predict` can use: this project's export, workdir or checkpoint, or a foreign frozen graph."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from common import checkpoints
+from common.errors import UsageError
+from common.runconfig import read_run
+from common.workdir import read_best
+from evaluator.export import LABELS_FILE, load_weights
+from evaluator.images import ImageError, plain_resize, preprocess, read_gray
+from evaluator.predict import Classifier, read_labels
+
+
+def _batch(files: list[Path], dataset: str, do_preprocess: bool) -> tuple[list[int], np.ndarray, list[str | None]]:
+    """Decode every file; return the indices that worked, their 28x28 images, and each file's error."""
+    ok: list[int] = []
+    images: list[np.ndarray] = []
+    errors: list[str | None] = []
+    for i, path in enumerate(files):
+        try:
+            gray = read_gray(path)
+        except ImageError as e:
+            errors.append(str(e))
+            continue
+        errors.append(None)
+        ok.append(i)
+        images.append(preprocess(gray, dataset) if do_preprocess else plain_resize(gray))
+    return ok, np.stack(images) if images else np.zeros((0, 28, 28), np.uint8), errors
+
+
+def _merge(n: int, ok: list[int], probs: np.ndarray, errors: list[str | None]) -> list[np.ndarray | str]:
+    out: list[np.ndarray | str] = [errors[i] or "" for i in range(n)]
+    for row, i in enumerate(ok):
+        out[i] = probs[row]
+    return out
+
+
+def own_model(path: Path, *, preprocess: bool) -> tuple[Classifier, list[str]]:
+    """A classifier from an export folder, a workdir (best, else latest, EMA) or a checkpoint prefix."""
+    if (path / "saved_model.pb").is_file():
+        return _from_export(path, preprocess)
+    workdir, prefix = _checkpoint_of(path)
+    spec = read_run(workdir)
+    if spec is None:
+        raise UsageError(f"{workdir}: no run.json beside the checkpoint")
+    model = load_weights(spec, prefix, "ema")
+    forward = tf.function(lambda x: tf.nn.softmax(model(tf.cast(x, tf.float32) / 255.0)))
+
+    def classify(files: list[Path]) -> list[np.ndarray | str]:
+        ok, images, errors = _batch(files, spec.dataset, preprocess)
+        probs = forward(images).numpy() if len(images) else np.zeros((0, spec.num_classes))
+        return _merge(len(files), ok, probs, errors)
+
+    return classify, list(spec.class_names)
+
+
+def _checkpoint_of(path: Path) -> tuple[Path, Path]:
+    """The workdir and checkpoint prefix that `--model PATH` names."""
+    if path.is_dir():
+        best = read_best(path)
+        if best is not None:
+            return path, path / "eval" / "best" / str(best["checkpoint"])
+        state = checkpoints.read_state(path)
+        if state is None or state.latest is None:
+            raise UsageError(f"--model {path}: not an export, and a workdir without checkpoints")
+        return path, checkpoints.resolve(path, state.latest)
+    why = checkpoints.check_readable(path)
+    if why:
+        raise UsageError(f"--model {path}: not an export, a workdir or a readable checkpoint ({why})")
+    return path.parent, path
+
+
+def _from_export(path: Path, do_preprocess: bool) -> tuple[Classifier, list[str]]:
+    try:
+        loaded = tf.saved_model.load(str(path))
+        serve = loaded.signatures["serving_default"]
+    except (KeyError, OSError, ValueError, tf.errors.OpError) as e:
+        raise UsageError(f"--model {path}: cannot load the export ({str(e).splitlines()[0]})") from None
+    inputs = serve.structured_input_signature[1]
+    if list(inputs) != ["images"] or "probabilities" not in serve.structured_outputs:
+        raise UsageError(f"--model {path}: unexpected serving signature (inputs {sorted(inputs)}, outputs "
+                         f"{sorted(serve.structured_outputs)}); expected images -> probabilities")
+    names_file = path / LABELS_FILE
+    names = names_file.read_text().splitlines() if names_file.is_file() else []
+    dataset = "fashion-mnist" if names and names[0] == "T-shirt/top" else "mnist"
+
+    def classify(files: list[Path]) -> list[np.ndarray | str]:
+        ok, images, errors = _batch(files, dataset, do_preprocess)
+        probs = serve(images=tf.constant(images))["probabilities"].numpy() if len(images) else np.zeros((0, 10))
+        return _merge(len(files), ok, probs, errors)
+
+    return classify, names
+
+
+def foreign_graph(args: argparse.Namespace) -> tuple[Classifier, list[str]]:
+    """A classifier from a frozen GraphDef, fed encoded bytes or a decoded float image as it expects."""
+    if not args.input or not args.output:
+        raise UsageError("--graph needs --input and --output (tensor names, e.g. DecodeJpeg/contents:0)")
+    graph_def = tf.compat.v1.GraphDef()
+    try:
+        graph_def.ParseFromString(args.graph.read_bytes())
+    except OSError as e:
+        raise UsageError(f"--graph {args.graph}: cannot read ({e.strerror or e})") from None
+    except Exception as e:  # protobuf's DecodeError
+        raise UsageError(f"--graph {args.graph}: not a GraphDef ({e})") from None
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(graph_def, name="")
+    try:
+        inp = graph.get_tensor_by_name(_tensor(args.input))
+        out = graph.get_tensor_by_name(_tensor(args.output))
+    except (KeyError, ValueError) as e:
+        raise UsageError(f"--graph {args.graph}: {e}") from None
+    labels = read_labels(args)
+    session = tf.compat.v1.Session(graph=graph)
+
+    def run_one(path: Path) -> np.ndarray | str:
+        try:
+            feed = _feed(path, inp, args.input_mean, args.input_std)
+        except ImageError as e:
+            return str(e)
+        probs = np.asarray(session.run(out, {inp: feed}), dtype=np.float64).reshape(-1)
+        return probs
+
+    return (lambda files: [run_one(p) for p in files]), labels
+
+
+def _tensor(name: str) -> str:
+    return name if ":" in name else f"{name}:0"
+
+
+def _feed(path: Path, inp: tf.Tensor, mean: float, std: float) -> np.ndarray | bytes:
+    """What to feed `inp` for one file: the file's bytes for a string input, else a decoded float image."""
+    if inp.dtype == tf.string:
+        read_gray(path)  # refuse non-images, damaged files and bombs before the graph sees them
+        return path.read_bytes()
+    from PIL import Image
+
+    shape = inp.shape.as_list()
+    # [N, H, W, C], [H, W, C] (C of 1 or 3), [N, H, W] or [H, W].
+    batched = len(shape) == 4 or (len(shape) == 3 and shape[-1] not in (1, 3))
+    spatial = shape[1:] if batched else shape
+    height, width = spatial[0], spatial[1]
+    channels = spatial[2] if len(spatial) == 3 else None
+    image = Image.fromarray((read_gray(path) * 255).astype(np.uint8))
+    if height and width:
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, dtype=np.float32)
+    if channels:
+        pixels = np.repeat(pixels[..., None], channels, axis=-1)
+    if inp.dtype.is_floating:
+        pixels = (pixels - mean) / std  # integer inputs take the pixel values as they are
+    return (pixels[None] if batched else pixels).astype(inp.dtype.as_numpy_dtype)
