@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 STEPS_FLAG := $(if $(STEPS),--steps $(STEPS),)
 STAMP := $(VENV)/.installed
 
-.PHONY: install data train eval-watch eval-once test lint clean predict export
+.PHONY: install data train eval-watch eval-once test lint clean predict export soak
 
 install: $(STAMP)
 
@@ -51,3 +51,7 @@ predict: install
 
 export: install
 	$(BIN)/evaluator export --workdir $(WORKDIR) --frozen
+
+# 300 SIGKILLs of a real trainer with an evaluator watching; ends with one line of figures.
+soak: install
+	$(BIN)/python -m tests.fault.storm --kills 300
