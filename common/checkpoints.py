@@ -15,6 +15,7 @@ TF appends `/.ATTRIBUTES/VARIABLE_VALUE` to each path to form the tensor key.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 
@@ -125,6 +126,13 @@ def resolve(workdir: str | Path, path: str) -> Path:
     """Resolve a checkpoint path from the state file (relative to the workdir, as TF writes it)."""
     p = Path(path)
     return p if p.is_absolute() else Path(workdir) / p
+
+
+def inside(workdir: str | Path, path: str) -> bool:
+    """Whether state-file path `path` names a checkpoint directly in `workdir` (no `..`, no elsewhere)."""
+    root = Path(os.path.abspath(workdir))
+    target = Path(os.path.normpath(resolve(root, path)))
+    return target.parent == root
 
 
 def files_of(prefix: str | Path) -> list[Path]:

@@ -7,9 +7,11 @@ uint32 per dimension, then the data in row-major order. Files may be gzipped.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,17 +21,48 @@ _UBYTE = 0x08
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _read_raw(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        head = f.read(2)
-        f.seek(0)
-        if head != _GZIP_MAGIC:
-            return f.read()
+MAX_BYTES = 1 << 31  # no MNIST-family file comes near this; larger claims are refused before reading
+
+
+def _read_checked(path: Path, ndim: int) -> tuple[tuple[int, ...], bytes]:
+    """Read the header, then exactly the data it announces (never more, so a gzip bomb cannot expand)."""
+    with open(path, "rb") as raw:
+        gzipped = raw.read(2) == _GZIP_MAGIC
+        raw.seek(0)
         try:
-            with gzip.open(f) as g:
-                return g.read()
-        except (OSError, EOFError) as e:
+            with gzip.open(raw) if gzipped else open(path, "rb") as f:
+                return _read_stream(path, f, ndim)
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
             raise DataFormatError(f"{path}: damaged gzip data ({e})") from e
+
+
+def _read_stream(path: Path, f: Any, ndim: int) -> tuple[tuple[int, ...], bytes]:
+    head = f.read(4)
+    if len(head) < 4:
+        raise DataFormatError(f"{path}: too short to be an IDX file ({len(head)} bytes)")
+    zero, dtype, dims = struct.unpack(">HBB", head)
+    if zero != 0 or dtype != _UBYTE:
+        raise DataFormatError(f"{path}: bad magic number 0x{int.from_bytes(head, 'big'):08x} "
+                              f"(expected 0x{0x800 | ndim:08x})")
+    if dims != ndim:
+        raise DataFormatError(f"{path}: {dims} dimensions (expected {ndim})")
+    dim_bytes = f.read(4 * ndim)
+    if len(dim_bytes) < 4 * ndim:
+        raise DataFormatError(f"{path}: truncated header")
+    shape = struct.unpack(f">{ndim}I", dim_bytes)
+    size = math.prod(shape)
+    header = 4 + 4 * ndim
+    if size > MAX_BYTES:
+        raise DataFormatError(f"{path}: header claims shape {tuple(shape)} ({size} bytes), more than any "
+                              "MNIST-family file; refusing to read it")
+    data = f.read(size)
+    extra = f.read(1)
+    if len(data) < size:
+        raise DataFormatError(f"{path}: truncated: {header + len(data)} bytes, expected {header + size} "
+                              f"for shape {tuple(shape)}")
+    if extra:  # not read further: the rest could be a gzip bomb
+        raise DataFormatError(f"{path}: has trailing bytes after the {header + size} that shape {tuple(shape)} needs")
+    return shape, data
 
 
 def read_idx(path: str | os.PathLike[str], *, ndim: int) -> np.ndarray:
@@ -47,26 +80,8 @@ def read_idx(path: str | os.PathLike[str], *, ndim: int) -> np.ndarray:
         or too long; the message names the file and what is wrong.
     """
     path = Path(path)
-    raw = _read_raw(path)
-    if len(raw) < 4:
-        raise DataFormatError(f"{path}: too short to be an IDX file ({len(raw)} bytes)")
-    zero, dtype, dims = struct.unpack(">HBB", raw[:4])
-    magic = int.from_bytes(raw[:4], "big")
-    if zero != 0 or dtype != _UBYTE:
-        raise DataFormatError(f"{path}: bad magic number 0x{magic:08x} (expected 0x{0x800 | ndim:08x})")
-    if dims != ndim:
-        raise DataFormatError(f"{path}: {dims} dimensions (expected {ndim})")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataFormatError(f"{path}: truncated header")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = header + int(np.prod(shape, dtype=np.int64))
-    if len(raw) != expected:
-        what = "truncated" if len(raw) < expected else "has trailing bytes"
-        raise DataFormatError(
-            f"{path}: {what}: {len(raw)} bytes, expected {expected} for shape {tuple(shape)}"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+    shape, data = _read_checked(path, ndim)
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def write_idx(path: str | os.PathLike[str], array: np.ndarray) -> None:

@@ -61,6 +61,8 @@ class CheckpointEvaluator:
             "committed": committed, "detected": detected, "started": started,
             "data_fingerprint": self.data_fingerprint, "examples": len(self.split),
         }
+        if not checkpoints.inside(self.workdir, name):
+            return self._failed(base, "error", f"refused: the state file's path {name!r} points outside the workdir")
         try:
             with snapshot(prefix, self.workdir / EVAL_DIR) as private:
                 try:

@@ -60,18 +60,20 @@ def check_workdir(cfg: TrainConfig) -> RunSpec | None:
 
 
 def _resume_candidates(workdir: Path) -> tuple[list[str], State | None]:
-    """Checkpoints to try, best first: the state file's choice, then the others newest first."""
+    """Checkpoints to try, best first: the state file's choice, its others newest first, then the rest on disk."""
     try:
         state = checkpoints.read_state(workdir)
     except CheckpointError as e:
         warn(f"{e}; falling back to the checkpoints on disk")
         state = None
+    on_disk = [checkpoints.name_for(s) for s in reversed(checkpoints.on_disk(workdir))]
     if state is None:
-        return [checkpoints.name_for(s) for s in reversed(checkpoints.on_disk(workdir))], None
+        return on_disk, None
     others = sorted((p for p in state.paths if p != state.latest), key=lambda p: checkpoints.step_of(p) or -1,
                     reverse=True)
     assert state.latest is not None
-    return [state.latest, *others], state
+    listed = [state.latest, *others]
+    return listed + [n for n in on_disk if n not in listed], state
 
 
 def restore(train_state: TrainState, prefix: Path) -> int:
@@ -96,6 +98,9 @@ def find_start(cfg: TrainConfig, train_state: TrainState) -> tuple[str | None, S
         return str(prefix), _state_or_none(cfg.workdir)
     candidates, state = _resume_candidates(cfg.workdir)
     for path in candidates:
+        if not checkpoints.inside(cfg.workdir, path):
+            warn(f"skipping checkpoint {path}: the state file's path points outside the workdir")
+            continue
         prefix = checkpoints.resolve(cfg.workdir, path)
         why = checkpoints.check_readable(prefix)
         if why is None:

@@ -1,0 +1,258 @@
+"""Corruption, a full disk, retention pressure, concurrency, signals mid-save and hostile input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tensorflow as tf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from common import checkpoints
+from common.checkpoints import CheckpointError, State
+from common.errors import DataFormatError, WorkdirIOError
+from common.idx import read_idx
+from common.signals import StopRequest
+from evaluator.core import CheckpointEvaluator
+from evaluator.ledger import Ledger
+from evaluator.session import EvalConfig, run_once, run_watch
+from tests.helpers import make_train_config
+from tests.test_evaluator import Spy
+from tests.test_trainer import Recorder, run_cli
+from trainer import saver as saver_lib
+from trainer.loop import train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def trained(make_config: Callable[..., Any]) -> Any:
+    cfg = make_config(steps=60, save_every=20, keep=0)
+    train(cfg, reporter=Recorder())
+    return cfg
+
+
+def _resume(make_config: Callable[..., Any], capsys: pytest.CaptureFixture[str]) -> tuple[Recorder, str]:
+    rec = Recorder()
+    train(make_config(steps=80, save_every=20, keep=0), reporter=rec)
+    return rec, capsys.readouterr().err
+
+
+def test_truncated_newest_data_falls_back_with_warning(trained: Any, make_config: Callable[..., Any],
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    data = next(trained.workdir.glob("model-60.data-*"))
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    rec, err = _resume(make_config, capsys)
+    assert rec.messages[0] == "resumed from model-40 (step 40)"
+    assert "skipping checkpoint model-60" in err
+
+
+def test_flipped_index_bytes_fall_back_with_warning(trained: Any, make_config: Callable[..., Any],
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    index = trained.workdir / "model-60.index"
+    raw = bytearray(index.read_bytes())
+    for i in range(len(raw) // 3, len(raw) // 3 + 16):
+        raw[i] ^= 0xFF
+    index.write_bytes(bytes(raw))
+    rec, err = _resume(make_config, capsys)
+    assert rec.messages[0] == "resumed from model-40 (step 40)" and "skipping checkpoint model-60" in err
+
+
+def test_garbage_state_file_falls_back_to_disk(trained: Any, make_config: Callable[..., Any],
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    (trained.workdir / "checkpoint").write_bytes(b"\x00\xffnot a state file {{{")
+    rec, err = _resume(make_config, capsys)
+    assert rec.messages[0] == "resumed from model-60 (step 60)"
+    assert "checkpoint: unreadable state file" in err and "falling back to the checkpoints on disk" in err
+
+
+def test_every_checkpoint_broken_is_an_error_not_a_fresh_start(trained: Any, make_config: Callable[..., Any]) -> None:
+    for data in trained.workdir.glob("model-*.data-*"):
+        data.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no readable checkpoint among model-60, model-40, model-20; refusing"):
+        train(make_config(steps=80), reporter=Recorder())
+
+
+def test_garbage_run_json_is_a_clear_error(trained: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    (trained.workdir / "run.json").write_text("\x00garbage")
+    code, _, err = run_cli(["--workdir", str(trained.workdir), "--data-dir", trained.data_dir], capsys)
+    assert code == 2 and "run.json: unreadable run file" in err
+
+
+def test_state_paths_outside_the_workdir_are_refused(trained: Any, tiny_data: Path, tmp_path: Path,
+                                                     make_config: Callable[..., Any],
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for file in checkpoints.files_of(trained.workdir / "model-60"):
+        shutil.copy(file, elsewhere / file.name)
+    state = State(latest=str(elsewhere / "model-60"), paths=["../elsewhere/model-60", str(elsewhere / "model-60")],
+                  timestamps=[1.0, 2.0])
+    checkpoints.write_state(trained.workdir, state)
+    run_once(EvalConfig(workdir=trained.workdir, data_dir=str(tiny_data)))
+    rows = Ledger(trained.workdir).read()
+    assert len(rows) == 2 and all(r["status"] == "error" and "points outside the workdir" in r["reason"]
+                                  for r in rows)
+    rec, err = _resume(make_config, capsys)  # the trainer ignores them too and resumes from its own files
+    assert "points outside the workdir" in err and rec.messages[0] == "resumed from model-60 (step 60)"
+
+
+def test_files_respect_the_umask(make_config: Callable[..., Any], tiny_data: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        cfg = make_config(steps=20, save_every=20)
+        train(cfg, reporter=Recorder())
+        run_once(EvalConfig(workdir=cfg.workdir, data_dir=str(tiny_data)))
+    finally:
+        os.umask(old)
+    loose = [str(p) for p in cfg.workdir.rglob("*") if not p.is_symlink() and stat.S_IMODE(p.stat().st_mode) & 0o077]
+    assert loose == []
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return done.returncode == 0
+
+
+def test_full_disk_keeps_previous_checkpoints(tmp_path: Path, tiny_data: Path) -> None:
+    small = tmp_path / "small"
+    if not _mount_tmpfs(small, "9m"):
+        pytest.skip("cannot mount a size-limited tmpfs here (needs root and CAP_SYS_ADMIN)")
+    try:
+        # Each mlp checkpoint is about 6.4 MB (weights, EMA and Adam's two slots): the second cannot fit.
+        cfg = make_train_config(tiny_data, small / "run", model="mlp", steps=100, save_every=20, keep=5)
+        with pytest.raises(WorkdirIOError, match="saving model-40: disk full") as err:
+            train(cfg, reporter=Recorder())
+        assert err.value.exit_code == 5
+        state = checkpoints.read_state(cfg.workdir)
+        assert state is not None and state.latest == "model-20" and state.paths == ["model-20"]
+        assert checkpoints.check_readable(cfg.workdir / "model-20") is None
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+def test_retention_pressure_with_a_slow_evaluator(tmp_path: Path, tiny_data: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    workdir = tmp_path / "run"
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "trainer.cli", "--workdir", str(workdir), "--data-dir", str(tiny_data),
+         "--model", "softmax", "--steps", "150", "--save-every", "1", "--keep", "1", "--steps-per-loop", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    real = CheckpointEvaluator.evaluate
+
+    def slow(self: CheckpointEvaluator, *args: Any, **kwargs: Any) -> Any:
+        threading.Event().wait(0.05)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(CheckpointEvaluator, "evaluate", slow)
+    stop = StopRequest()
+    guard = threading.Timer(180, stop.set, args=("timeout",))
+    guard.daemon = True
+    guard.start()
+    try:
+        run_watch(EvalConfig(workdir=workdir, data_dir=str(tiny_data), exit_when_done=True), Spy(), stop)
+    finally:
+        guard.cancel()
+        _, err = trainer.communicate(timeout=120)
+    assert trainer.returncode == 0, err
+    assert stop.reason is None
+    rows = Ledger(workdir).read()
+    assert rows and {r["status"] for r in rows} <= {"ok", "gone"}
+    assert any(r["step"] == 150 and r["status"] == "ok" for r in rows)
+    # What remains on disk is what the state file lists.
+    state = checkpoints.read_state(workdir)
+    assert state is not None and sorted(checkpoints.name_for(s) for s in checkpoints.on_disk(workdir)) == sorted(
+        state.paths)
+
+
+def test_two_evaluators_keep_one_consistent_ledger(trained: Any, tiny_data: Path) -> None:
+    cmd = [sys.executable, "-m", "evaluator.cli", "--workdir", str(trained.workdir), "--data-dir", str(tiny_data),
+           "--once", "--weights", "both"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+             for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    rows = Ledger(trained.workdir).read()
+    keys = [(r["checkpoint"], r["weights"]) for r in rows]
+    assert sorted(keys) == sorted((f"model-{s}", w) for s in (20, 40, 60) for w in ("ema", "raw"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_a_save_finishes_the_save(sig: signal.Signals, make_config: Callable[..., Any],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    real = saver_lib.CheckpointSaver.save
+    calls = []
+
+    def save_with_signal(self: saver_lib.CheckpointSaver, step: int) -> Path:
+        calls.append(step)
+        if len(calls) == 1:
+            os.kill(os.getpid(), sig)  # arrives while this save is in progress
+        return real(self, step)
+
+    monkeypatch.setattr(saver_lib.CheckpointSaver, "save", save_with_signal)
+    cfg = make_config(steps=1000, save_every=20)
+    result = train(cfg, reporter=Recorder())
+    assert result.stopped_by == sig.name and result.final_step == 20
+    assert tf.train.latest_checkpoint(str(cfg.workdir)) == str(cfg.workdir / "model-20")
+    assert checkpoints.check_readable(cfg.workdir / "model-20") is None
+
+
+def test_idx_header_claiming_10e12_images_fails_before_allocating(tmp_path: Path) -> None:
+    path = tmp_path / "bomb-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">HBB", 0, 8, 3) + struct.pack(">3I", 1_000_000_000, 1000, 1000))
+        f.write(b"\x00" * 1_000_000)
+    with pytest.raises(DataFormatError, match=r"header claims shape .* refusing to read it"):
+        read_idx(path, ndim=3)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=200), gz=st.booleans(), ndim=st.sampled_from([1, 3]))
+def test_fuzz_idx_reader(tmp_path: Path, data: bytes, gz: bool, ndim: int) -> None:
+    path = tmp_path / "fuzz"
+    path.write_bytes(gzip.compress(data) if gz else data)
+    try:
+        array = read_idx(path, ndim=ndim)
+    except DataFormatError as e:
+        assert str(path) in str(e)
+    else:
+        assert array.ndim == ndim
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.one_of(st.text(max_size=300), st.builds(
+    lambda a, b: f'model_checkpoint_path: "{a}"\nall_model_checkpoint_paths: "{b}"\n', st.text(max_size=30),
+    st.text(max_size=30))))
+def test_fuzz_state_file_reader(tmp_path: Path, text: str) -> None:
+    (tmp_path / "checkpoint").write_text(text, encoding="utf-8", errors="surrogatepass")
+    try:
+        state = checkpoints.read_state(tmp_path)
+    except CheckpointError as e:
+        assert "checkpoint" in str(e)
+    else:
+        assert state is not None and state.latest
+
+
+def test_ledger_survives_a_torn_write(trained: Any, tiny_data: Path) -> None:
+    run_once(EvalConfig(workdir=trained.workdir, data_dir=str(tiny_data)))
+    ledger = Ledger(trained.workdir)
+    before = ledger.read()
+    with open(ledger.path, "a") as f:
+        f.write('{"checkpoint": "model-80", "sta')
+    assert ledger.read() == before
+    assert json.loads(ledger.path.read_text().splitlines()[0])["checkpoint"] == "model-20"
