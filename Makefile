@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 STEPS_FLAG := $(if $(STEPS),--steps $(STEPS),)
 STAMP := $(VENV)/.installed
 
-.PHONY: install data train eval-watch eval-once test lint clean predict export soak
+.PHONY: install data train eval-watch eval-once test lint clean predict export soak bench
 
 install: $(STAMP)
 
@@ -55,3 +55,7 @@ export: install
 # 300 SIGKILLs of a real trainer with an evaluator watching; ends with one line of figures.
 soak: install
 	$(BIN)/python -m tests.fault.storm --kills 300
+
+# Benchmarks B1-B7 against Keras fit/evaluate and tf.train.checkpoints_iterator (about 10 minutes).
+bench: data
+	$(BIN)/python -m bench.run $(BENCH_ARGS)

@@ -7,7 +7,14 @@ import sys
 import tempfile
 
 # Lines TF prints on import before its log level applies; everything else on stderr is kept.
-_NOISE = ("All log messages before absl::InitializeLog()", "oneDNN custom operations are on")
+_NOISE = (
+    "All log messages before absl::InitializeLog()",
+    "oneDNN custom operations are on",
+    "Could not find cuda drivers on your machine",  # the GPU build of TF on a machine without a GPU
+    "failed call to cuInit",
+    "This TensorFlow binary is optimized to use available CPU instructions",
+    "To enable the following instructions:",
+)
 
 
 def quiet_import_tensorflow() -> None:

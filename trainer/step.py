@@ -72,8 +72,13 @@ class TrainState:
         return bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors]))
 
 
-def make_train_loop(state: TrainState, global_batch_size: int) -> Any:
-    """Build `loop(iterator, n) -> {"loss", "all_finite"}`: n steps in one `tf.function` call."""
+def make_train_loop(state: TrainState, global_batch_size: int, *, use_ema: bool = True,
+                    jit_compile: bool = False) -> Any:
+    """Build `loop(iterator, n) -> {"loss", "all_finite"}`: n steps in one `tf.function` call.
+
+    `use_ema=False` and `jit_compile=True` exist for the benchmarks (`make bench`), which measure
+    what the EMA costs and what XLA would give; training always keeps the EMA.
+    """
     named = state.model.named_variables()
     variables = list(named.values())
     kernels = [v for k, v in named.items() if k.endswith("/kernel")]
@@ -91,16 +96,19 @@ def make_train_loop(state: TrainState, global_batch_size: int) -> Any:
         grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
         step = state.step.read_value()
         state.optimizer.apply(grads, variables, state.learning_rate(step))
-        state.ema.update(step)
+        if use_ema:
+            state.ema.update(step)
         state.step.assign_add(1)
         return loss
+
+    step_fn = tf.function(replica_step, jit_compile=True) if jit_compile else replica_step
 
     @tf.function
     def loop(iterator: Any, n: tf.Tensor) -> dict[str, tf.Tensor]:
         total = tf.constant(0.0)
         finite = tf.constant(True)
         for _ in tf.range(n):
-            per_replica = strategy.run(replica_step, args=next(iterator))
+            per_replica = strategy.run(step_fn, args=next(iterator))
             loss = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
             total += loss
             finite = tf.logical_and(finite, tf.math.is_finite(loss))
