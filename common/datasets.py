@@ -94,6 +94,38 @@ class Dataset:
         return getattr(self, name)
 
 
+def subset(data: Dataset, classes: tuple[int, ...], *, train_examples: int = 0) -> Dataset:
+    """Keep the images of `classes` (relabelled 0..k-1 in that order); optionally the first N training images.
+
+    An empty `classes` keeps every class.
+    """
+    def pick(split: Split, limit: int = 0) -> Split:
+        if classes:
+            keep = np.isin(split.labels, classes)
+            lookup = np.full(NUM_CLASSES, -1, dtype=np.int64)
+            lookup[list(classes)] = np.arange(len(classes))
+            split = Split(split.images[keep], lookup[split.labels[keep]])
+        return Split(split.images[:limit], split.labels[:limit]) if limit else split
+
+    return Dataset(data.info, pick(data.train, train_examples), pick(data.validation), pick(data.test), data.source)
+
+
+def parse_classes(text: str, info: DatasetInfo) -> tuple[int, ...]:
+    """`--classes 0,1,2` or `--classes Sandal,Shirt` -> class indices, in the order given."""
+    found = []
+    for token in (t.strip() for t in text.split(",")):
+        if token.isdigit() and int(token) < NUM_CLASSES:
+            found.append(int(token))
+        elif token in info.class_names:
+            found.append(info.class_names.index(token))
+        else:
+            raise UsageError(f"--classes: {token!r} is neither 0-9 nor a class of {info.name} "
+                             f"({', '.join(info.class_names)})")
+    if len(set(found)) != len(found) or len(found) < 2:
+        raise UsageError(f"--classes ({text!r}) must name at least two different classes")
+    return tuple(found)
+
+
 def get_info(name: str) -> DatasetInfo:
     """Return the description of dataset `name`, or fail with the known names."""
     try:

@@ -33,15 +33,26 @@ class MovingAverage:
             shadows[path] = shadow
             self.pairs.append((var, shadow))
         self.shadows = shadows
+        self._vars = {path: var for path, var in model.named_variables().items() if path in shadows}
         # What `tf.train.Checkpoint(ema=...)` tracks: {"conv1": {"kernel": shadow, ...}, ...}.
         self.tree = as_tree(shadows)
 
-    def update(self, step: tf.Tensor) -> None:
-        """Move every shadow towards its variable, with the warm-up `min(decay, (1+step)/(10+step))`."""
+    def update(self, step: tf.Tensor, only: list[str] | None = None) -> None:
+        """Move shadows towards their variables, with the warm-up `min(decay, (1+step)/(10+step))`.
+
+        `only` names the paths being trained; the shadows of frozen variables stay equal to them.
+        """
         step = tf.cast(step, tf.float32)
         decay = tf.minimum(self.decay, (1.0 + step) / (10.0 + step))
+        for path, shadow in self.shadows.items():
+            if only is None or path in only:
+                var = self._vars[path]
+                shadow.assign_sub((1.0 - decay) * (shadow - tf.cast(var, shadow.dtype)))
+
+    def reset(self) -> None:
+        """Set every shadow to its variable's value (after the variables were initialised anew)."""
         for var, shadow in self.pairs:
-            shadow.assign_sub((1.0 - decay) * (shadow - tf.cast(var, shadow.dtype)))
+            shadow.assign(var)
 
     def copy_to(self, model: Classifier) -> None:
         """Assign the shadows to `model`'s variables (a model of the same architecture)."""

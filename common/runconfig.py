@@ -31,6 +31,11 @@ class RunSpec:
     ema_decay: float  # decay of the exponential moving averages
     seed: int  # seeds the initial weights and the data order
     class_names: tuple[str, ...]  # names of the model's output classes, in order
+    classes: tuple[int, ...] = ()  # the dataset's classes this run trains on (relabelled 0..k-1); () = all
+    train_examples: int = 0  # use only the first N training images (after the class subset); 0 = all
+    freeze: tuple[str, ...] = ()  # patterns of model variables (`model/conv*`) that are not trained
+    unfreeze_at: int = 0  # from this step every variable trains, at finetune_lr; 0 = never
+    finetune_lr: float = 0.0  # the learning rate after unfreeze_at
     version: str = __version__  # version of this project that started the run
     created: float = 0.0  # UNIX time of the first start; anchors --keep-every-hours
 
@@ -43,10 +48,15 @@ class RunSpec:
             (self.l2 >= 0, "l2", "non-negative"),
             (0 < self.ema_decay < 1, "ema_decay", "in (0, 1)"),
             (self.seed >= 0, "seed", "a non-negative integer"),
+            (self.train_examples >= 0, "train_examples", "0 (all) or a positive integer"),
+            (self.unfreeze_at >= 0, "unfreeze_at", "0 (never) or a positive step"),
+            (self.finetune_lr >= 0, "finetune_lr", "0 (unused) or positive"),
         ]
         for ok, name, what in checks:
             if not ok:
                 raise UsageError(f"--{name.replace('_', '-')} ({getattr(self, name)}) must be {what}")
+        if self.unfreeze_at and not (self.freeze and self.finetune_lr):
+            raise UsageError("--unfreeze-at goes with --freeze and --finetune-lr")
 
     @property
     def num_classes(self) -> int:
@@ -62,7 +72,17 @@ class RunSpec:
         ]
 
     def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "class_names": list(self.class_names)}
+        return {**dataclasses.asdict(self), "class_names": list(self.class_names), "classes": list(self.classes),
+                "freeze": list(self.freeze)}
+
+    def load_data(self, data_dir: str | None) -> Any:
+        """The run's dataset, restricted to its classes and training images."""
+        from common import datasets
+
+        data = datasets.load(self.dataset, data_dir)
+        if self.classes or self.train_examples:
+            data = datasets.subset(data, self.classes, train_examples=self.train_examples)
+        return data
 
 
 def read_run(workdir: str | Path) -> RunSpec | None:
@@ -83,7 +103,8 @@ def read_run(workdir: str | Path) -> RunSpec | None:
     names = {f.name for f in dataclasses.fields(RunSpec)}
     try:
         return RunSpec(**{k: v for k, v in data.items() if k in names} | {
-            "class_names": tuple(data["class_names"])})
+            "class_names": tuple(data["class_names"]), "classes": tuple(data.get("classes", ())),
+            "freeze": tuple(data.get("freeze", ()))})
     except (KeyError, TypeError) as e:
         raise UsageError(f"{path}: unreadable run file (missing or bad field: {e})") from e
 

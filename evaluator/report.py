@@ -138,7 +138,7 @@ def write_report(workdir: Path, *, step: str = "best", split_name: str = "valida
     if spec is None:
         raise UsageError(f"{workdir}: no run.json (not a trainer workdir)")
     number, prefix = resolve(workdir, step)
-    split = datasets.load(spec.dataset, data_dir).split(split_name)
+    split = spec.load_data(data_dir).split(split_name)
     preds = predict(spec, prefix, split.images)
     names = spec.class_names
     confusion = np.zeros((len(names), len(names)), dtype=np.int64)

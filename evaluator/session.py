@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import checkpoints, datasets, models
+from common import checkpoints, models
 from common.checkpoints import CheckpointError
 from common.errors import ProjectError, UsageError
 from common.fileio import atomic_write_json
@@ -100,7 +100,7 @@ class Session:
                 raise UsageError(f"{self.cfg.workdir}: no run.json (not a trainer workdir, or no trainer started yet)")
             if spec.model not in models.MODELS:
                 raise UsageError(f"{self.cfg.workdir}/run.json: unknown model {spec.model!r}")
-            data = datasets.load(spec.dataset, self.cfg.data_dir)
+            data = spec.load_data(self.cfg.data_dir)
             self.core = CheckpointEvaluator(self.cfg.workdir, spec, data.split(self.cfg.split),
                                             split_name=self.cfg.split, weights=self.cfg.weights)
             self.spec = spec

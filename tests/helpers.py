@@ -43,7 +43,9 @@ def make_train_config(tiny_data: Path, workdir: Path, **overrides: Any) -> Any:
 
     spec_fields = {k: overrides.pop(k) for k in list(overrides) if k in RUN_DEFAULTS}
     settings = RUN_DEFAULTS | {"model": "softmax", "batch_size": 32} | spec_fields
-    spec = RunSpec(**settings, class_names=DATASETS[settings["dataset"]].class_names)
+    names = DATASETS[settings["dataset"]].class_names
+    subset = tuple(names[i] for i in settings["classes"])
+    spec = RunSpec(**settings, class_names=subset or names)
     base = {"workdir": workdir, "steps": 60, "save_every": 20, "keep": 5, "data_dir": str(tiny_data),
             "steps_per_loop": 10, "log_every": 20, "progress": "plain"}
     return TrainConfig(spec=spec, **(base | overrides))

@@ -13,7 +13,8 @@ from common.errors import ProjectError, UsageError
 # Settings that define a run (stored in run.json). Unset flags take run.json's value on resume.
 RUN_DEFAULTS: dict[str, Any] = {
     "dataset": "fashion-mnist", "model": "cnn", "batch_size": 64, "lr": 1e-3, "lr_decay_rate": 1.0,
-    "lr_decay_steps": 1000, "l2": 0.0, "ema_decay": 0.999, "seed": 0,
+    "lr_decay_steps": 1000, "l2": 0.0, "ema_decay": 0.999, "seed": 0, "classes": (), "train_examples": 0,
+    "freeze": (), "unfreeze_at": 0, "finetune_lr": 0.0,
 }
 
 
@@ -40,6 +41,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-per-loop", type=int, default=20, help="steps per tf.function call (default 20)")
     p.add_argument("--log-every", type=int, default=100, help="steps between plain log lines (default 100)")
     p.add_argument("--progress", default="auto", choices=["auto", "rich", "plain"], help="display (default auto)")
+    t = p.add_argument_group("subsets, warm start and transfer")
+    t.add_argument("--classes", help="train on these classes only, relabelled in this order: 5,6,7 or Sandal,Shirt")
+    t.add_argument("--train-examples", type=int, help="use only the first N training images (default all)")
+    t.add_argument("--init-from", metavar="CKPT_OR_WORKDIR", help="initialise from another run (first start only)")
+    t.add_argument("--init-map", action="append", default=[], metavar="OLD=NEW",
+                   help="restore saved OLD into NEW; one '*' each, e.g. model/fc1/*=model/fc2/*")
+    t.add_argument("--init-only", action="append", default=[], metavar="PATTERN",
+                   help="restore only model variables matching this, e.g. 'model/conv*'")
+    t.add_argument("--init-weights", default="ema", choices=["ema", "raw"], help="source weights (default ema)")
+    t.add_argument("--freeze", action="append", default=None, metavar="PATTERN",
+                   help="do not train variables matching this, e.g. 'model/conv*'")
+    t.add_argument("--unfreeze-at", type=int, help="from this step every variable trains at --finetune-lr")
+    t.add_argument("--finetune-lr", type=float, help="learning rate after --unfreeze-at")
     return p
 
 
@@ -54,18 +68,39 @@ def build_config(args: argparse.Namespace) -> Any:
         if name in given and given[name] not in registry:
             raise UsageError(
                 f"unknown {name} {given[name]!r} (choose one of: {', '.join(sorted(registry))})")
+    if "freeze" in given:
+        given["freeze"] = tuple(given["freeze"])
     dataset = given.get("dataset", RUN_DEFAULTS["dataset"])
     model = given.get("model", RUN_DEFAULTS["model"])
+    info = datasets.get_info(dataset)
+    if "classes" in given:
+        given["classes"] = datasets.parse_classes(given["classes"], info)
     workdir = args.workdir or Path("runs") / f"{dataset}-{model}"
     existing = read_run(workdir)
     base = {k: getattr(existing, k) for k in RUN_DEFAULTS} if existing else dict(RUN_DEFAULTS)
     settings = base | given
-    spec = RunSpec(**settings, class_names=datasets.get_info(settings["dataset"]).class_names)
+    all_names = datasets.get_info(settings["dataset"]).class_names
+    names = tuple(all_names[i] for i in settings["classes"]) if settings["classes"] else all_names
+    spec = RunSpec(**settings, class_names=names)
+    init = None
+    if args.init_from is not None:
+        from trainer.warmstart import InitSpec
+
+        maps = []
+        for text in args.init_map:
+            old, sep, new = text.partition("=")
+            if not sep or not old or not new or old.count("*") != new.count("*") or old.count("*") > 1:
+                raise UsageError(f"--init-map {text!r}: expected OLD=NEW with at most one '*' on each side")
+            maps.append((old, new))
+        init = InitSpec(source=args.init_from, weights=args.init_weights, maps=tuple(maps),
+                        only=tuple(args.init_only))
+    elif args.init_map or args.init_only:
+        raise UsageError("--init-map and --init-only go with --init-from")
     return TrainConfig(
         spec=spec, workdir=workdir, steps=args.steps if args.steps is not None else DEFAULT_STEPS,
         save_every=args.save_every, keep=args.keep, keep_every_hours=args.keep_every_hours,
         data_dir=args.data_dir, resume_from=args.resume_from, steps_per_loop=args.steps_per_loop,
-        log_every=args.log_every, progress=args.progress,
+        log_every=args.log_every, progress=args.progress, init=init,
     )
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from common.errors import UsageError
 from common.runconfig import RunSpec
+from trainer.warmstart import InitSpec
 
 DEFAULT_STEPS = 10_000
 
@@ -26,6 +27,7 @@ class TrainConfig:
     steps_per_loop: int = 20  # steps per tf.function call; bounds how fast a signal is seen
     log_every: int = 100  # steps between plain log lines (when output is not a terminal)
     progress: str = "auto"  # "auto", "rich" or "plain"
+    init: InitSpec | None = None  # --init-from and its options: used at the first start only
 
     def __post_init__(self) -> None:
         for name in ("steps", "save_every", "steps_per_loop", "log_every"):

@@ -19,6 +19,7 @@ from common.runconfig import RunSpec, read_run, write_run
 from common.signals import StopRequest, stop_on_signals
 from common.workdir import DONE_FILE, STOP_REQUEST_FILE, TB_DIR, read_json
 from trainer import saver as saver_lib
+from trainer import warmstart
 from trainer.config import TrainConfig
 from trainer.inputs import train_dataset
 from trainer.lock import WorkdirLock
@@ -139,14 +140,20 @@ def run_loop(cfg: TrainConfig, train_state: TrainState, data: datasets.Dataset, 
     spec = train_state.spec
     ds = train_dataset(data.train, batch_size=spec.batch_size, seed=spec.seed, start_step=step)
     iterator = iter(strategy.experimental_distribute_dataset(ds))
-    loop = make_train_loop(train_state, spec.batch_size)
+    loops = {False: make_train_loop(train_state, spec.batch_size)}
     last_saved: str | None = None
     next_save = (step // cfg.save_every + 1) * cfg.save_every
     reporter.start(first_step=step, total_steps=cfg.steps)
     while step < cfg.steps and not stop:
         n = min(cfg.steps_per_loop, next_save - step, cfg.steps - step)
+        finetune = bool(spec.unfreeze_at) and step >= spec.unfreeze_at
+        if spec.unfreeze_at and step < spec.unfreeze_at:
+            n = min(n, spec.unfreeze_at - step)
+        if finetune not in loops:
+            loops[finetune] = make_train_loop(train_state, spec.batch_size, finetune=True)
+            reporter.message(f"unfrozen at step {step}: every variable now trains at lr {spec.finetune_lr:g}")
         began = time.perf_counter()
-        out = loop(iterator, tf.constant(n))
+        out = loops[finetune](iterator, tf.constant(n))
         if not bool(out["all_finite"]):
             raise DivergedError(f"non-finite loss between steps {step} and {step + n}; nothing after "
                                 f"{last_saved or 'the last committed checkpoint'} was saved")
@@ -154,8 +161,9 @@ def run_loop(cfg: TrainConfig, train_state: TrainState, data: datasets.Dataset, 
         request = early_stop_request(cfg.workdir, since_step=start)
         if request:
             stop.set(f"early stop requested by the evaluator: {request}", finish=True)
+        lr = spec.finetune_lr if finetune else float(train_state.learning_rate(step))
         reporter.update({"step": step, "loss": float(out["loss"]), "steps_per_sec": n / (time.perf_counter() - began),
-                         "lr": float(train_state.learning_rate(step))})
+                         "lr": lr})
         if step >= next_save or step >= cfg.steps or stop:
             last_saved = _save(saver, train_state, step)
             next_save = (step // cfg.save_every + 1) * cfg.save_every
@@ -192,7 +200,13 @@ def train(cfg: TrainConfig, *, reporter: Reporter | None = None, stop: StopReque
       UsageError, DataNotFoundError, CheckpointError, DivergedError, WorkdirIOError: see README.
     """
     existing = check_workdir(cfg)
-    data = datasets.load(cfg.spec.dataset, cfg.data_dir)
+    data = cfg.spec.load_data(cfg.data_dir)
+    init_plan = None
+    fresh_workdir = not checkpoints.on_disk(cfg.workdir) and not checkpoints.state_path(cfg.workdir).exists()
+    if cfg.init is not None and fresh_workdir and cfg.resume_from is None:
+        template = models.build(cfg.spec.model, num_classes=cfg.spec.num_classes)
+        init_plan = warmstart.plan(cfg.init, {f"model/{k}": tuple(v.shape)
+                                              for k, v in template.named_variables().items()})
     reporter = reporter or make_reporter(cfg.progress, cfg.log_every)
     stop = stop or StopRequest()
     cfg.workdir.mkdir(parents=True, exist_ok=True)
@@ -206,6 +220,14 @@ def train(cfg: TrainConfig, *, reporter: Reporter | None = None, stop: StopReque
         resumed_from, state = find_start(cfg, train_state)
         start = int(train_state.step.numpy())
         reporter.message(f"resumed from {Path(resumed_from).name} (step {start})" if resumed_from else "starting fresh")
+        if cfg.init is not None and init_plan is None:
+            reporter.message("--init-from ignored: this run continues from its own checkpoints")
+        if init_plan is not None:
+            warmstart.apply(init_plan, {f"model/{k}": v for k, v in train_state.model.named_variables().items()},
+                            cfg.init.weights if cfg.init else "ema")
+            train_state.ema.reset()
+            for line in init_plan.table():
+                reporter.message(line)
         if leftovers:
             reporter.message(f"removed leftovers of an interrupted save: {', '.join(sorted(leftovers))}")
         reporter.message(f"data: {spec.dataset} from {data.source} (train {len(data.train)}, "

@@ -6,12 +6,14 @@ Everything here is built under `strategy.scope()` and stepped through `strategy.
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Any
 
 import tensorflow as tf
 
 from common import checkpoints, models
 from common.ema import MovingAverage
+from common.errors import UsageError
 from common.runconfig import RunSpec
 
 _FIRST_REPLICA = tf.VariableAggregation.ONLY_FIRST_REPLICA
@@ -27,13 +29,13 @@ class Adam(tf.Module):
         self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, aggregation=_FIRST_REPLICA)
         self.m = models.as_tree({k: tf.Variable(tf.zeros_like(v), trainable=False) for k, v in named.items()})
         self.v = models.as_tree({k: tf.Variable(tf.zeros_like(v), trainable=False) for k, v in named.items()})
-        self._paths = [tuple(k.split("/")) for k in named]
 
-    def apply(self, grads: list[tf.Tensor], variables: list[tf.Variable], lr: tf.Tensor) -> None:
-        """Apply one update; `grads` and `variables` in the order of the `named` dict."""
+    def apply(self, grads: list[tf.Tensor], paths: list[str], variables: list[tf.Variable], lr: tf.Tensor) -> None:
+        """Apply one update to `variables`, whose model paths (`conv1/kernel`) are `paths`."""
         t = tf.cast(self.iterations + 1, tf.float32)
         b1_power, b2_power = tf.pow(self.beta1, t), tf.pow(self.beta2, t)
-        for (layer, attr), grad, var in zip(self._paths, grads, variables, strict=True):
+        for path, grad, var in zip(paths, grads, variables, strict=True):
+            layer, attr = path.split("/")
             tf.raw_ops.ResourceApplyAdam(
                 var=var.handle, m=self.m[layer][attr].handle, v=self.v[layer][attr].handle,
                 beta1_power=b1_power, beta2_power=b2_power, lr=lr,
@@ -53,6 +55,11 @@ class TrainState:
             self.ema = MovingAverage(self.model, decay=spec.ema_decay)
             self.optimizer = Adam(self.model.named_variables())
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, aggregation=_FIRST_REPLICA)
+        named = self.model.named_variables()
+        self.frozen = frozenset(k for k in named if any(fnmatch.fnmatchcase(f"model/{k}", p) for p in spec.freeze))
+        unused = [p for p in spec.freeze if not any(fnmatch.fnmatchcase(f"model/{k}", p) for k in named)]
+        if unused:
+            raise UsageError(f"--freeze {unused[0]}: matches no model variable (they are model/<layer>/<kernel|bias>)")
         self.checkpoint = tf.train.Checkpoint(**{
             checkpoints.STEP_KEY: self.step,
             checkpoints.MODEL_KEY: self.model,
@@ -73,14 +80,17 @@ class TrainState:
 
 
 def make_train_loop(state: TrainState, global_batch_size: int, *, use_ema: bool = True,
-                    jit_compile: bool = False) -> Any:
+                    jit_compile: bool = False, finetune: bool = False) -> Any:
     """Build `loop(iterator, n) -> {"loss", "all_finite"}`: n steps in one `tf.function` call.
 
+    Frozen variables (`--freeze`) are left out of the gradient, the optimizer and the EMA update,
+    unless `finetune` (after `--unfreeze-at`), when everything trains at `--finetune-lr`.
     `use_ema=False` and `jit_compile=True` exist for the benchmarks (`make bench`), which measure
     what the EMA costs and what XLA would give; training always keeps the EMA.
     """
     named = state.model.named_variables()
-    variables = list(named.values())
+    paths = [k for k in named if finetune or k not in state.frozen]
+    variables = [named[k] for k in paths]
     kernels = [v for k, v in named.items() if k.endswith("/kernel")]
     strategy = state.strategy
 
@@ -95,9 +105,10 @@ def make_train_loop(state: TrainState, global_batch_size: int, *, use_ema: bool 
         grads = tape.gradient(loss, variables)
         grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
         step = state.step.read_value()
-        state.optimizer.apply(grads, variables, state.learning_rate(step))
+        lr = tf.constant(state.spec.finetune_lr) if finetune else state.learning_rate(step)
+        state.optimizer.apply(grads, paths, variables, lr)
         if use_ema:
-            state.ema.update(step)
+            state.ema.update(step, only=paths)
         state.step.assign_add(1)
         return loss
 

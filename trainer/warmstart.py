@@ -1,0 +1,145 @@
+"""`--init-from`: start a new run from another run's variables, by pattern and under other names.
+
+Keys are the model's own (`model/conv1/kernel`); with `--init-weights ema` (the default) they are
+read from the source's `ema/...` shadows, the tutorial's `variables_to_restore` trick.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from pathlib import Path
+
+import tensorflow as tf
+
+from common import checkpoints
+from common.checkpoints import CheckpointError
+from common.errors import UsageError
+from common.workdir import BEST_LINK, EVAL_DIR, read_best
+
+
+@dataclasses.dataclass(frozen=True)
+class InitSpec:
+    """Where and how to initialise a new run's variables."""
+
+    source: str  # a checkpoint prefix, or a workdir (its best, else its latest)
+    weights: str = "ema"  # ema: the source's moving averages; raw: its trained weights
+    maps: tuple[tuple[str, str], ...] = ()  # (OLD, NEW) patterns; one `*` each, carried over
+    only: tuple[str, ...] = ()  # restore only model variables matching one of these patterns
+
+    def __post_init__(self) -> None:
+        if self.weights not in ("ema", "raw"):
+            raise UsageError(f"--init-weights ({self.weights!r}) must be ema or raw")
+
+
+@dataclasses.dataclass(frozen=True)
+class InitPlan:
+    """What goes where: model key -> saved model key, plus what is left fresh or unused."""
+
+    prefix: Path
+    assign: dict[str, str]  # new model key -> saved model key
+    fresh: dict[str, str]  # new model key -> why it stays freshly initialised
+    unused: list[str]  # saved model keys nobody takes
+
+    def table(self) -> list[str]:
+        """One line per model variable, then the unused saved ones."""
+        lines = [f"init from {self.prefix}:"]
+        for key in sorted(set(self.assign) | set(self.fresh)):
+            if key in self.assign:
+                old = self.assign[key]
+                how = "restored from" if old == key else "renamed from"
+                lines.append(f"  {key:<22} {how} {old}")
+            else:
+                lines.append(f"  {key:<22} fresh ({self.fresh[key]})")
+        lines += [f"  unused saved variable: {key}" for key in self.unused]
+        return lines
+
+
+def resolve_source(source: str) -> Path:
+    """A checkpoint prefix from `--init-from`: a prefix, or a workdir's best (else latest) checkpoint."""
+    path = Path(source)
+    if path.is_dir():
+        best = read_best(path)
+        if best is not None:
+            path = path / EVAL_DIR / BEST_LINK / str(best["checkpoint"])
+        else:
+            state = checkpoints.read_state(path)
+            if state is None or state.latest is None:
+                raise UsageError(f"--init-from {source}: a folder without checkpoints")
+            path = checkpoints.resolve(path, state.latest)
+    why = checkpoints.check_readable(path)
+    if why:
+        raise UsageError(f"--init-from {source}: {why}")
+    return path
+
+
+def _pattern(text: str) -> re.Pattern[str]:
+    return re.compile("^" + "(.*)".join(re.escape(part) for part in text.split("*", 1)) + "$")
+
+
+def plan(spec: InitSpec, targets: dict[str, tuple[int, ...]]) -> InitPlan:
+    """Decide what each model variable (`targets`: key -> shape) is initialised from.
+
+    Raises:
+      UsageError: a pattern that matches nothing, a map to an unknown variable, or shape conflicts
+        (every conflicting pair is listed).
+    """
+    prefix = resolve_source(spec.source)
+    saved_prefix = checkpoints.EMA_KEY if spec.weights == "ema" else checkpoints.MODEL_KEY
+    shapes = tf.train.load_checkpoint(str(prefix)).get_variable_to_shape_map()
+    saved = {f"model/{k[len(saved_prefix) + 1:-len(checkpoints.VALUE_SUFFIX)]}": tuple(v) for k, v in shapes.items()
+             if k.startswith(saved_prefix + "/") and k.endswith(checkpoints.VALUE_SUFFIX)}
+    if not saved:
+        raise UsageError(f"--init-from {spec.source}: no {saved_prefix}/ variables in {prefix.name}")
+    assign: dict[str, str] = {}
+    conflicts: list[str] = []
+    for old_text, new_text in spec.maps:
+        old_re = _pattern(old_text)
+        matched = [k for k in saved if old_re.match(k)]
+        if not matched:
+            raise UsageError(f"--init-map {old_text}={new_text}: matches no saved variable "
+                             f"(saved: {', '.join(sorted(saved))})")
+        for old in matched:
+            star = old_re.match(old)
+            new = new_text.replace("*", star.group(1) if star and star.groups() else "", 1)
+            if new not in targets:
+                raise UsageError(f"--init-map {old_text}={new_text}: {old} would go to {new}, which the model lacks")
+            assign[new] = old
+    fresh: dict[str, str] = {}
+    for key, shape in targets.items():
+        if key in assign:
+            continue
+        if key not in saved:
+            fresh[key] = "not in the source"
+        elif saved[key] != shape:
+            fresh[key] = f"saved shape {list(saved[key])} != {list(shape)}"
+        else:
+            assign[key] = key
+    if spec.only:
+        for pattern in spec.only:
+            if not any(fnmatch.fnmatchcase(k, pattern) for k in targets):
+                raise UsageError(f"--init-only {pattern}: matches no model variable")
+        for key in list(assign):
+            if not any(fnmatch.fnmatchcase(key, p) for p in spec.only):
+                fresh[key] = "not selected by --init-only"
+                del assign[key]
+        for key, why in fresh.items():
+            if why.startswith("saved shape") and any(fnmatch.fnmatchcase(key, p) for p in spec.only):
+                conflicts.append(f"{key} {why}")
+    conflicts += [f"{old} {list(saved[old])} -> {new} {list(targets[new])}" for new, old in assign.items()
+                  if saved[old] != targets[new]]
+    if conflicts:
+        raise UsageError(f"--init-from: shape conflicts: {'; '.join(sorted(conflicts))}")
+    used = set(assign.values())
+    return InitPlan(prefix, assign, fresh, sorted(k for k in saved if k not in used))
+
+
+def apply(init: InitPlan, variables: dict[str, tf.Variable], weights: str) -> None:
+    """Load the planned tensors into the model's variables (keys `model/...`)."""
+    saved_prefix = checkpoints.EMA_KEY if weights == "ema" else checkpoints.MODEL_KEY
+    mapping = {f"{saved_prefix}/{old[len('model/'):]}": variables[new] for new, old in init.assign.items()}
+    try:
+        checkpoints.restore_variables(init.prefix, mapping)
+    except CheckpointError as e:
+        raise UsageError(f"--init-from: {e}") from e
