@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -128,6 +129,22 @@ def eval_images_per_sec(data: datasets.Dataset, spec: RunSpec, repeats: int) -> 
         kmodel.evaluate(x, data.validation.labels, batch_size=1000, verbose=0)
         keras_s.append(len(data.validation) / (time.perf_counter() - began))
     return mine_s, keras_s
+
+
+def eval_batch_sizes(data: datasets.Dataset, spec: RunSpec, sizes: tuple[int, ...], repeats: int) -> dict[str, Any]:
+    """Experiment: our evaluation throughput (images/s) at several batch sizes."""
+    state = TrainState(spec, tf.distribute.get_strategy())
+    out = {}
+    for size in sizes:
+        run = Evaluation(state.model, batch_size=size)
+        run(data.validation)
+        samples = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            run(data.validation)
+            samples.append(len(data.validation) / (time.perf_counter() - began))
+        out[str(size)] = statistics.median(samples)
+    return out
 
 
 ITERATOR_CONSUMER = """

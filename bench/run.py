@@ -82,6 +82,9 @@ def measure(plan: dict[str, Any], data_dir: str | None, model: str) -> dict[str,
                  "met": p50 <= 50 and it50 / p50 >= 10}
 
     mine, theirs = f.eval_images_per_sec(data, spec, plan["eval_repeats"])
+    sizes = f.eval_batch_sizes(data, spec, (100, 1000, 5000), plan["eval_repeats"])
+    out["B4_batch_sizes"] = {"name": "experiment: evaluation images/s at batch 100 / 1000 / 5000",
+                             "ours": " / ".join(f"{v:,.0f}" for v in sizes.values()), "by_size": sizes}
     out["B4"] = {"name": "evaluation throughput, validation split (images/s)", "ours": summary(mine),
                  "keras_evaluate": summary(theirs), "ratio": statistics.median(mine) / statistics.median(theirs),
                  "target": "ratio >= 1.0", "met": statistics.median(mine) >= statistics.median(theirs)}
@@ -119,6 +122,8 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
     def med(x: Any, fmt: str = "{:,.0f}", missing: str = "—") -> str:
         if x is None:
             return missing
+        if isinstance(x, str):
+            return x
         if isinstance(x, dict):
             return fmt.format(x["median"]) + (f" ({fmt.format(x['min'])}–{fmt.format(x['max'])})" if x["n"] > 1 else "")
         return fmt.format(x)
