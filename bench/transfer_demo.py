@@ -1,6 +1,6 @@
 """The transfer-learning demonstration: pre-train on Fashion-MNIST classes 0-4, transfer to 5-9 with
-1,000 labelled images (frozen convolutions and a new top, then fine-tuning), against the same model
-trained from scratch on the same 1,000 images for the same number of steps.
+1,000 labelled images (the pre-trained layers frozen under a new top, then fine-tuning), against
+the same model trained from scratch on the same 1,000 images for the same number of steps.
 
     python -m bench.transfer_demo [--quick] [--data-dir DIR] [--out DIR]
 """
@@ -15,8 +15,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SIZES = {"full": {"pretrain": 3000, "steps": 2000, "unfreeze": 1000},
-         "quick": {"pretrain": 600, "steps": 400, "unfreeze": 250}}
+SIZES = {"full": {"pretrain": 3000, "steps": 2000, "unfreeze": 500},
+         "quick": {"pretrain": 600, "steps": 400, "unfreeze": 100}}
+FINETUNE_LR = "0.0003"
 
 
 def commands(root: Path, sizes: dict[str, int], data: list[str]) -> dict[str, list[str]]:
@@ -27,9 +28,11 @@ def commands(root: Path, sizes: dict[str, int], data: list[str]) -> dict[str, li
     return {
         "pretrain": ["--workdir", str(root / "pretrain"), "--classes", "0,1,2,3,4", "--steps", str(sizes["pretrain"]),
                      "--save-every", str(sizes["pretrain"]), *common],
+        # The convolutions come from the pre-trained run and stay frozen while a new top (fc1, fc2)
+        # learns; then everything is fine-tuned at a lower learning rate.
         "transfer": ["--workdir", str(root / "transfer"), *target, "--init-from", str(root / "pretrain"),
                      "--init-only", "model/conv*", "--freeze", "model/conv*", "--unfreeze-at", str(sizes["unfreeze"]),
-                     "--finetune-lr", "0.0001", *common],
+                     "--finetune-lr", FINETUNE_LR, *common],
         "scratch": ["--workdir", str(root / "scratch"), *target, *common],
     }
 
