@@ -136,13 +136,14 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
         fmt = "{:,.1f}" if key in ("B3", "B5", "B7") else "{:,.0f}"
         extra = ""
         if key == "B1":
-            extra = f"default {med(fig['keras_fit_default'])}; "
+            extra = f"Keras fit: default compile {med(fig['keras_fit_default'])}; jit_compile=False "
         if key == "B2":
-            extra = f"cost {100 * fig['cost_fraction']:+.1f}%; "
+            extra = f"cost {100 * fig['cost_fraction']:+.1f}%; without EMA and saves "
         if key == "B3":
-            extra = f"p95 ours {fig['ours_p95']:.1f}, iterator {fig['iterator_p95']:.1f}; "
+            extra = f"p95 ours {fig['ours_p95']:.1f}, iterator {fig['iterator_p95']:.1f}; checkpoints_iterator p50 "
         if key == "B6":
-            ours, theirs, extra = fig["last_mb"], fig["first_mb"], f"growth {100 * fig['growth_fraction']:+.1f}%; "
+            ours, theirs = fig["last_mb"], fig["first_mb"]
+            extra = f"growth {100 * fig['growth_fraction']:+.1f}%; after the first "
         ratio = f"{fig['ratio']:.2f}" if "ratio" in fig else ""
         met = fig.get("met")
         verdict = "" if met is None else ("met" if met else "MISSED")
