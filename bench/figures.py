@@ -46,6 +46,8 @@ def ours_images_per_sec(data: datasets.Dataset, spec: RunSpec, steps: int, *, us
     with tempfile.TemporaryDirectory() as tmp:
         saver = CheckpointSaver(Path(tmp), state.checkpoint, state=checkpoints.State(), keep=5, keep_every_hours=0,
                                 anchor=time.time())
+        if save_every:
+            saver.save(0)  # traces the save function once, as the warm-up step traced the loop
         began, done = time.perf_counter(), 0
         while done < steps:
             n = min(steps_per_loop, steps - done)

@@ -46,9 +46,12 @@ def test_fresh_run_writes_checkpoints_state_and_keys(make_config: Callable[..., 
     result = train(cfg, reporter=rec)
     assert rec.messages[0] == "starting fresh"
     assert (result.start_step, result.final_step, result.resumed_from) == (0, 60, None)
-    names = sorted(p.name for p in cfg.workdir.iterdir())
-    assert names == ["checkpoint", "done.json", "heartbeat.json", "model-40.data-00000-of-00001", "model-40.index",
-                     "model-60.data-00000-of-00001", "model-60.index", "run.json", "tb", "trainer.lock"]
+    names = sorted(p.name for p in cfg.workdir.iterdir() if not p.name.startswith("model-"))
+    assert names == ["checkpoint", "done.json", "heartbeat.json", "run.json", "tb", "trainer.lock"]
+    assert checkpoints.on_disk(cfg.workdir) == [40, 60]  # --keep 2
+    for step in (40, 60):
+        files = [p.name for p in checkpoints.files_of(cfg.workdir / f"model-{step}")]
+        assert f"model-{step}.index" in files and any(".data-00000-of-" in f for f in files)
     tf_state = tf.train.get_checkpoint_state(str(cfg.workdir))
     assert tf_state.model_checkpoint_path == str(cfg.workdir / "model-60")
     assert tf.train.latest_checkpoint(str(cfg.workdir)) == str(cfg.workdir / "model-60")
