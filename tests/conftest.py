@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +28,23 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_config(tiny_data: Path, tmp_path: Path) -> Callable[..., Any]:
     """Build a TrainConfig for a tiny, fast run in a temp workdir; keyword arguments override."""
     return lambda **overrides: make_train_config(tiny_data, tmp_path / "run", **overrides)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
+    """A finished tiny run with checkpoints model-20, model-40, model-60 (all kept)."""
+    from tests.test_trainer import Recorder
+    from trainer.loop import train
+
+    cfg = make_train_config(tiny_data, tmp_path_factory.mktemp("trained") / "run", steps=60, save_every=20, keep=0)
+    train(cfg, reporter=Recorder())
+    return cfg.workdir
+
+
+@pytest.fixture
+def workdir(trained: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained workdir."""
+    return Path(shutil.copytree(trained, tmp_path / "copy"))
 
 
 @pytest.fixture(autouse=True)

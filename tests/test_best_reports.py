@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import struct
 import subprocess
 import sys
@@ -27,18 +26,6 @@ from tests.helpers import make_train_config
 from tests.test_evaluator import Spy
 from tests.test_trainer import Recorder
 from trainer.loop import train
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
-    cfg = make_train_config(tiny_data, tmp_path_factory.mktemp("trained") / "run", steps=60, save_every=20, keep=0)
-    train(cfg, reporter=Recorder())
-    return cfg.workdir
-
-
-@pytest.fixture
-def workdir(trained: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(trained, tmp_path / "copy"))
 
 
 def config(workdir: Path, tiny_data: Path, **kw: Any) -> EvalConfig:

@@ -24,23 +24,6 @@ from evaluator.rows import Row
 from evaluator.session import EvalConfig, Session, run_once, run_watch
 from evaluator.snapshot import snapshot
 from evaluator.watch import StateFileHandler, Wake
-from tests.helpers import make_train_config
-from tests.test_trainer import Recorder
-from trainer.loop import train
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
-    """A finished tiny run with checkpoints model-20, model-40, model-60 (all kept)."""
-    cfg = make_train_config(tiny_data, tmp_path_factory.mktemp("trained") / "run", steps=60, save_every=20, keep=0)
-    train(cfg, reporter=Recorder())
-    return cfg.workdir
-
-
-@pytest.fixture
-def workdir(trained: Path, tmp_path: Path) -> Path:
-    """A private copy of the trained workdir."""
-    return Path(shutil.copytree(trained, tmp_path / "copy"))
 
 
 def eval_config(workdir: Path, tiny_data: Path, **kw: Any) -> EvalConfig:
