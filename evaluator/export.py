@@ -16,10 +16,9 @@ from pathlib import Path
 import tensorflow as tf
 
 from common import checkpoints, models
-from common.checkpoints import CheckpointError
 from common.ema import raw_variables, variables_to_restore
 from common.errors import UsageError
-from common.runconfig import RunSpec, read_run
+from common.runconfig import RunSpec, read_run, write_run
 from evaluator.best import best_prefix
 
 IMAGE_SIZE = 28
@@ -107,6 +106,7 @@ def export(workdir: Path, *, step: str = "best", weights: str = "ema", out: Path
     try:
         labels = tmp / LABELS_FILE
         labels.write_text("".join(f"{name}\n" for name in spec.class_names))
+        write_run(tmp, spec)  # the run's settings travel too: predict reads the dataset from them
         module = Exported(model, spec.class_names, str(labels))
         saved = tmp / "saved"
         tf.saved_model.save(module, str(saved), signatures={
@@ -153,8 +153,3 @@ def freeze(module: Exported) -> tf.compat.v1.GraphDef:
             tf.identity(tensor, name=name)
     return graph.as_graph_def()
 
-
-def check_export(path: Path) -> None:
-    """Fail with a clear message if `path` is not a SavedModel this project wrote."""
-    if not (path / "saved_model.pb").is_file():
-        raise CheckpointError(f"{path}: not a SavedModel (no saved_model.pb)")

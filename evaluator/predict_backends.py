@@ -88,7 +88,8 @@ def _from_export(path: Path, do_preprocess: bool) -> tuple[Classifier, list[str]
                          f"{sorted(serve.structured_outputs)}); expected images -> probabilities")
     names_file = path / LABELS_FILE
     names = names_file.read_text().splitlines() if names_file.is_file() else []
-    dataset = "fashion-mnist" if names and names[0] == "T-shirt/top" else "mnist"
+    spec = read_run(path)  # exports of this project carry run.json; others are prepared MNIST-style
+    dataset = spec.dataset if spec is not None else "mnist"
 
     def classify(files: list[Path]) -> list[np.ndarray | str]:
         ok, images, errors = _batch(files, dataset, do_preprocess)
