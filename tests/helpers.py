@@ -49,3 +49,30 @@ def make_train_config(tiny_data: Path, workdir: Path, **overrides: Any) -> Any:
     base = {"workdir": workdir, "steps": 60, "save_every": 20, "keep": 5, "data_dir": str(tiny_data),
             "steps_per_loop": 10, "log_every": 20, "progress": "plain"}
     return TrainConfig(spec=spec, **(base | overrides))
+
+
+def watch_beside_trainer(trainer_args: list[str], cfg: Any, display: Any, *,
+                         timeout: float = 180) -> tuple[Any, str, str, int]:
+    """Run a real trainer process while the real watch loop runs here; return (stop, out, err, returncode).
+
+    A timer stops the watch loop after `timeout` seconds, so a hang fails the test instead of CI.
+    """
+    import subprocess
+    import sys
+    import threading
+
+    from common.signals import StopRequest
+    from evaluator.session import run_watch
+
+    trainer = subprocess.Popen([sys.executable, "-m", "trainer.cli", *trainer_args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    stop = StopRequest()
+    guard = threading.Timer(timeout, stop.set, args=("timeout",))
+    guard.daemon = True
+    guard.start()
+    try:
+        run_watch(cfg, display, stop)
+    finally:
+        guard.cancel()
+        out, err = trainer.communicate(timeout=120)
+    return stop, out, err, trainer.returncode

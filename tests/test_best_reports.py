@@ -6,23 +6,19 @@ import json
 import os
 import re
 import struct
-import subprocess
-import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from common import checkpoints
-from common.signals import StopRequest
 from common.workdir import EVAL_DIR, STOP_REQUEST_FILE, read_best
 from evaluator import best as best_lib
 from evaluator import cli
 from evaluator.ledger import Ledger
 from evaluator.rows import Row, without_improvement
-from evaluator.session import EvalConfig, Session, run_once, run_watch
-from tests.helpers import make_train_config
+from evaluator.session import EvalConfig, Session, run_once
+from tests.helpers import make_train_config, watch_beside_trainer
 from tests.test_evaluator import Spy
 from tests.test_trainer import Recorder
 from trainer.loop import train
@@ -121,22 +117,12 @@ def test_retention_never_deletes_a_leased_checkpoint(tiny_data: Path, tmp_path: 
 def test_stop_request_end_to_end(tmp_path: Path, tiny_data: Path) -> None:
     """The evaluator's patience runs out; the real trainer stops before --steps, saves and exits 0."""
     workdir = tmp_path / "run"
-    trainer = subprocess.Popen(
-        [sys.executable, "-m", "trainer.cli", "--workdir", str(workdir), "--data-dir", str(tiny_data),
-         "--model", "softmax", "--steps", "100000", "--save-every", "50", "--keep", "0", "--progress", "plain",
-         "--log-every", "1000000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
-    stop = StopRequest()
-    guard = threading.Timer(180, stop.set, args=("timeout",))
-    guard.daemon = True
-    guard.start()
-    try:
-        # An improvement of more than 50 points is impossible: the second evaluation exhausts patience 1.
-        run_watch(config(workdir, tiny_data, exit_when_done=True, patience=1, min_delta=0.5), Spy(), stop)
-    finally:
-        guard.cancel()
-        out, err = trainer.communicate(timeout=120)
-    assert trainer.returncode == 0, err
+    # An improvement of more than 50 points is impossible: the second evaluation exhausts patience 1.
+    stop, out, err, code = watch_beside_trainer(
+        ["--workdir", str(workdir), "--data-dir", str(tiny_data), "--model", "softmax", "--steps", "100000",
+         "--save-every", "50", "--keep", "0", "--progress", "plain", "--log-every", "1000000"],
+        config(workdir, tiny_data, exit_when_done=True, patience=1, min_delta=0.5), Spy())
+    assert code == 0, err
     assert stop.reason is None
     request = json.loads((workdir / STOP_REQUEST_FILE).read_text())
     assert re.match(r"no improvement of more than 0.5 in \d+ evaluations \(best", request["reason"])

@@ -2,9 +2,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,7 @@ from evaluator.rows import Row
 from evaluator.session import EvalConfig, Session, run_once, run_watch
 from evaluator.snapshot import snapshot
 from evaluator.watch import StateFileHandler, Wake
+from tests.helpers import watch_beside_trainer
 
 
 def eval_config(workdir: Path, tiny_data: Path, **kw: Any) -> EvalConfig:
@@ -225,20 +223,11 @@ def test_cli_errors_exit_2(setup: str, flags: list[str], message: str, workdir: 
 def test_trainer_and_watching_evaluator_end_to_end(tmp_path: Path, tiny_data: Path) -> None:
     """A real trainer process and the real watching evaluator: every checkpoint lands once."""
     workdir = tmp_path / "live"
-    trainer = subprocess.Popen(
-        [sys.executable, "-m", "trainer.cli", "--workdir", str(workdir), "--data-dir", str(tiny_data),
-         "--model", "softmax", "--steps", "300", "--save-every", "30", "--keep", "0", "--steps-per-loop", "10"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
-    stop = StopRequest()
-    guard = threading.Timer(180, stop.set, args=("timeout",))
-    guard.daemon = True
-    guard.start()
-    try:
-        run_watch(eval_config(workdir, tiny_data, exit_when_done=True), Spy(), stop)
-    finally:
-        guard.cancel()
-        _, err = trainer.communicate(timeout=120)
-    assert trainer.returncode == 0, err
+    stop, _, err, code = watch_beside_trainer(
+        ["--workdir", str(workdir), "--data-dir", str(tiny_data), "--model", "softmax", "--steps", "300",
+         "--save-every", "30", "--keep", "0", "--steps-per-loop", "10"],
+        eval_config(workdir, tiny_data, exit_when_done=True), Spy())
+    assert code == 0, err
     assert stop.reason is None, "the evaluator did not finish in time"
     records = Ledger(workdir).read()
     assert sorted(r["step"] for r in records) == list(range(30, 301, 30))

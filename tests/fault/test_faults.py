@@ -25,11 +25,10 @@ from common import checkpoints
 from common.checkpoints import CheckpointError, State
 from common.errors import DataFormatError, WorkdirIOError
 from common.idx import read_idx
-from common.signals import StopRequest
 from evaluator.core import CheckpointEvaluator
 from evaluator.ledger import Ledger
-from evaluator.session import EvalConfig, run_once, run_watch
-from tests.helpers import make_train_config
+from evaluator.session import EvalConfig, run_once
+from tests.helpers import make_train_config, watch_beside_trainer
 from tests.test_evaluator import Spy
 from tests.test_trainer import Recorder, run_cli
 from trainer import saver as saver_lib
@@ -148,10 +147,6 @@ def test_full_disk_keeps_previous_checkpoints(tmp_path: Path, tiny_data: Path) -
 def test_retention_pressure_with_a_slow_evaluator(tmp_path: Path, tiny_data: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     workdir = tmp_path / "run"
-    trainer = subprocess.Popen(
-        [sys.executable, "-m", "trainer.cli", "--workdir", str(workdir), "--data-dir", str(tiny_data),
-         "--model", "softmax", "--steps", "150", "--save-every", "1", "--keep", "1", "--steps-per-loop", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
     real = CheckpointEvaluator.evaluate
 
     def slow(self: CheckpointEvaluator, *args: Any, **kwargs: Any) -> Any:
@@ -159,16 +154,11 @@ def test_retention_pressure_with_a_slow_evaluator(tmp_path: Path, tiny_data: Pat
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(CheckpointEvaluator, "evaluate", slow)
-    stop = StopRequest()
-    guard = threading.Timer(180, stop.set, args=("timeout",))
-    guard.daemon = True
-    guard.start()
-    try:
-        run_watch(EvalConfig(workdir=workdir, data_dir=str(tiny_data), exit_when_done=True), Spy(), stop)
-    finally:
-        guard.cancel()
-        _, err = trainer.communicate(timeout=120)
-    assert trainer.returncode == 0, err
+    stop, _, err, code = watch_beside_trainer(
+        ["--workdir", str(workdir), "--data-dir", str(tiny_data), "--model", "softmax", "--steps", "150",
+         "--save-every", "1", "--keep", "1", "--steps-per-loop", "1"],
+        EvalConfig(workdir=workdir, data_dir=str(tiny_data), exit_when_done=True), Spy())
+    assert code == 0, err
     assert stop.reason is None
     rows = Ledger(workdir).read()
     assert rows and {r["status"] for r in rows} <= {"ok", "gone"}
