@@ -1,0 +1,70 @@
+"""Path checks every program applies before it writes or deletes: local paths only, deletes stay inside.
+
+Two rules from the README's promise that nothing of the user's is lost:
+  - a `scheme://` path (a bucket URL) is refused, since `pathlib.Path` would quietly turn
+    `s3://bucket/run` into the local folder `s3:/bucket/run`;
+  - a delete goes ahead only when the path, with every link resolved, lies inside the folder the
+    program owns (the workdir, or an output folder it created). A link is removed as a link.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from common.errors import UsageError
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(value: str | os.PathLike[str]) -> bool:
+    """Whether `value` looks like `scheme://...` (s3://, gs://, http://, file://)."""
+    return bool(_URL.match(os.fspath(value)))
+
+
+def require_local(flag: str, value: str | os.PathLike[str] | None) -> None:
+    """Refuse a URL given for a path flag, with a one-line error naming the flag and the value.
+
+    Raises:
+      UsageError: `value` is a `scheme://` URL.
+    """
+    if value is not None and is_url(value):
+        raise UsageError(f"{flag} {os.fspath(value)!r}: URLs such as s3:// or gs:// are not supported yet; "
+                         "give a local folder")
+
+
+def is_inside(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:
+    """Whether `path` (every link resolved) lies strictly inside `root` (links resolved too)."""
+    real_root = Path(os.path.realpath(root))
+    real = Path(os.path.realpath(path))
+    return real != real_root and real.is_relative_to(real_root)
+
+
+class OutsideError(Exception):
+    """A delete was refused because its target resolves outside the folder the program owns."""
+
+
+def remove(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> None:
+    """Delete a file, a link (never what it points to) or a folder tree that lies inside `root`.
+
+    A missing path is fine. Raises:
+      OutsideError: the path's folder, or the path itself once links are resolved, is not inside
+        `root`; nothing is deleted.
+    """
+    target = Path(path)
+    if not is_inside(target.parent, root) and Path(os.path.realpath(target.parent)) != Path(os.path.realpath(root)):
+        raise OutsideError(f"refused to delete {target}: it is not inside {root}")
+    if target.is_symlink():
+        target.unlink(missing_ok=True)
+        return
+    if not target.exists():
+        return
+    if not is_inside(target, root):
+        raise OutsideError(f"refused to delete {target}: it resolves to {os.path.realpath(target)}, "
+                           f"outside {root}")
+    if target.is_dir():
+        shutil.rmtree(target, ignore_errors=True)
+    else:
+        target.unlink(missing_ok=True)
