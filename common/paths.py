@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from common.errors import UsageError
@@ -68,3 +69,29 @@ def remove(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> None:
         shutil.rmtree(target, ignore_errors=True)
     else:
         target.unlink(missing_ok=True)
+
+
+def local_path(flag: str) -> Callable[[str], Path]:
+    """An argparse `type` for a path flag: refuses URLs with a one-line UsageError, else returns a Path.
+
+    argparse turns only ValueError/TypeError from a `type` into its usage message; a UsageError
+    passes through to the program's own one-line error handling.
+    """
+
+    def convert(value: str) -> Path:
+        require_local(flag, value)
+        return Path(value)
+
+    convert.__name__ = "path"
+    return convert
+
+
+def local_text(flag: str) -> Callable[[str], str]:
+    """Like `local_path`, for flags whose value the program keeps as a string."""
+
+    def convert(value: str) -> str:
+        require_local(flag, value)
+        return value
+
+    convert.__name__ = "path"
+    return convert

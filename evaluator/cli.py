@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from common.errors import ProjectError
+from common.paths import local_path, local_text
 
 DEFAULT_WORKDIR = Path("runs") / "fashion-mnist-cnn"
 EPILOG = "Exit codes: 0 done or stopped by a signal, 2 bad input or nothing to show, 4 no data."
@@ -29,7 +30,8 @@ def parser() -> argparse.ArgumentParser:
                    help="all: every checkpoint, oldest first (default); latest: only the newest")
     p.add_argument("--weights", default="ema", choices=["ema", "raw", "both"], help="weights to evaluate (default ema)")
     p.add_argument("--split", default="validation", choices=["validation", "test"], help="default validation")
-    p.add_argument("--data-dir", help="folder holding the four IDX files (default: the usual places)")
+    p.add_argument("--data-dir", type=local_text("--data-dir"),
+                   help="folder holding the four IDX files (default: the usual places)")
     p.add_argument("--rescan-secs", type=float, default=10.0, help="rescan without events this often (default 10)")
     p.add_argument("--poll", action="store_true", help="poll instead of inotify (network filesystems)")
     p.add_argument("--poll-secs", type=float, default=1.0, help="polling interval with --poll (default 1)")
@@ -46,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _workdir(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+    p.add_argument("--workdir", type=local_path("--workdir"), default=DEFAULT_WORKDIR,
                    help=f"the trainer's workdir (default {DEFAULT_WORKDIR})")
 
 
@@ -64,7 +66,8 @@ def report_parser() -> argparse.ArgumentParser:
     _workdir(p)
     p.add_argument("--step", default="best", help="a step in the ledger, or 'best' (default)")
     p.add_argument("--split", default="validation", choices=["validation", "test"], help="default validation")
-    p.add_argument("--data-dir", help="folder holding the four IDX files (default: the usual places)")
+    p.add_argument("--data-dir", type=local_text("--data-dir"),
+                   help="folder holding the four IDX files (default: the usual places)")
     return p
 
 
@@ -76,7 +79,7 @@ def export_parser() -> argparse.ArgumentParser:
     _workdir(p)
     p.add_argument("--step", default="best", help="a step number, 'best' (default) or 'latest'")
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="default ema")
-    p.add_argument("--out", type=Path, help="where to write (default <workdir>/export/<step>)")
+    p.add_argument("--out", type=local_path("--out"), help="where to write (default <workdir>/export/<step>)")
     p.add_argument("--frozen", action="store_true",
                    help="also write frozen_graph.pb: input images:0, outputs probabilities:0 and classes:0")
     return p
@@ -89,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv and argv[0] in SUBCOMMANDS and argv[0] != "watch" else "watch"
     rest = argv[1:] if command != "watch" else argv
-    args = SUBCOMMANDS[command]().parse_args(rest)
+    try:
+        args = SUBCOMMANDS[command]().parse_args(rest)
+    except ProjectError as e:
+        return _fail(str(e), e.exit_code)
     if command == "watch" and args.json and not args.once:
         return _fail("--json goes with --once", 2)
     try:

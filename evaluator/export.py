@@ -17,13 +17,21 @@ import tensorflow as tf
 
 from common import checkpoints, models
 from common.ema import raw_variables, variables_to_restore
-from common.errors import UsageError
+from common.errors import UsageError, WorkdirIOError
+from common.fileio import atomic_write_json
+from common.paths import remove
 from common.runconfig import RunSpec, read_run, write_run
+from common.workdir import RUN_FILE
 from evaluator.best import best_prefix
 
 IMAGE_SIZE = 28
 FROZEN_FILE = "frozen_graph.pb"
 LABELS_FILE = "labels.txt"
+# Written into every export: only a folder holding it (or, for exports made before it existed,
+# nothing but an export's own files) is ever replaced by a new export.
+MARKER_FILE = "export.json"
+_EXPORT_NAMES = frozenset({"saved_model.pb", "fingerprint.pb", "variables", "assets", LABELS_FILE, RUN_FILE,
+                           FROZEN_FILE, MARKER_FILE})
 FROZEN_INPUT = "images"  # uint8 [N, 28, 28]
 FROZEN_OUTPUTS = ("probabilities", "classes")
 
@@ -99,10 +107,10 @@ def export(workdir: Path, *, step: str = "best", weights: str = "ema", out: Path
         raise UsageError(f"--weights ({weights!r}) must be ema or raw")
     prefix = resolve(workdir, step)
     number = checkpoints.read_step(prefix)
-    target = out if out is not None else workdir / "export" / str(number)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = Path(os.path.abspath(out if out is not None else workdir / "export" / str(number)))
+    check_target(target)
     model = load_weights(spec, prefix, weights)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = _make_temp(target)
     try:
         labels = tmp / LABELS_FILE
         labels.write_text("".join(f"{name}\n" for name in spec.class_names))
@@ -116,22 +124,65 @@ def export(workdir: Path, *, step: str = "best", weights: str = "ema", out: Path
         saved.rmdir()
         if frozen:
             (tmp / FROZEN_FILE).write_bytes(freeze(module).SerializeToString())
+        atomic_write_json(tmp / MARKER_FILE, {"checkpoint": prefix.name, "step": number, "weights": weights,
+                                              "workdir": str(Path(os.path.abspath(workdir)))})
         _replace(tmp, target)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WorkdirIOError(f"--out {target}: cannot write the export ({e.strerror or e})") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
 
 
+def is_export(folder: Path) -> bool:
+    """Whether `folder` is an earlier export: it holds the marker, or only an export's own files."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    if (folder / MARKER_FILE).is_file():
+        return True
+    names = {p.name for p in folder.iterdir()}
+    return "saved_model.pb" in names and names <= _EXPORT_NAMES
+
+
+def check_target(target: Path) -> None:
+    """Refuse an `--out` that exists and is not an earlier export; nothing is changed.
+
+    Raises:
+      UsageError: the target is a file, a link, or a folder that an export did not write.
+    """
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not is_export(target):
+        kind = "a link" if target.is_symlink() else "a folder" if target.is_dir() else "a file"
+        raise UsageError(f"--out {target}: {kind} that is not an earlier export already exists there; "
+                         "choose a new path (only an earlier export is ever replaced)")
+
+
+def _make_temp(target: Path) -> Path:
+    """A temp folder beside `target` with the umask's permissions (mkdtemp makes it 0700)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as e:
+        raise UsageError(f"--out {target}: cannot write there ({e.strerror or e})") from e
+    mask = os.umask(0)
+    os.umask(mask)
+    tmp.chmod(0o777 & ~mask)
+    return tmp
+
+
 def _replace(tmp: Path, target: Path) -> None:
-    """Move `tmp` to `target`; an existing target is moved aside first and removed after."""
+    """Move `tmp` to `target`; an earlier export there is moved aside first and removed after."""
     old = None
     if target.exists():
+        check_target(target)  # again: something may have appeared there while the model was written
         old = target.with_name(f".{target.name}.old-{secrets.token_hex(3)}")
         os.rename(target, old)
     os.rename(tmp, target)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old, target.parent)
 
 
 def freeze(module: Exported) -> tf.compat.v1.GraphDef:

@@ -48,8 +48,10 @@ def read_gray(path: Path) -> np.ndarray:
         raise ImageError("is a folder") from None
     except UnidentifiedImageError:
         raise ImageError("not an image (PNG, JPEG, BMP or GIF)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"image too large, refused as a possible decompression bomb ({e})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # PIL's own text quotes its hard limit (twice ours); say the one the README documents.
+        raise ImageError(f"image too large: over {MAX_PIXELS:,} pixels, "
+                         "refused as a possible decompression bomb") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"damaged image ({e})") from None
 

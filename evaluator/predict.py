@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import ProjectError, UsageError
+from common.paths import local_path
 
 Classifier = Callable[[list[Path]], list[np.ndarray | str]]  # one probability vector (or an error) per file
 
@@ -25,8 +26,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="predict", description=__doc__.split("\n\n")[0], epilog=(
         "Exit codes: 0 all predicted, 1 some file failed (one line each on stderr), 2 bad model or flags."))
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", type=Path, help="an export folder, a workdir (best, else latest) or a checkpoint")
-    source.add_argument("--graph", type=Path, help="a foreign frozen GraphDef .pb")
+    source.add_argument("--model", type=local_path("--model"),
+                        help="an export folder, a workdir (best, else latest) or a checkpoint")
+    source.add_argument("--graph", type=local_path("--graph"), help="a foreign frozen GraphDef .pb")
     p.add_argument("images", nargs="+", help="image files or folders (PNG, JPEG, BMP, GIF)")
     p.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
     p.add_argument("--json", action="store_true", help="one JSON object per file")
@@ -34,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("foreign graphs (--graph)")
     g.add_argument("--input", help="input tensor or op name, e.g. DecodeJpeg/contents:0")
     g.add_argument("--output", help="output tensor or op name, e.g. softmax:0")
-    g.add_argument("--labels", type=Path, help="one label per line, line i = class i")
+    g.add_argument("--labels", type=local_path("--labels"), help="one label per line, line i = class i")
     g.add_argument("--synsets", type=Path, help="Inception's label map (target_class -> synset)")
     g.add_argument("--human-labels", type=Path, help="Inception's synset -> human label file")
     g.add_argument("--input-mean", type=float, default=0.0, help="float inputs: (pixel - mean) / std (default 0)")
@@ -43,8 +45,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
     try:
+        args = parser().parse_args(argv)
         if args.top_k < 1:
             raise UsageError(f"--top-k ({args.top_k}) must be a positive integer")
         from common.tfenv import quiet_import_tensorflow

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import tensorflow as tf
 from common import checkpoints, datasets, models
 from common.ema import variables_to_restore
 from common.errors import UsageError
+from common.paths import remove
 from common.runconfig import RunSpec, read_run
 from common.workdir import EVAL_DIR
 from evaluator.best import best_prefix
@@ -158,8 +158,8 @@ def write_report(workdir: Path, *, step: str = "best", split_name: str = "valida
                "accuracy": float(np.trace(confusion) / confusion.sum()), "confusion": confusion.tolist(),
                "class_names": list(names), "per_class": per_class, "misclassified_shown": shown}
     (tmp / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
+    if out.exists() or out.is_symlink():
+        remove(out, workdir)
     os.rename(tmp, out)
     return out
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ProjectError, UsageError
+from common.paths import local_path, local_text
 
 # Settings that define a run (stored in run.json). Unset flags take run.json's value on resume.
 RUN_DEFAULTS: dict[str, Any] = {
@@ -22,7 +23,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="trainer", description="Train an MNIST-family classifier into a workdir of crash-safe checkpoints.",
         epilog="Exit codes: 0 done or stopped by a signal, 2 bad input, 3 diverged, 4 no data, 5 write failed.")
-    p.add_argument("--workdir", type=Path, help="checkpoint folder (default runs/<dataset>-<model>)")
+    p.add_argument("--workdir", type=local_path("--workdir"), help="checkpoint folder (default runs/<dataset>-<model>)")
     p.add_argument("--dataset", help=f"fashion-mnist or mnist (default {RUN_DEFAULTS['dataset']})")
     p.add_argument("--model", help=f"softmax, mlp or cnn (default {RUN_DEFAULTS['model']})")
     p.add_argument("--steps", type=int, help="train until this global step (default 10000)")
@@ -36,15 +37,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (default 1000)")
     p.add_argument("--keep", type=int, default=5, help="newest checkpoints kept, 0 = all (default 5)")
     p.add_argument("--keep-every-hours", type=float, default=0.0, help="also keep one per H hours (default 0, off)")
-    p.add_argument("--data-dir", help="folder holding the four IDX files (default: the usual places)")
-    p.add_argument("--from", dest="resume_from", metavar="PATH", help="resume from this checkpoint")
+    p.add_argument("--data-dir", type=local_text("--data-dir"),
+                   help="folder holding the four IDX files (default: the usual places)")
+    p.add_argument("--from", dest="resume_from", type=local_text("--from"), metavar="PATH",
+                   help="resume from this checkpoint")
     p.add_argument("--steps-per-loop", type=int, default=20, help="steps per tf.function call (default 20)")
     p.add_argument("--log-every", type=int, default=100, help="steps between plain log lines (default 100)")
     p.add_argument("--progress", default="auto", choices=["auto", "rich", "plain"], help="display (default auto)")
     t = p.add_argument_group("subsets, warm start and transfer")
     t.add_argument("--classes", help="train on these classes only, relabelled in this order: 5,6,7 or Sandal,Shirt")
     t.add_argument("--train-examples", type=int, help="use only the first N training images (default all)")
-    t.add_argument("--init-from", metavar="CKPT_OR_WORKDIR", help="initialise from another run (first start only)")
+    t.add_argument("--init-from", type=local_text("--init-from"), metavar="CKPT_OR_WORKDIR",
+                   help="initialise from another run (first start only)")
     t.add_argument("--init-map", action="append", default=[], metavar="OLD=NEW",
                    help="restore saved OLD into NEW; one '*' each, e.g. model/fc1/*=model/fc2/*")
     t.add_argument("--init-only", action="append", default=[], metavar="PATTERN",
@@ -105,9 +109,9 @@ def build_config(args: argparse.Namespace) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
+        args = parser().parse_args(argv)
         from common.tfenv import quiet_import_tensorflow
 
         quiet_import_tensorflow()

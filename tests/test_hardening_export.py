@@ -1,0 +1,162 @@
+"""What export, report and the path flags must never do: replace what export did not write, follow a URL
+into a local folder, ignore the umask, or crash with a traceback."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evaluator import cli
+from evaluator import export as export_lib
+from evaluator.images import ImageError, read_gray
+from evaluator.session import EvalConfig, run_once
+from tests.helpers import make_train_config
+from tests.test_trainer import Recorder
+from trainer.loop import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
+    cfg = make_train_config(tiny_data, tmp_path_factory.mktemp("trained") / "run", steps=40, save_every=20)
+    train(cfg, reporter=Recorder())
+    run_once(EvalConfig(workdir=cfg.workdir, data_dir=str(tiny_data)))
+    return cfg.workdir
+
+
+@pytest.fixture
+def workdir(trained: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(trained, tmp_path / "copy", symlinks=True))
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its content: to show that nothing changed."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def export_cli(workdir: Path, out: Path | str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = cli.main(["export", "--workdir", str(workdir), "--step", "latest", "--out", str(out)])
+    return code, capsys.readouterr().err
+
+
+def test_export_refuses_a_folder_it_did_not_write(workdir: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    docs = tmp_path / "mydocs"
+    docs.mkdir()
+    (docs / "thesis.txt").write_text("precious")
+    code, err = export_cli(workdir, docs, capsys)
+    assert code == 2 and err.count("\n") == 1 and "not an earlier export" in err
+    assert (docs / "thesis.txt").read_text() == "precious" and [p.name for p in docs.iterdir()] == ["thesis.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".mydocs")]  # no temp folder left
+
+
+def test_export_refuses_the_workdir_and_a_file(workdir: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    before = tree(workdir)
+    code, err = export_cli(workdir, workdir, capsys)
+    assert code == 2 and "a folder that is not an earlier export" in err
+    assert tree(workdir) == before
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    code, err = export_cli(workdir, notes, capsys)
+    assert code == 2 and "a file that is not an earlier export" in err
+    assert notes.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["copy", "notes.txt"]
+
+
+def test_export_refuses_a_link_even_to_an_export(workdir: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert export_cli(workdir, tmp_path / "real", capsys)[0] == 0
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    code, err = export_cli(workdir, tmp_path / "link", capsys)
+    assert code == 2 and "a link" in err and (tmp_path / "real" / export_lib.MARKER_FILE).is_file()
+
+
+def test_export_replaces_an_earlier_export_and_a_legacy_one(workdir: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "exp"
+    assert export_cli(workdir, out, capsys)[0] == 0
+    assert (out / export_lib.MARKER_FILE).is_file() and (out / "saved_model.pb").is_file()
+    (out / "saved_model.pb").write_bytes(b"old")
+    assert export_cli(workdir, out, capsys)[0] == 0
+    assert (out / "saved_model.pb").read_bytes() != b"old"
+    (out / export_lib.MARKER_FILE).unlink()  # an export made before the marker existed
+    assert export_lib.is_export(out)
+    assert export_cli(workdir, out, capsys)[0] == 0
+    (out / export_lib.MARKER_FILE).unlink()
+    (out / "mine.txt").write_text("not an export's file")
+    assert not export_lib.is_export(out)
+    assert export_cli(workdir, out, capsys)[0] == 2 and (out / "mine.txt").is_file()
+    assert not [p for p in tmp_path.iterdir() if ".old-" in p.name or ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("out", ["/", "/proc/foo"])
+def test_export_to_an_impossible_place_is_one_line(workdir: Path, out: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = export_cli(workdir, out, capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("evaluator: error: --out")
+
+
+def test_export_folder_follows_the_umask(workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    previous = os.umask(0o022)
+    try:
+        assert export_cli(workdir, tmp_path / "exp", capsys)[0] == 0
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "exp").stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize("argv", [
+    ["trainer", "--workdir", "s3://bucket/run", "--steps", "5"],
+    ["trainer", "--init-from", "gs://bucket/run", "--workdir", "local"],
+    ["evaluator", "--workdir", "s3://bucket/run", "--once"],
+    ["evaluator", "export", "--workdir", "local", "--out", "gs://bucket/export"],
+    ["predict", "--model", "s3://bucket/export", "x.png"],
+])
+def test_a_bucket_url_is_refused_not_made_a_local_folder(argv: list[str], tmp_path: Path) -> None:
+    program, *rest = argv
+    done = subprocess.run([sys.executable, "-c", f"import sys; from {program_module(program)} import main; "
+                           "sys.exit(main(sys.argv[1:]))", *rest],
+                          capture_output=True, text=True, cwd=tmp_path, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "URLs such as s3:// or gs:// are not supported yet" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no ./s3:/bucket/run, nothing else either
+
+
+def program_module(program: str) -> str:
+    return {"trainer": "trainer.cli", "evaluator": "evaluator.cli", "predict": "evaluator.predict"}[program]
+
+
+def test_bomb_message_states_the_documented_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "big.png"
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((400, 400), np.uint8)).save(buffer, format="PNG")
+    path.write_bytes(buffer.getvalue())
+    monkeypatch.setattr("evaluator.images.MAX_PIXELS", 40_000)  # PIL errors at twice this, warns above it
+    with pytest.raises(ImageError, match=r"over 40,000 pixels") as caught:
+        read_gray(path)
+    assert "80,000" not in str(caught.value) and "80000" not in str(caught.value)
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    text = " ".join(" ".join(p.read_text().split()) for p in docs)
+    assert "40 million pixels" in text and "40_000_000" in (ROOT / "evaluator" / "images.py").read_text()
+
+
+def test_report_never_deletes_through_a_planted_link(workdir: Path, tmp_path: Path, tiny_data: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    step = export_lib.checkpoints.read_step(export_lib.resolve(workdir, "best"))
+    (workdir / "eval" / f"report-{step}").symlink_to(outside)
+    assert cli.main(["report", "--workdir", str(workdir), "--data-dir", str(tiny_data)]) == 0
+    assert (outside / "keep.txt").read_text() == "keep"
+    assert (workdir / "eval" / f"report-{step}" / "metrics.json").is_file()
