@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import zlib
 from pathlib import Path
 
 import tensorflow as tf
@@ -37,6 +38,10 @@ VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 # codes onto several Python types: DataLossError, "Read less bytes than requested" IndexError, ...).
 READ_ERRORS = (tf.errors.OpError, ValueError, IndexError, RuntimeError)
 _NAME_RE = re.compile(rf"^{PREFIX}-(\d+)$")
+# A state file that TF or this trainer writes stays far below these (about 60 bytes per entry);
+# anything larger is refused before it is parsed, so a hostile file cannot exhaust memory.
+MAX_STATE_BYTES = 16 * 2**20
+MAX_STATE_ENTRIES = 100_000
 
 
 class CheckpointError(ProjectError):
@@ -72,9 +77,13 @@ class State:
 
     def timestamp_of(self, path: str) -> float:
         """The save time recorded for `path` (0.0 when the file did not record one)."""
-        if len(self.timestamps) == len(self.paths) and path in self.paths:
-            return self.timestamps[self.paths.index(path)]
-        return 0.0
+        return self.timestamps_by_path().get(path, 0.0)
+
+    def timestamps_by_path(self) -> dict[str, float]:
+        """Every path's recorded save time (the first, if listed twice); empty when they do not pair up."""
+        if len(self.timestamps) != len(self.paths):
+            return {}
+        return dict(zip(reversed(self.paths), reversed(self.timestamps), strict=True))
 
 
 def state_path(workdir: str | Path) -> Path:
@@ -91,11 +100,15 @@ def read_state(workdir: str | Path) -> State | None:
     """
     path = state_path(workdir)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_STATE_BYTES + 1)
+        text = data.decode("utf-8")
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable state file ({e})") from e
+    if len(data) > MAX_STATE_BYTES:
+        raise CheckpointError(f"{path}: state file larger than {MAX_STATE_BYTES:,} bytes; refusing to read it")
     proto = checkpoint_state_pb2.CheckpointState()
     try:
         text_format.Parse(text, proto)
@@ -103,6 +116,9 @@ def read_state(workdir: str | Path) -> State | None:
         raise CheckpointError(f"{path}: corrupt state file ({e})") from e
     if not proto.model_checkpoint_path:
         raise CheckpointError(f"{path}: state file names no model_checkpoint_path")
+    if len(proto.all_model_checkpoint_paths) > MAX_STATE_ENTRIES:
+        raise CheckpointError(f"{path}: state file lists {len(proto.all_model_checkpoint_paths)} checkpoints "
+                              f"(more than {MAX_STATE_ENTRIES}); refusing to use it")
     return State(
         latest=proto.model_checkpoint_path,
         paths=list(proto.all_model_checkpoint_paths),
@@ -142,6 +158,22 @@ def files_of(prefix: str | Path) -> list[Path]:
         return []
     return sorted(p for p in prefix.parent.glob(prefix.name + ".*") if p.name == prefix.name + ".index"
                   or p.name.startswith(prefix.name + ".data-"))
+
+
+def index_fingerprint(prefix: str | Path) -> str | None:
+    """`<size>:<crc32>` of checkpoint `prefix`'s `.index` file, or None when it cannot be read.
+
+    The index holds the checksum of every tensor, so it identifies a checkpoint's content: a
+    checkpoint rewritten under the same name gets another fingerprint, a copied one keeps it.
+    """
+    crc, size = 0, 0
+    try:
+        with open(f"{prefix}.index", "rb") as f:
+            while chunk := f.read(1 << 20):
+                crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+    except OSError:
+        return None
+    return f"{size}:{crc:08x}"
 
 
 def on_disk(workdir: str | Path) -> list[int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,15 @@ from common import __version__
 from common.errors import UsageError
 from common.fileio import atomic_write_json
 from common.workdir import RUN_FILE
+
+# Bounds on what is read from run.json: a real one is about 1 kB with at most 10 class names, and
+# a hand-made file with 10^6 names once cost the evaluator 10.5 GB of memory.
+MAX_RUN_FILE_BYTES = 1_000_000
+MAX_CLASS_NAMES = 10_000
+_INT_FIELDS = ("batch_size", "lr_decay_steps", "seed", "train_examples", "unfreeze_at")
+_NUMBER_FIELDS = ("lr", "lr_decay_rate", "l2", "ema_decay", "finetune_lr", "created")
+_TEXT_FIELDS = ("dataset", "model", "version")
+_LIST_FIELDS = {"class_names": str, "classes": int, "freeze": str}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +50,8 @@ class RunSpec:
     created: float = 0.0  # UNIX time of the first start; anchors --keep-every-hours
 
     def __post_init__(self) -> None:
+        self._check_types()
+        self._check_names()
         checks = [
             (self.batch_size > 0, "batch_size", "a positive integer"),
             (self.lr > 0, "lr", "positive"),
@@ -57,6 +69,48 @@ class RunSpec:
                 raise UsageError(f"--{name.replace('_', '-')} ({getattr(self, name)}) must be {what}")
         if self.unfreeze_at and not (self.freeze and self.finetune_lr):
             raise UsageError("--unfreeze-at goes with --freeze and --finetune-lr")
+        self._check_classes()
+
+    def _check_types(self) -> None:
+        """Refuse values of the wrong type (a hand-edited run.json), before any comparison can raise."""
+        for name in _INT_FIELDS:
+            if not _is_int(getattr(self, name)):
+                raise UsageError(f"--{name.replace('_', '-')} ({getattr(self, name)!r}) must be an integer")
+        for name in _NUMBER_FIELDS:
+            value = getattr(self, name)
+            if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value):
+                raise UsageError(f"--{name.replace('_', '-')} ({value!r}) must be a finite number")
+        for name in _TEXT_FIELDS:
+            if not isinstance(getattr(self, name), str):
+                raise UsageError(f"{name} ({getattr(self, name)!r}) must be a string")
+        for name, kind in _LIST_FIELDS.items():
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(_is_int(v) if kind is int else isinstance(v, kind)
+                                                       for v in value):
+                raise UsageError(f"{name} ({_short(value)}) must be a list of {kind.__name__}s")
+
+    def _check_names(self) -> None:
+        """Refuse an unknown dataset or model by name, whatever wrote it."""
+        from common import datasets, models
+
+        datasets.get_info(self.dataset)
+        if self.model not in models.MODELS:
+            raise UsageError(f"unknown model {self.model!r} (choose one of: {', '.join(sorted(models.MODELS))})")
+
+    def _check_classes(self) -> None:
+        """Classes must exist in the dataset, differ, and match the class names one to one."""
+        from common import datasets
+
+        size = len(datasets.get_info(self.dataset).class_names)
+        bad = [c for c in self.classes if not 0 <= c < size]
+        if bad:
+            raise UsageError(f"classes ({list(self.classes)}): {bad[0]} is not a class of {self.dataset} "
+                             f"(0-{size - 1})")
+        if self.classes and (len(set(self.classes)) != len(self.classes) or len(self.classes) < 2):
+            raise UsageError(f"classes ({list(self.classes)}) must name at least two different classes")
+        expected = len(self.classes) or size
+        if len(self.class_names) != expected:
+            raise UsageError(f"class_names has {len(self.class_names)} names but the run has {expected} classes")
 
     @property
     def num_classes(self) -> int:
@@ -85,28 +139,60 @@ class RunSpec:
         return data
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def read_run(workdir: str | Path) -> RunSpec | None:
     """Read `run.json`; None if the workdir has none.
 
     Raises:
-      UsageError: the file is not valid JSON or lacks fields; the message names the file.
+      UsageError: the file is too large, not valid JSON, lacks fields or holds a bad value; the
+        message names the file.
     """
     path = Path(workdir) / RUN_FILE
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as f:
+            raw = f.read(MAX_RUN_FILE_BYTES + 1)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        raise UsageError(f"{path}: unreadable run file ({e.strerror or e})") from e
+    if len(raw) > MAX_RUN_FILE_BYTES:
+        raise UsageError(f"{path}: run file larger than {MAX_RUN_FILE_BYTES:,} bytes; not a run.json of this project")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except ValueError as e:
         raise UsageError(f"{path}: unreadable run file ({e})") from e
     if not isinstance(data, dict):
         raise UsageError(f"{path}: unreadable run file (not a JSON object)")
-    names = {f.name for f in dataclasses.fields(RunSpec)}
     try:
-        return RunSpec(**{k: v for k, v in data.items() if k in names} | {
-            "class_names": tuple(data["class_names"]), "classes": tuple(data.get("classes", ())),
-            "freeze": tuple(data.get("freeze", ()))})
+        return RunSpec(**_fields_from_json(data))
     except (KeyError, TypeError) as e:
         raise UsageError(f"{path}: unreadable run file (missing or bad field: {e})") from e
+    except UsageError as e:
+        raise UsageError(f"{path}: bad run file: {e}") from e
+
+
+def _fields_from_json(data: dict[str, Any]) -> dict[str, Any]:
+    """RunSpec's fields from run.json's object: lists become tuples, unknown keys are ignored."""
+    names = {f.name for f in dataclasses.fields(RunSpec)}
+    fields = {k: v for k, v in data.items() if k in names}
+    if "class_names" not in fields:
+        raise KeyError("class_names")
+    for name in _LIST_FIELDS:
+        value = fields.get(name, [])
+        if not isinstance(value, list):
+            raise UsageError(f"{name} ({_short(value)}) must be a list")
+        if name == "class_names" and len(value) > MAX_CLASS_NAMES:
+            raise UsageError(f"class_names has {len(value):,} names (at most {MAX_CLASS_NAMES:,})")
+        fields[name] = tuple(value)
+    return fields
 
 
 def write_run(workdir: str | Path, spec: RunSpec) -> None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
+
+from common.paths import OutsideError, remove
 
 RUN_FILE = "run.json"  # what the run was trained with (common.runconfig)
 DONE_FILE = "done.json"  # written by the trainer when it reached --steps
@@ -38,6 +41,12 @@ def lease_path(workdir: Path, checkpoint: str, pid: int) -> Path:
     return workdir / EVAL_DIR / LEASE_DIR / f"{checkpoint}@{pid}"
 
 
+def write_lease(path: Path) -> None:
+    """Create a lease file holding this machine's name (so only this machine judges its pid)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(socket.gethostname() + "\n", encoding="utf-8")
+
+
 def leased(workdir: Path) -> set[str]:
     """Checkpoints that a live evaluator process is reading now (leases of dead processes are ignored)."""
     folder = workdir / EVAL_DIR / LEASE_DIR
@@ -47,6 +56,33 @@ def leased(workdir: Path) -> set[str]:
         if pid.isdigit() and pid_alive(int(pid)):
             names.add(name)
     return names
+
+
+def remove_dead_leases(workdir: Path) -> list[str]:
+    """Delete the leases of evaluators of this machine that have exited; return why any was kept.
+
+    A lease names its machine; one from another machine is left alone, since its pid means nothing
+    here. Leases of older versions hold no name and came from this machine.
+    """
+    folder = workdir / EVAL_DIR / LEASE_DIR
+    problems = []
+    for lease in folder.glob("*@*") if folder.is_dir() else []:
+        pid = lease.name.rpartition("@")[2]
+        if not pid.isdigit() or pid_alive(int(pid)) or _lease_host(lease) not in ("", socket.gethostname()):
+            continue
+        try:
+            remove(lease, workdir)
+        except (OutsideError, OSError) as e:
+            problems.append(f"cannot remove the dead evaluator's lease {lease}: {e}")
+    return problems
+
+
+def _lease_host(lease: Path) -> str:
+    try:
+        with open(lease, "rb") as f:
+            return f.read(256).decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
 
 
 def pid_alive(pid: int) -> bool:

@@ -68,6 +68,17 @@ def report(args: argparse.Namespace) -> None:
     print(f"report written to {out}/")
     for path in sorted(out.iterdir()):
         print(f"  {path.name}")
+    _warn_skipped_ledger_lines(args)
+
+
+def _warn_skipped_ledger_lines(args: argparse.Namespace) -> None:
+    """Say that the report left out ledger lines it could not read (not UTF-8, not JSON)."""
+    from evaluator.ledger import Ledger
+
+    ledger = Ledger(args.workdir)
+    ledger.read()
+    if ledger.skipped:
+        print(f"evaluator: warning: skipped {ledger.skipped} unreadable line(s) of {ledger.path}", file=sys.stderr)
 
 
 def export(args: argparse.Namespace) -> None:

@@ -16,6 +16,7 @@ from common.errors import ProjectError
 from common.paths import local_path, local_text
 
 DEFAULT_WORKDIR = Path("runs") / "fashion-mnist-cnn"
+DEFAULT_NICE = 10  # evaluations compute with the CPU the trainer leaves (bench B8 measures the pair)
 EPILOG = "Exit codes: 0 done or stopped by a signal, 2 bad input or nothing to show, 4 no data."
 
 
@@ -44,6 +45,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", action="store_true", help="also show per-class accuracy")
     p.add_argument("--progress", default="auto", choices=["auto", "rich", "plain"],
                    help="watch mode display: a live table on a terminal (auto), or plain lines")
+    r = p.add_argument_group("machine")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="auto: a GPU when TensorFlow sees one (default); cpu: never; gpu: fail without one")
+    r.add_argument("--threads", default="auto", metavar="INTRA[,INTER]",
+                   help="TensorFlow thread pools: threads per op and ops at once (default auto: TF's choice)")
+    r.add_argument("--nice", type=int, default=DEFAULT_NICE,
+                   help=f"niceness of TensorFlow's compute threads, so that a trainer beside it keeps the CPU; "
+                        f"the watch loop keeps the shell's priority (default {DEFAULT_NICE}; 0: unchanged)")
     return p
 
 
@@ -99,9 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     if command == "watch" and args.json and not args.once:
         return _fail("--json goes with --once", 2)
     try:
-        from common.tfenv import quiet_import_tensorflow
+        from common.tfenv import Runtime, configure, quiet_import_tensorflow
 
+        runtime = Runtime()  # report and export: any GPU, with memory growth
+        if command == "watch":
+            runtime = Runtime.from_flags(device=args.device, threads=args.threads, nice=args.nice)
         quiet_import_tensorflow()
+        configure(runtime)
         from evaluator import app
 
         {"watch": app.run, "best": app.show_best, "report": app.report, "export": app.export}[command](args)

@@ -16,7 +16,7 @@ from common.ema import raw_variables, variables_to_restore
 from common.evaluation import Evaluation
 from common.runconfig import RunSpec
 from common.workdir import EVAL_DIR
-from evaluator.ledger import Record
+from evaluator.ledger import FAILED, FINGERPRINT, Record
 from evaluator.snapshot import Gone, snapshot
 
 WEIGHT_CHOICES = {"ema": ("ema",), "raw": ("raw",), "both": ("ema", "raw")}
@@ -45,40 +45,53 @@ class CheckpointEvaluator:
         self.evaluate_model = Evaluation(self.model)
         self.data_fingerprint = fingerprint(split)
 
-    def evaluate(self, name: str, *, committed: float, detected: float,
+    def evaluate(self, name: str, *, committed: float, detected: float, fingerprint: str | None = None,
                  keep: Callable[[Path, list[Record]], None] | None = None) -> list[Record]:
         """Evaluate checkpoint `name` of the workdir; one record per weights kind.
 
         Never raises for a bad checkpoint: a deleted one gives `status: gone`, an unreadable one
-        (truncated, corrupt, missing EMA shadows) `status: error` with the reason. `keep`, if given,
+        (truncated, corrupt, missing EMA shadows) `status: error` with the reason. A problem of this
+        machine rather than of the checkpoint (the snapshot cannot be made: full disk, no permission)
+        gives `status: failed`, which is retried later. Records carry the `.index` fingerprint of the
+        files evaluated (`fingerprint`, the one seen when listing, until then). `keep`, if given,
         is called with the private snapshot's prefix and the ok records before the snapshot is
         removed (it may move the snapshot folder away to keep the files).
         """
-        started = time.time()
-        prefix = checkpoints.resolve(self.workdir, name)
-        base: Record = {
-            "checkpoint": Path(name).name, "step": checkpoints.step_of(name), "split": self.split_name,
-            "committed": committed, "detected": detected, "started": started,
-            "data_fingerprint": self.data_fingerprint, "examples": len(self.split),
-        }
+        base = self._base(name, committed=committed, detected=detected, fingerprint=fingerprint)
         if not checkpoints.inside(self.workdir, name):
-            return self._failed(base, "error", f"refused: the state file's path {name!r} points outside the workdir")
+            return self.unread(name, committed=committed, detected=detected)
         try:
-            with snapshot(prefix, self.workdir / EVAL_DIR) as private:
+            with snapshot(checkpoints.resolve(self.workdir, name), self.workdir / EVAL_DIR) as private:
+                base[FINGERPRINT] = checkpoints.index_fingerprint(private)
                 try:
                     results = [self._evaluate_weights(private, kind) for kind in self.weights]
                 except CheckpointError as e:  # name the checkpoint, not the private snapshot
                     return self._failed(base, "error", str(e).replace(str(private), base["checkpoint"]))
                 finished = time.time()
-                records = [base | r | {"status": "ok", "finished": finished, "eval_secs": finished - started}
+                records = [base | r | {"status": "ok", "finished": finished, "eval_secs": finished - base["started"]}
                            for r in results]
                 if keep is not None:
                     keep(private, records)
                 return records
         except Gone as e:
-            return self._failed(base, "gone", str(e))
+            return self._failed(base | {FINGERPRINT: None}, "gone", str(e))
         except OSError as e:
-            return self._failed(base, "error", f"cannot snapshot {base['checkpoint']}: {e}")
+            return self._failed(base, FAILED, f"cannot snapshot {base['checkpoint']}: {e.strerror or e}")
+
+    def unread(self, name: str, *, committed: float, detected: float) -> list[Record]:
+        """Records for a listed checkpoint that is not there to read: `gone`, or `error` if it lies outside.
+
+        Costs no snapshot, so a state file listing thousands of missing checkpoints is recorded at once.
+        """
+        base = self._base(name, committed=committed, detected=detected, fingerprint=None)
+        if not checkpoints.inside(self.workdir, name):
+            return self._failed(base, "error", f"refused: the state file's path {name!r} points outside the workdir")
+        return self._failed(base, "gone", f"{base['checkpoint']}.index is gone")
+
+    def _base(self, name: str, *, committed: float, detected: float, fingerprint: str | None) -> Record:
+        return {"checkpoint": Path(name).name, "step": checkpoints.step_of(name), "split": self.split_name,
+                "committed": committed, "detected": detected, "started": time.time(),
+                "data_fingerprint": self.data_fingerprint, "examples": len(self.split), FINGERPRINT: fingerprint}
 
     def _evaluate_weights(self, prefix: Path, kind: str) -> Record:
         mapping = variables_to_restore(self.model) if kind == "ema" else raw_variables(self.model)

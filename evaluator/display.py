@@ -17,6 +17,10 @@ from rich.text import Text
 
 from evaluator.rows import Row
 
+# Checkpoints deleted before they could be read have no numbers: past this many, the table shows
+# only the newest (a state file listing 10,000 missing names would otherwise print 10,000 empty rows).
+MAX_GONE_ROWS = 100
+
 
 def _pct(x: float | None, signed: bool = False) -> str:
     if x is None:
@@ -34,9 +38,17 @@ class Display(Protocol):
     def close(self) -> None: ...
 
 
+def _without_old_gone(rows: list[Row]) -> tuple[list[Row], int]:
+    """The rows with only the newest MAX_GONE_ROWS `gone` ones; and how many were left out."""
+    gone = [i for i, row in enumerate(rows) if row.status == "gone"]
+    hidden = set(gone[:-MAX_GONE_ROWS])
+    return [row for i, row in enumerate(rows) if i not in hidden], len(hidden)
+
+
 def render_table(rows: list[Row], *, both: bool, limit: int | None = None) -> Table:
-    """The results table; only the last `limit` rows when given."""
+    """The results table; only the last `limit` rows when given, and only the newest `gone` rows."""
     table = Table(expand=False, header_style="bold")
+    rows, hidden_gone = _without_old_gone(rows)
     names = ["step", "checkpoint", "acc% ema" if both else "acc%"]
     names += ["acc% raw", "ema-raw"] if both else []
     names += ["loss", "Δprev", "best", "eval s", "lag s", "status"]
@@ -44,8 +56,11 @@ def render_table(rows: list[Row], *, both: bool, limit: int | None = None) -> Ta
         table.add_column(name, justify="left" if name in ("checkpoint", "status") else "right",
                          no_wrap=name != "status")
     shown = rows if limit is None or len(rows) <= limit else rows[-limit:]
-    if len(shown) < len(rows):
-        table.caption = f"{len(rows) - len(shown)} earlier rows not shown"
+    captions = [f"{len(rows) - len(shown)} earlier rows not shown"] if len(shown) < len(rows) else []
+    if hidden_gone:
+        captions.append(f"{hidden_gone:,} earlier gone rows not shown (the ledger and --json hold them)")
+    if captions:
+        table.caption = "; ".join(captions)
     for row in shown:
         cells = [str(row.step if row.step is not None else "?"), row.checkpoint, _pct(row.accuracy)]
         if both:

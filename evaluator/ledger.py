@@ -1,7 +1,9 @@
 """`eval/results.jsonl`: every evaluation ever made of a workdir, one JSON object per line.
 
-Each append rewrites the file through a temp file and a rename, under an flock, so a crash never
-leaves half a line and two evaluators never lose each other's rows.
+An append writes whole lines at the end of the file (`O_APPEND`) and fsyncs them, under an flock,
+so it costs the same however long the ledger is, and two evaluators never lose each other's rows.
+A reader keeps what it has parsed and its offset, and later reads only what was appended since.
+A line that is not a JSON object (a torn write, a stray byte) is skipped and counted.
 """
 
 from __future__ import annotations
@@ -10,22 +12,47 @@ import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from pathlib import Path
 from typing import Any
 
-from common.fileio import atomic_write_text
+from common.errors import WorkdirIOError
+from common.fileio import fsync_path
 from common.workdir import EVAL_DIR, LEDGER_FILE
 
 Record = dict[str, Any]
-# What identifies one evaluation: a checkpoint (name + commit time, since a replaced checkpoint
-# keeps its name), the split and the weights.
-KEY_FIELDS = ("checkpoint", "committed", "split", "weights")
+# What identifies a checkpoint's content: its `.index` file (see common.checkpoints.index_fingerprint).
+FINGERPRINT = "index_fingerprint"
+# Not a result: an evaluation that a problem of this machine stopped (full disk, no permission).
+# Such a row does not count as done, so the checkpoint is evaluated again later.
+FAILED = "failed"
+
+
+def version_key(record: Record) -> tuple[Any, ...]:
+    """Which version of a checkpoint a record is about: its name and the content of its `.index`.
+
+    Rows written before the content fingerprint existed are told apart by the commit time instead.
+    """
+    if FINGERPRINT not in record:
+        return (record.get("checkpoint"), "committed", record.get("committed"))
+    return _version(record.get("checkpoint"), record.get(FINGERPRINT), record.get("committed"))
+
+
+def _version(checkpoint: Any, fingerprint: Any, committed: Any) -> tuple[Any, ...]:
+    # Nothing was read of a checkpoint without a fingerprint (gone, refused): its commit time tells them apart.
+    return (checkpoint, "index", fingerprint) if fingerprint is not None else (checkpoint, "unread", committed)
 
 
 def record_key(record: Record) -> tuple[Any, ...]:
-    """The identity of an evaluation (see KEY_FIELDS)."""
-    return tuple(record.get(k) for k in KEY_FIELDS)
+    """The identity of an evaluation: checkpoint version (see version_key), split and weights."""
+    return (*version_key(record), record.get("split"), record.get("weights"))
+
+
+def candidate_keys(checkpoint: str, *, fingerprint: str | None, committed: float, split: str,
+                   weights: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """The keys under which an evaluation of this checkpoint may already be recorded (new, then old rows)."""
+    return ((*_version(checkpoint, fingerprint, committed), split, weights),
+            (checkpoint, "committed", committed, split, weights))
 
 
 class Ledger:
@@ -34,36 +61,128 @@ class Ledger:
     def __init__(self, workdir: Path) -> None:
         self.folder = workdir / EVAL_DIR
         self.path = self.folder / LEDGER_FILE
+        self.skipped = 0  # lines that could not be read (not UTF-8, not a JSON object)
+        self._records: list[Record] = []
+        self._done: set[tuple[Any, ...]] = set()
+        self._failed: set[tuple[Any, ...]] = set()
+        self._offset = 0
+        self._identity: tuple[int, int] | None = None
+        self._tail: Record | None = None  # a complete JSON object after the last newline (a hand edit)
 
     def read(self) -> list[Record]:
-        """All records, oldest first; a line that is not a JSON object is skipped."""
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return []
-        records = []
-        for line in text.splitlines():
-            with contextlib.suppress(ValueError):
-                obj = json.loads(line)
-                if isinstance(obj, dict):
-                    records.append(obj)
-        return records
+        """All records, oldest first."""
+        self._refresh()
+        return self._records + ([self._tail] if self._tail is not None else [])
 
-    def keys(self) -> set[tuple[Any, ...]]:
-        """The identities of every recorded evaluation."""
-        return {record_key(r) for r in self.read()}
+    def keys(self) -> Set[tuple[Any, ...]]:
+        """The identities of every recorded evaluation, except `failed` ones (read-only view)."""
+        self._refresh()
+        return self._done
 
     def append(self, records: list[Record]) -> list[Record]:
-        """Add records whose identity is not yet in the ledger; return those added."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with self._locked():
-            existing = self.read()
-            seen = {record_key(r) for r in existing}
-            new = [r for r in records if record_key(r) not in seen]
-            if new:
-                lines = [json.dumps(r, sort_keys=True) for r in existing + new]
-                atomic_write_text(self.path, "\n".join(lines) + "\n")
+        """Add records whose identity is not yet in the ledger; return those added.
+
+        A `failed` record is added unless the evaluation is done or failed before for the same reason.
+
+        Raises:
+          WorkdirIOError: the ledger cannot be written (full disk, read-only); it is left as it was.
+        """
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with self._locked():
+                self._terminate_torn_line()
+                self._refresh()
+                new = self._new(records)
+                if new:
+                    self._write(b"".join(json.dumps(r, sort_keys=True).encode("utf-8") + b"\n" for r in new))
+                    self._refresh()
+        except OSError as e:
+            raise WorkdirIOError(f"cannot write the ledger {self.path}: {e.strerror or e}") from e
         return new
+
+    def _new(self, records: list[Record]) -> list[Record]:
+        new: list[Record] = []
+        done: set[tuple[Any, ...]] = set()
+        failed: set[tuple[Any, ...]] = set()
+        for r in records:
+            key = record_key(r)
+            if key in self._done or key in done:
+                continue
+            if r.get("status") == FAILED:
+                mark = (*key, r.get("reason"))
+                if mark in self._failed or mark in failed:
+                    continue
+                failed.add(mark)
+            else:
+                done.add(key)
+            new.append(r)
+        return new
+
+    def _refresh(self) -> None:
+        """Parse the complete lines appended since the last read (all of them if the file was replaced)."""
+        try:
+            with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                if (st.st_dev, st.st_ino) != self._identity or st.st_size < self._offset:
+                    self._reset((st.st_dev, st.st_ino))
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            self._reset(None)
+            return
+        end = data.rfind(b"\n") + 1
+        for line in data[:end].splitlines():
+            self._add_line(line)
+        self._offset += end
+        self._tail = _parse(data[end:]) if data[end:].strip() else None
+
+    def _reset(self, identity: tuple[int, int] | None) -> None:
+        self._records, self._done, self._failed = [], set(), set()
+        self._offset, self.skipped, self._identity, self._tail = 0, 0, identity, None
+
+    def _add_line(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        obj = _parse(line)
+        if obj is None:
+            self.skipped += 1
+            return
+        self._records.append(obj)
+        if obj.get("status") == FAILED:
+            self._failed.add((*record_key(obj), obj.get("reason")))
+        else:
+            self._done.add(record_key(obj))
+
+    def _terminate_torn_line(self) -> None:
+        """End a last line that a crashed writer left without its newline, so the next line stays whole."""
+        try:
+            with open(self.path, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                if size == 0 or (f.seek(size - 1), f.read(1))[1] == b"\n":
+                    return
+        except FileNotFoundError:
+            return
+        self._write(b"\n")
+
+    def _write(self, data: bytes) -> None:
+        """Append `data` and fsync it; on failure cut the file back to its old length."""
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
+        if created:
+            fsync_path(self.folder)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -73,3 +192,12 @@ class Ledger:
             yield
         finally:
             os.close(fd)
+
+
+def _parse(line: bytes) -> Record | None:
+    """The JSON object on one line, or None if it is not UTF-8 JSON or not an object."""
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError is a ValueError too
+        return None
+    return obj if isinstance(obj, dict) else None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from evaluator.ledger import Record
+from evaluator.ledger import Record, version_key
 
 
 @dataclasses.dataclass
@@ -17,7 +17,7 @@ class Row:
 
     step: int | None
     checkpoint: str
-    status: str  # ok, gone or error
+    status: str  # ok, gone, error, or failed (a problem of this machine; evaluated again later)
     accuracy: float | None = None  # of the primary weights (EMA unless only raw was asked)
     raw_accuracy: float | None = None  # with --weights both
     loss: float | None = None
@@ -31,10 +31,11 @@ class Row:
 
 def build_rows(records: list[Record], *, split: str, weights: tuple[str, ...]) -> list[Row]:
     """Rows for the records of `split`, in the order the checkpoints were committed."""
-    groups: dict[tuple[Any, Any], dict[str, Record]] = {}
+    groups: dict[tuple[Any, ...], dict[str, Record]] = {}
     for r in records:
         if r.get("split") == split and r.get("weights") in weights:
-            groups.setdefault((r.get("checkpoint"), r.get("committed")), {})[r["weights"]] = r
+            # A later record of the same evaluation (ok after failed) replaces the earlier one.
+            groups.setdefault(version_key(r), {})[r["weights"]] = r
     ordered = sorted(groups.values(), key=lambda g: (next(iter(g.values())).get("committed") or 0))
     rows = [_row(g, weights) for g in ordered if weights[0] in g]
     _mark(rows)

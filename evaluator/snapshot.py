@@ -9,24 +9,35 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from common import checkpoints
-from common.workdir import lease_path
+from common.errors import WorkdirIOError
+from common.paths import OutsideError, remove
+from common.workdir import lease_path, write_lease
 
 
 @contextlib.contextmanager
 def lease(workdir: Path, checkpoint: str) -> Iterator[None]:
-    """Tell the trainer's retention that this process is reading `checkpoint` (see common.workdir.leased)."""
+    """Tell the trainer's retention that this process is reading `checkpoint` (see common.workdir.leased).
+
+    Raises:
+      WorkdirIOError: the lease cannot be written (read-only workdir, full disk).
+    """
     path = lease_path(workdir, checkpoint, os.getpid())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch()
+    try:
+        write_lease(path)
+    except OSError as e:
+        with contextlib.suppress(OSError, OutsideError):
+            remove(path, workdir)  # a half-written lease (full disk) would outlive this process
+        raise WorkdirIOError(f"cannot write the lease {path}: {e.strerror or e}") from e
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
+        # A lease left behind is harmless: it names a dead pid, and the next start removes it.
+        with contextlib.suppress(OSError, OutsideError):
+            remove(path, workdir)
 
 
 class Gone(Exception):
@@ -65,4 +76,4 @@ def snapshot(prefix: Path, scratch: Path) -> Iterator[Path]:
                 raise Gone(f"{file.name} was replaced while being read")
         yield folder / prefix.name
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        remove(folder, scratch)

@@ -11,9 +11,12 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from common.tfenv import quiet_import_tensorflow
+from common.tfenv import Runtime, configure, quiet_import_tensorflow
 
 quiet_import_tensorflow()
+# As the programs do, before the first op: memory growth on any GPU, so that the in-process `cli.main`
+# calls of the tests find the settings they would apply already in place.
+configure(Runtime())
 
 from tests.helpers import make_train_config, write_dataset  # noqa: E402
 

@@ -44,6 +44,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-per-loop", type=int, default=20, help="steps per tf.function call (default 20)")
     p.add_argument("--log-every", type=int, default=100, help="steps between plain log lines (default 100)")
     p.add_argument("--progress", default="auto", choices=["auto", "rich", "plain"], help="display (default auto)")
+    p.add_argument("--threads", default="auto", metavar="INTRA[,INTER]",
+                   help="TensorFlow thread pools: threads per op and ops at once (default auto: TF's choice)")
     t = p.add_argument_group("subsets, warm start and transfer")
     t.add_argument("--classes", help="train on these classes only, relabelled in this order: 5,6,7 or Sandal,Shirt")
     t.add_argument("--train-examples", type=int, help="use only the first N training images (default all)")
@@ -112,9 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         args = parser().parse_args(argv)
-        from common.tfenv import quiet_import_tensorflow
+        from common.tfenv import Runtime, configure, quiet_import_tensorflow
 
+        runtime = Runtime.from_flags(threads=args.threads)
         quiet_import_tensorflow()
+        configure(runtime)
         from trainer.loop import train
 
         cfg = build_config(args)

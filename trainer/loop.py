@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -15,16 +16,19 @@ from common.checkpoints import CheckpointError, State
 from common.errors import DivergedError, UsageError
 from common.evaluation import Evaluation
 from common.fileio import atomic_write_json
+from common.paths import remove
 from common.runconfig import RunSpec, read_run, write_run
 from common.signals import StopRequest, stop_on_signals
-from common.workdir import DONE_FILE, STOP_REQUEST_FILE, TB_DIR, read_json
+from common.workdir import DONE_FILE, HEARTBEAT_FILE, STOP_REQUEST_FILE, TB_DIR, read_json
 from trainer import saver as saver_lib
 from trainer import warmstart
 from trainer.config import TrainConfig
-from trainer.inputs import train_dataset
+from trainer.inputs import steps_per_epoch, train_dataset
 from trainer.lock import WorkdirLock
 from trainer.progress import Heartbeat, Reporter, Tee, TensorBoardLog, log_line, make_reporter
-from trainer.step import TrainState, make_train_loop
+from trainer.step import TrainState, frozen_keys, make_train_loop
+
+SPENT_KEY = "spent_stop_request"  # in done.json and heartbeat.json: the stop request already honoured
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +45,8 @@ class TrainResult:
 
 def warn(text: str) -> None:
     """Print a warning on stderr in the log format."""
-    print(log_line("warning", message=repr(text)), file=sys.stderr, flush=True)
+    with contextlib.suppress(BrokenPipeError):  # a closed stderr must not stop training
+        print(log_line("warning", message=repr(text)), file=sys.stderr, flush=True)
 
 
 def check_workdir(cfg: TrainConfig) -> RunSpec | None:
@@ -52,12 +57,56 @@ def check_workdir(cfg: TrainConfig) -> RunSpec | None:
     existing = read_run(cfg.workdir)
     if existing is not None:
         diffs = existing.differences(cfg.spec)
+        if diffs and all(d.startswith("class_names:") for d in diffs):
+            # No flag sets class names: they follow from the dataset and the classes, so only an
+            # edit of run.json makes them differ.
+            raise UsageError(f"{cfg.workdir}/run.json was edited: its class_names {list(existing.class_names)} "
+                             f"are not the names of its classes {list(cfg.spec.class_names)}; "
+                             "undo the edit or use another --workdir")
         if diffs:
             raise UsageError(f"{cfg.workdir}/run.json disagrees with the flags given ({'; '.join(diffs)}); "
                              "use another --workdir or drop those flags")
     elif checkpoints.on_disk(cfg.workdir) or checkpoints.state_path(cfg.workdir).exists():
         raise UsageError(f"{cfg.workdir} holds checkpoints but no run.json; refusing to guess how they were made")
     return existing
+
+
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """What the checks made before the first write found."""
+
+    existing: RunSpec | None  # the workdir's run.json, if it has one
+    data: datasets.Dataset  # the run's data, restricted to its classes
+    init_plan: warmstart.InitPlan | None  # what --init-from assigns, when it applies
+
+
+def check_inputs(cfg: TrainConfig) -> Checked:
+    """Everything that can reject this start, checked before the workdir is created or written."""
+    existing = check_workdir(cfg)
+    data = cfg.spec.load_data(cfg.data_dir)
+    steps_per_epoch(len(data.train), cfg.spec.batch_size)
+    template = models.build(cfg.spec.model, num_classes=cfg.spec.num_classes)
+    frozen_keys(template.named_variables(), cfg.spec.freeze)
+    if cfg.resume_from is not None:
+        from_prefix(cfg)
+    init_plan = None
+    fresh_workdir = not checkpoints.on_disk(cfg.workdir) and not checkpoints.state_path(cfg.workdir).exists()
+    if cfg.init is not None and fresh_workdir and cfg.resume_from is None:
+        init_plan = warmstart.plan(cfg.init, {f"model/{k}": tuple(v.shape)
+                                              for k, v in template.named_variables().items()})
+    return Checked(existing, data, init_plan)
+
+
+def from_prefix(cfg: TrainConfig) -> Path:
+    """The readable checkpoint that `--from` names (a prefix, or a name in the workdir)."""
+    assert cfg.resume_from is not None
+    prefix = Path(cfg.resume_from)
+    if not Path(f"{prefix}.index").exists() and not prefix.is_absolute():
+        prefix = cfg.workdir / prefix
+    why = checkpoints.check_readable(prefix)
+    if why:
+        raise UsageError(f"--from {cfg.resume_from}: {why}")
+    return prefix
 
 
 def _resume_candidates(workdir: Path) -> tuple[list[str], State | None]:
@@ -89,12 +138,7 @@ def restore(train_state: TrainState, prefix: Path) -> int:
 def find_start(cfg: TrainConfig, train_state: TrainState) -> tuple[str | None, State | None]:
     """Restore the checkpoint to resume from (if any); return its path and the state file's content."""
     if cfg.resume_from is not None:
-        prefix = Path(cfg.resume_from)
-        if not Path(f"{prefix}.index").exists() and not prefix.is_absolute():
-            prefix = cfg.workdir / prefix
-        why = checkpoints.check_readable(prefix)
-        if why:
-            raise UsageError(f"--from {cfg.resume_from}: {why}")
+        prefix = from_prefix(cfg)
         restore(train_state, prefix)
         return str(prefix), _state_or_none(cfg.workdir)
     candidates, state = _resume_candidates(cfg.workdir)
@@ -133,8 +177,13 @@ def _initial_state(workdir: Path, state: State | None) -> State:
 
 
 def run_loop(cfg: TrainConfig, train_state: TrainState, data: datasets.Dataset, saver: saver_lib.CheckpointSaver,
-             reporter: Reporter, stop: StopRequest) -> tuple[int, str | None]:
-    """Train from the restored step to `cfg.steps`; return the last step and the last saved prefix."""
+             reporter: Reporter, stop: StopRequest, *,
+             spent: dict[str, Any] | None = None) -> tuple[int, str | None, dict[str, Any] | None]:
+    """Train from the restored step to `cfg.steps`.
+
+    Returns:
+      The last step, the last saved prefix, and the id of the stop request honoured (if any).
+    """
     step = start = int(train_state.step.numpy())
     strategy = train_state.strategy
     spec = train_state.spec
@@ -142,6 +191,7 @@ def run_loop(cfg: TrainConfig, train_state: TrainState, data: datasets.Dataset, 
     iterator = iter(strategy.experimental_distribute_dataset(ds))
     loops = {False: make_train_loop(train_state, spec.batch_size)}
     last_saved: str | None = None
+    honoured: dict[str, Any] | None = None
     next_save = (step // cfg.save_every + 1) * cfg.save_every
     reporter.start(first_step=step, total_steps=cfg.steps)
     while step < cfg.steps and not stop:
@@ -158,24 +208,68 @@ def run_loop(cfg: TrainConfig, train_state: TrainState, data: datasets.Dataset, 
             raise DivergedError(f"non-finite loss between steps {step} and {step + n}; nothing after "
                                 f"{last_saved or 'the last committed checkpoint'} was saved")
         step += n
-        request = early_stop_request(cfg.workdir, since_step=start)
-        if request:
-            stop.set(f"early stop requested by the evaluator: {request}", finish=True)
+        request = early_stop_request(cfg.workdir, since_step=start, spent=spent)
+        if request is not None and not stop:
+            stop.set(f"early stop requested by the evaluator: {request.get('reason', 'no reason given')}",
+                     finish=True)
+            honoured = request_id(request)
         lr = spec.finetune_lr if finetune else float(train_state.learning_rate(step))
         reporter.update({"step": step, "loss": float(out["loss"]), "steps_per_sec": n / (time.perf_counter() - began),
                          "lr": lr})
         if step >= next_save or step >= cfg.steps or stop:
             last_saved = _save(saver, train_state, step)
             next_save = (step // cfg.save_every + 1) * cfg.save_every
-    return step, last_saved
+    return step, last_saved, honoured
 
 
-def early_stop_request(workdir: Path, *, since_step: int) -> str | None:
-    """The reason of an evaluator's stop request made at or after `since_step`, if there is one."""
+def request_id(request: dict[str, Any]) -> dict[str, Any]:
+    """What tells one stop request from another: the evaluator's step and time."""
+    return {"step": request.get("step"), "time": request.get("time")}
+
+
+def _is_step(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def early_stop_request(workdir: Path, *, since_step: int, spent: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """An evaluator's stop request made at or after `since_step` and not spent already, if there is one."""
     request = read_json(workdir / STOP_REQUEST_FILE)
-    if request is None or int(request.get("step", -1)) < since_step:
+    if request is None or not _is_step(request.get("step")) or request["step"] < since_step:
         return None
-    return str(request.get("reason", "no reason given"))
+    return None if request_id(request) == spent else request
+
+
+def spent_stop_request(workdir: Path) -> dict[str, Any] | None:
+    """The id of the workdir's stop request if a trainer already ended the run for it, or after it.
+
+    A request is honoured once: done.json (or, after a later start removed it, heartbeat.json)
+    records the one a run stopped for, and a run that finished at or past a request's step ended
+    after it anyway. Honouring it again would end every extended run at once.
+    """
+    request = read_json(workdir / STOP_REQUEST_FILE)
+    if request is None:
+        return None
+    ident = request_id(request)
+    done = read_json(workdir / DONE_FILE) or {}
+    beat = read_json(workdir / HEARTBEAT_FILE) or {}
+    if ident in (done.get(SPENT_KEY), beat.get(SPENT_KEY)):
+        return ident
+    if _is_step(ident["step"]) and _is_step(done.get("step")) and ident["step"] <= done["step"]:
+        return ident
+    return None
+
+
+def _announce_stop_request(workdir: Path, start: int, spent: dict[str, Any] | None, reporter: Reporter) -> None:
+    """Say why the workdir's stop request will not stop this run, if it will not."""
+    request = read_json(workdir / STOP_REQUEST_FILE)
+    if request is None:
+        return
+    step = request.get("step")
+    if not isinstance(step, int) or step < start:
+        reporter.message(f"ignoring the evaluator's stop request of step {step} (before step {start})")
+    elif spent is not None:
+        reporter.message(f"ignoring the evaluator's stop request of step {step}: already spent "
+                         "(the run ended at or after it)")
 
 
 def _save(saver: saver_lib.CheckpointSaver, train_state: TrainState, step: int) -> str:
@@ -196,51 +290,34 @@ def train(cfg: TrainConfig, *, reporter: Reporter | None = None, stop: StopReque
           strategy: tf.distribute.Strategy | None = None) -> TrainResult:
     """Train (or resume) the run in `cfg.workdir` and return what happened.
 
+    Every check that can reject the start runs before the workdir is created or written.
+
     Raises:
       UsageError, DataNotFoundError, CheckpointError, DivergedError, WorkdirIOError: see README.
     """
-    existing = check_workdir(cfg)
-    data = cfg.spec.load_data(cfg.data_dir)
-    init_plan = None
-    fresh_workdir = not checkpoints.on_disk(cfg.workdir) and not checkpoints.state_path(cfg.workdir).exists()
-    if cfg.init is not None and fresh_workdir and cfg.resume_from is None:
-        template = models.build(cfg.spec.model, num_classes=cfg.spec.num_classes)
-        init_plan = warmstart.plan(cfg.init, {f"model/{k}": tuple(v.shape)
-                                              for k, v in template.named_variables().items()})
+    checked = check_inputs(cfg)
     reporter = reporter or make_reporter(cfg.progress, cfg.log_every)
     stop = stop or StopRequest()
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     with WorkdirLock(cfg.workdir), stop_on_signals(stop):
-        reporter = Tee(reporter, Heartbeat(cfg.workdir), TensorBoardLog(cfg.workdir / TB_DIR / "train"))
-        spec = existing or dataclasses.replace(cfg.spec, created=time.time())
-        if existing is None:
-            write_run(cfg.workdir, spec)
-        leftovers = saver_lib.clean_leftovers(cfg.workdir)
+        spec = checked.existing or dataclasses.replace(cfg.spec, created=time.time())
         train_state = TrainState(spec, strategy or tf.distribute.get_strategy())
         resumed_from, state = find_start(cfg, train_state)
+        if checked.existing is None:
+            write_run(cfg.workdir, spec)
         start = int(train_state.step.numpy())
-        reporter.message(f"resumed from {Path(resumed_from).name} (step {start})" if resumed_from else "starting fresh")
-        if cfg.init is not None and init_plan is None:
-            reporter.message("--init-from ignored: this run continues from its own checkpoints")
-        if init_plan is not None:
-            warmstart.apply(init_plan, {f"model/{k}": v for k, v in train_state.model.named_variables().items()},
-                            cfg.init.weights if cfg.init else "ema")
-            train_state.ema.reset()
-            for line in init_plan.table():
-                reporter.message(line)
-        if leftovers:
-            reporter.message(f"removed leftovers of an interrupted save: {', '.join(sorted(leftovers))}")
-        reporter.message(f"data: {spec.dataset} from {data.source} (train {len(data.train)}, "
-                         f"validation {len(data.validation)}, test {len(data.test)})")
-        (cfg.workdir / DONE_FILE).unlink(missing_ok=True)
-        stale = read_json(cfg.workdir / STOP_REQUEST_FILE)
-        if stale is not None and int(stale.get("step", -1)) < start:
-            reporter.message(f"ignoring the evaluator's stop request of step {stale.get('step')} (before step {start})")
-        saver = saver_lib.CheckpointSaver(cfg.workdir, train_state.checkpoint,
-                                          state=_initial_state(cfg.workdir, state), keep=cfg.keep,
-                                          keep_every_hours=cfg.keep_every_hours, anchor=spec.created)
+        saver = _prepare(cfg, checked, train_state, resumed_from, state, reporter)
+        spent = spent_stop_request(cfg.workdir)
+        _announce_stop_request(cfg.workdir, start, spent, reporter)
+        heartbeat = Heartbeat(cfg.workdir, extra={SPENT_KEY: spent} if spent else None)
+        # Written before done.json goes, so that a spent request stays on record if this run is killed.
+        heartbeat.start(first_step=start, total_steps=cfg.steps)
+        remove(cfg.workdir / DONE_FILE, cfg.workdir)
+        reporter = Tee(reporter, heartbeat, TensorBoardLog(cfg.workdir / TB_DIR / "train"))
         try:
-            step, last_saved = run_loop(cfg, train_state, data, saver, reporter, stop)
+            step, last_saved, honoured = run_loop(cfg, train_state, checked.data, saver, reporter, stop, spent=spent)
+            if honoured:
+                heartbeat.extra[SPENT_KEY] = honoured
         finally:
             reporter.close()
         final = last_saved or resumed_from
@@ -249,12 +326,46 @@ def train(cfg: TrainConfig, *, reporter: Reporter | None = None, stop: StopReque
             return TrainResult(start, step, resumed_from, stop.reason, final, {})
         if stop:
             reporter.message(f"stopped early at step {step}: {stop.reason}; saved {Path(final or '-').name}")
-        metrics = final_metrics(train_state, data)
+        metrics = final_metrics(train_state, checked.data)
         _report_final(reporter, step, metrics)
+        # The request this run stopped for, else the one it found spent: neither stops a later run.
         atomic_write_json(cfg.workdir / DONE_FILE, {"step": step, "checkpoint": Path(final or "").name,
                                                      "time": time.time(), "stop_reason": stop.reason,
-                                                     "ema_metrics": metrics})
+                                                     "ema_metrics": metrics, SPENT_KEY: honoured or spent})
         return TrainResult(start, step, resumed_from, stop.reason, final, metrics)
+
+
+def _prepare(cfg: TrainConfig, checked: Checked, train_state: TrainState, resumed_from: str | None,
+             state: State | None, reporter: Reporter) -> saver_lib.CheckpointSaver:
+    """Report the start, apply --init-from, tidy the workdir and return the saver."""
+    leftovers = saver_lib.clean_leftovers(cfg.workdir)
+    start = int(train_state.step.numpy())
+    reporter.message(f"resumed from {Path(resumed_from).name} (step {start})" if resumed_from else "starting fresh")
+    if cfg.init is not None and checked.init_plan is None:
+        reporter.message("--init-from ignored: this run continues from its own checkpoints")
+    if checked.init_plan is not None:
+        warmstart.apply(checked.init_plan,
+                        {f"model/{k}": v for k, v in train_state.model.named_variables().items()},
+                        cfg.init.weights if cfg.init else "ema")
+        train_state.ema.reset()
+        for line in checked.init_plan.table():
+            reporter.message(line)
+    if leftovers:
+        reporter.message(f"removed leftovers of an interrupted save: {', '.join(sorted(leftovers))}")
+    saver = saver_lib.CheckpointSaver(cfg.workdir, train_state.checkpoint, state=_initial_state(cfg.workdir, state),
+                                      keep=cfg.keep, keep_every_hours=cfg.keep_every_hours,
+                                      anchor=train_state.spec.created)
+    if state is not None:
+        spared = frozenset({Path(resumed_from).name}) if resumed_from else frozenset()
+        gone = saver.remove_unlisted(spared)
+        if gone:
+            shown = ", ".join(gone[:5]) + (f" and {len(gone) - 5} more" if len(gone) > 5 else "")
+            reporter.message(f"removed {len(gone)} checkpoint(s) that the state file no longer lists "
+                             f"(left by an interrupted save): {shown}")
+    data = checked.data
+    reporter.message(f"data: {train_state.spec.dataset} from {data.source} (train {len(data.train)}, "
+                     f"validation {len(data.validation)}, test {len(data.test)})")
+    return saver
 
 
 def _report_final(reporter: Reporter, step: int, metrics: dict[str, Any]) -> None:

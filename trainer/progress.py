@@ -28,6 +28,29 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+STDOUT_CLOSED = "stdout was closed (a pipe reader such as `head` exited); training goes on, output goes to stderr"
+
+
+def stream_closed(stream: Any) -> Any:
+    """After EPIPE on `stream`, the stream to write to instead: stderr, said once on stderr.
+
+    A closed stdout or stderr is pointed at /dev/null: Python flushes them again at exit, and
+    that flush failing too would end a run that went well with status 120. When stderr is the
+    closed one (`2>&1 | head`), output goes on into /dev/null.
+    """
+    std = any(stream is s for s in (sys.stdout, sys.__stdout__, sys.stderr, sys.__stderr__))
+    if std:
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+    if stream is sys.stderr or stream is sys.__stderr__:
+        return stream
+    with contextlib.suppress(OSError):
+        print(log_line("warning", message=repr(STDOUT_CLOSED)), file=sys.stderr, flush=True)
+    return sys.stderr
+
+
 class Reporter(Protocol):
     """What the training loop talks to."""
 
@@ -46,6 +69,15 @@ class PlainLog:
         self._next = 0
         self._total = 0
 
+    def _print(self, text: str) -> None:
+        """Print a line; when the reader of a pipe has gone, say so once and go on on stderr."""
+        try:
+            print(text, file=self.stream, flush=True)
+        except BrokenPipeError:
+            self.stream = stream_closed(self.stream)
+            with contextlib.suppress(BrokenPipeError):
+                print(text, file=self.stream, flush=True)
+
     def start(self, *, first_step: int, total_steps: int) -> None:
         self._next = (first_step // self.every + 1) * self.every
         self._total = total_steps
@@ -55,10 +87,10 @@ class PlainLog:
         if step < self._next and step < self._total:
             return
         self._next = (step // self.every + 1) * self.every
-        print(log_line("progress", **metrics), file=self.stream, flush=True)
+        self._print(log_line("progress", **metrics))
 
     def message(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        self._print(text)
 
     def close(self) -> None:
         pass
@@ -68,7 +100,7 @@ class RichBar:
     """A live bar with step, steps/s, loss and ETA, for a terminal."""
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console()
+        self.console = console or _PipeSafeConsole()
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[rate]:>7.1f} steps/s"), TextColumn("loss {task.fields[loss]:.4f}"),
@@ -92,6 +124,13 @@ class RichBar:
         self.progress.stop()
 
 
+class _PipeSafeConsole(Console):
+    """A console that, when its pipe's reader has gone, goes on on stderr instead of exiting (Rich's default)."""
+
+    def on_broken_pipe(self) -> None:
+        self.file = stream_closed(self.file)
+
+
 def make_reporter(kind: str, log_every: int) -> Reporter:
     """`rich` on a terminal (or when asked), else plain lines."""
     if kind == "rich" or (kind == "auto" and sys.stdout.isatty()):
@@ -103,11 +142,13 @@ class Heartbeat:
     """Rewrites `heartbeat.json` (step, steps/s, loss, time) at most once per `every_secs`.
 
     The evaluator reads it to show the trainer's status; it is a consumer like any display.
+    `extra` fields go into every write (the trainer keeps its spent stop request there).
     """
 
-    def __init__(self, workdir: Path, every_secs: float = 1.0) -> None:
+    def __init__(self, workdir: Path, every_secs: float = 1.0, extra: dict[str, Any] | None = None) -> None:
         self.path = workdir / HEARTBEAT_FILE
         self.every_secs = every_secs
+        self.extra = dict(extra or {})
         self._last = 0.0
         self._total = 0
 
@@ -127,7 +168,7 @@ class Heartbeat:
 
     def _write(self, fields: dict[str, Any]) -> None:
         self._last = time.monotonic()
-        payload = {"pid": os.getpid(), "time": time.time(), "total_steps": self._total, **fields}
+        payload = {"pid": os.getpid(), "time": time.time(), "total_steps": self._total, **self.extra, **fields}
         with contextlib.suppress(OSError):  # a missed heartbeat must never stop training
             atomic_write_json(self.path, payload)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from common import checkpoints
 from common.checkpoints import State
 from common.errors import WorkdirIOError
 from common.fileio import fsync_path, leftover_temp_files
+from common.paths import OutsideError, remove
 from common.workdir import leased, read_best
 
 
@@ -32,15 +32,18 @@ def select_kept(
 ) -> tuple[list[tuple[str, float]], float]:
     """Choose which checkpoints stay, oldest first.
 
-    The newest `keep` stay (all when `keep` is 0). Of the older ones, one stays every
-    `keep_every_hours`, counted from `anchor` (the run's first start), like TF's
-    `keep_checkpoint_every_n_hours`. The choice for an old checkpoint never changes later.
-    `protected` ones (the evaluator's best, those being read) stay whatever else applies.
+    `entries` come in save order: the state file's order, the new checkpoint last. Timestamps do
+    not decide the order, since a clock stepped back once made the new checkpoint look oldest, so
+    that it was dropped and retention stopped deleting. The newest `keep` stay (all when `keep` is
+    0), so the new checkpoint always stays. Of the older ones, one stays every `keep_every_hours`,
+    counted from `anchor` (the run's first start), like TF's `keep_checkpoint_every_n_hours`. The
+    choice for an old checkpoint never changes later. `protected` ones (the evaluator's best,
+    those being read) stay whatever else applies.
 
     Returns:
       The kept (path, timestamp) pairs in save order, and the last preserved timestamp.
     """
-    ordered = sorted(entries, key=lambda e: e[1])
+    ordered = list(entries)
     recent = ordered if keep == 0 else ordered[-keep:]
     older = ordered[: len(ordered) - len(recent)]
     last = anchor
@@ -117,30 +120,58 @@ class CheckpointSaver:
             self.state = State(latest=latest, paths=paths, timestamps=stamps,
                                last_preserved_timestamp=self.state.last_preserved_timestamp)
             if latest is None:
-                checkpoints.state_path(self.workdir).unlink(missing_ok=True)
+                remove(checkpoints.state_path(self.workdir), self.workdir)
             else:
                 checkpoints.write_state(self.workdir, self.state)
         self._delete(name)
 
+    def remove_unlisted(self, keep: frozenset[str] = frozenset()) -> list[str]:
+        """Delete checkpoints the state file lost track of (older than its newest); return their names.
+
+        A kill between the state-file rename and the deletes of a save leaves such files behind.
+        Protected ones and `keep` (the checkpoint resumed from) stay.
+        """
+        spared = self.protected() | keep
+        gone = [name for name in unlisted(self.workdir, self.state) if name not in spared]
+        for name in gone:
+            try:
+                self._delete(name)
+            except OSError as e:
+                raise WorkdirIOError(f"removing {name}, which the state file no longer lists: {e.strerror or e}") from e
+        return gone
+
     def _delete(self, path: str) -> None:
-        """Delete a checkpoint's files, only if it lies in this workdir."""
+        """Delete a checkpoint's files, only if they lie in this workdir."""
         prefix = checkpoints.resolve(self.workdir, path)
-        if prefix.parent.resolve() != self.workdir.resolve():
-            return
         for file in checkpoints.files_of(prefix):
-            file.unlink(missing_ok=True)
+            try:
+                remove(file, self.workdir)
+            except OutsideError:
+                return
+
+
+def unlisted(workdir: Path, state: State) -> list[str]:
+    """Checkpoints on disk that `state` does not list and whose step is below the newest it lists."""
+    named = [state.latest or "", *state.paths]
+    listed = {Path(p).name for p in named if p and checkpoints.inside(workdir, p)}
+    newest = max((s for s in map(checkpoints.step_of, listed) if s is not None), default=None)
+    if newest is None:
+        return []
+    names = (checkpoints.name_for(s) for s in checkpoints.on_disk(workdir) if s < newest)
+    return [n for n in names if n not in listed]
 
 
 def clean_leftovers(workdir: Path) -> list[str]:
     """Remove what an interrupted save left: TF's `<name>_temp/` folders and our temp files."""
+    found = [f for f in workdir.glob(f"{checkpoints.PREFIX}-*_temp") if f.is_dir()]
+    found += list(leftover_temp_files(workdir))
     removed = []
-    for folder in workdir.glob(f"{checkpoints.PREFIX}-*_temp"):
-        if folder.is_dir():
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder.name)
-    for file in leftover_temp_files(workdir):
-        file.unlink(missing_ok=True)
-        removed.append(file.name)
+    for path in found:
+        try:
+            remove(path, workdir)
+        except OutsideError:
+            continue
+        removed.append(path.name)
     return removed
 
 

@@ -7,6 +7,7 @@ Everything here is built under `strategy.scope()` and stepped through `strategy.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable
 from typing import Any
 
 import tensorflow as tf
@@ -44,6 +45,19 @@ class Adam(tf.Module):
         self.iterations.assign_add(1)
 
 
+def frozen_keys(names: Iterable[str], patterns: tuple[str, ...]) -> frozenset[str]:
+    """The variable keys (`conv1/kernel`) that `--freeze` patterns (`model/conv*`) select.
+
+    Raises:
+      UsageError: a pattern matches no variable.
+    """
+    names = list(names)
+    unused = [p for p in patterns if not any(fnmatch.fnmatchcase(f"model/{k}", p) for k in names)]
+    if unused:
+        raise UsageError(f"--freeze {unused[0]}: matches no model variable (they are model/<layer>/<kernel|bias>)")
+    return frozenset(k for k in names if any(fnmatch.fnmatchcase(f"model/{k}", p) for p in patterns))
+
+
 class TrainState:
     """The model, its EMA, the optimizer and the step counter, tracked by one checkpoint."""
 
@@ -55,11 +69,7 @@ class TrainState:
             self.ema = MovingAverage(self.model, decay=spec.ema_decay)
             self.optimizer = Adam(self.model.named_variables())
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, aggregation=_FIRST_REPLICA)
-        named = self.model.named_variables()
-        self.frozen = frozenset(k for k in named if any(fnmatch.fnmatchcase(f"model/{k}", p) for p in spec.freeze))
-        unused = [p for p in spec.freeze if not any(fnmatch.fnmatchcase(f"model/{k}", p) for k in named)]
-        if unused:
-            raise UsageError(f"--freeze {unused[0]}: matches no model variable (they are model/<layer>/<kernel|bias>)")
+        self.frozen = frozen_keys(self.model.named_variables(), spec.freeze)
         self.checkpoint = tf.train.Checkpoint(**{
             checkpoints.STEP_KEY: self.step,
             checkpoints.MODEL_KEY: self.model,
