@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 STEPS_FLAG := $(if $(STEPS),--steps $(STEPS),)
 STAMP := $(VENV)/.installed
 
-.PHONY: install data train eval-watch eval-once test lint clean predict export soak bench
+.PHONY: install data train eval-watch eval-once test lint clean predict export soak bench gpu-check
 
 install: $(STAMP)
 
@@ -56,6 +56,10 @@ export: install
 soak: install
 	$(BIN)/python -m tests.fault.storm --kills 300
 
-# Benchmarks B1-B7 against Keras fit/evaluate and tf.train.checkpoints_iterator (about 10 minutes).
+# Benchmarks B1-B9 against Keras fit/evaluate, tf.train.checkpoints_iterator and the trainer alone (about 15 minutes).
 bench: data
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# On a machine with one GPU: training, the pair and evaluation on the GPU (under 5 minutes); figures in bench/gpu/.
+gpu-check: data
+	PYTHON=$(BIN)/python bench/gpu_check.sh

@@ -149,38 +149,86 @@ def eval_batch_sizes(data: datasets.Dataset, spec: RunSpec, sizes: tuple[int, ..
     return out
 
 
+# tf.train.checkpoints_iterator as its users run it. It says when it is ready (TF imported), so that the
+# trainer starts after it and its start-up is not counted; it ends once the bench has written the stop file
+# and it has yielded the newest checkpoint, however long the run takes (a fixed timeout yielded nothing
+# on a slow CPU, where the first checkpoint came later than the timeout). It polls once a second, as
+# checkpoints_iterator does by default; a timeout under its 1 s sleep would make it poll in a busy loop.
 ITERATOR_CONSUMER = """
-import sys, time, json
+import json, sys, time
+from pathlib import Path
 import tensorflow as tf
-for path in tf.train.checkpoints_iterator(sys.argv[1], min_interval_secs=1, timeout=float(sys.argv[2])):
+workdir, stop = sys.argv[1], Path(sys.argv[2])
+last = [None]
+def finished():
+    return stop.exists() and tf.train.latest_checkpoint(workdir) == last[0]
+print(json.dumps({"ready": time.time()}), flush=True)
+for path in tf.train.checkpoints_iterator(workdir, min_interval_secs=1, timeout=5, timeout_fn=finished):
+    last[0] = path
     print(json.dumps({"path": path, "seen": time.time()}), flush=True)
 """
 
 
-def detection_latency(workdir: Path, data_dir: str | None, *, model: str, steps: int,
-                      save_every: int) -> dict[str, Any]:
+def wait_for_output(path: Path, proc: subprocess.Popen[Any], what: str, budget: float = 600.0) -> None:
+    """Wait until `proc` has written its first line to `path` (it is started and ready)."""
+    deadline = time.monotonic() + budget
+    while not (path.exists() and path.read_text().strip()):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited {proc.returncode} before it was ready")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} was not ready after {budget:.0f} s")
+        time.sleep(0.05)
+
+
+def _stop(proc: subprocess.Popen[Any], budget: float) -> None:
+    """Wait up to `budget` seconds for `proc` to end, then end it."""
+    try:
+        proc.wait(timeout=budget)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def detection_latency(workdir: Path, data_dir: str | None, *, model: str, steps: int, save_every: int,
+                      evaluator_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """State-file commit -> restore start for our evaluator, and commit -> yield for checkpoints_iterator."""
     data = ["--data-dir", data_dir] if data_dir else []
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    evaluator = subprocess.Popen([sys.executable, "-m", "evaluator.cli", "--workdir", str(workdir),
-                                  "--exit-when-done", "--progress", "plain", *data], stdout=subprocess.DEVNULL, env=env,
-                                 cwd=REPO)
-    iterator_log = workdir.parent / "iterator.jsonl"
-    with open(iterator_log, "w") as log:
-        iterator = subprocess.Popen([sys.executable, "-c", ITERATOR_CONSUMER, str(workdir), "5"], stdout=log,
-                                    stderr=subprocess.DEVNULL, env=env)
-        subprocess.run([sys.executable, "-m", "trainer.cli", "--workdir", str(workdir), "--model", model,
-                        "--steps", str(steps), "--save-every", str(save_every), "--keep", "0", "--progress", "plain",
-                        "--log-every", str(10**9), *data], check=True, stdout=subprocess.DEVNULL, env=env, cwd=REPO)
-        evaluator.wait(timeout=600)
-        iterator.wait(timeout=600)
+    logs = workdir.parent
+    stop_file, iterator_log, evaluator_log = logs / "iterator.stop", logs / "iterator.jsonl", logs / "evaluator.log"
+    with open(iterator_log, "w") as it_out, open(evaluator_log, "w") as ev_out:
+        evaluator = subprocess.Popen([sys.executable, "-m", "evaluator.cli", "--workdir", str(workdir),
+                                      "--exit-when-done", "--progress", "plain", *data, *evaluator_args],
+                                     stdout=ev_out, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
+        iterator = subprocess.Popen([sys.executable, "-c", ITERATOR_CONSUMER, str(workdir), str(stop_file)],
+                                    stdout=it_out, stderr=subprocess.DEVNULL, env=env)
+        train_secs = None
+        try:
+            wait_for_output(iterator_log, iterator, "the checkpoints_iterator consumer")
+            wait_for_output(evaluator_log, evaluator, "the evaluator")
+            began = time.monotonic()
+            subprocess.run([sys.executable, "-m", "trainer.cli", "--workdir", str(workdir), "--model", model,
+                            "--steps", str(steps), "--save-every", str(save_every), "--keep", "0", "--progress",
+                            "plain", "--log-every", str(10**9), *data], check=True, stdout=subprocess.DEVNULL,
+                           env=env, cwd=REPO)
+            train_secs = time.monotonic() - began
+            stop_file.touch()
+        finally:
+            # Both follow the run to its end; what they still owe after it is at most a few evaluations
+            # (ours) or one poll interval (the iterator), so the grace scales with the run's own length.
+            _stop(evaluator, 0 if train_secs is None else 60 + train_secs)
+            _stop(iterator, 0 if train_secs is None else 60)
     state = checkpoints.read_state(workdir)
     assert state is not None
     committed = {Path(p).name: state.timestamp_of(p) for p in state.paths}
     rows = [json.loads(line) for line in (workdir / "eval" / "results.jsonl").read_text().splitlines()]
     ours = [1000 * (r["started"] - r["committed"]) for r in rows if r["status"] == "ok"]
-    theirs = [1000 * (json.loads(line)["seen"] - committed[Path(json.loads(line)["path"]).name])
-              for line in iterator_log.read_text().splitlines()]
+    seen = [json.loads(line) for line in iterator_log.read_text().splitlines()]
+    theirs = [1000 * (s["seen"] - committed[Path(s["path"]).name]) for s in seen if "path" in s]
     return {"ours_ms": ours, "iterator_ms": theirs, "checkpoints": len(committed),
             "iterator_yielded": len(theirs), "ours_evaluated": len(ours)}
 
@@ -299,3 +347,104 @@ def run_in_thread(fn: Any) -> Any:
     thread.start()
     thread.join()
     return box[0]
+
+
+# B1 and B9 in a fresh process: TF reads TF_ENABLE_ONEDNN_OPTS once, at import, so each oneDNN setting
+# needs its own process. tensorflow is imported first and directly, so that the variable is read exactly
+# as this process's environment has it (the project's import would set it to 1 where it is unset).
+THROUGHPUT_PROCESS = """
+import json, sys
+import tensorflow
+from bench.figures import throughput_process
+print(json.dumps(throughput_process(json.loads(sys.argv[1]))))
+"""
+
+
+def throughput_process(params: dict[str, Any]) -> dict[str, Any]:
+    """In this process: ours and Keras fit (images/s) alternately, then the B9 matmul peak if asked."""
+    from bench import flops
+    from common import models
+    from common.tfenv import Runtime, configure
+
+    setup = configure(Runtime(device=params["device"]))
+    out: dict[str, Any] = {"onednn": setup.onednn, "device": setup.device, "gpus": list(setup.gpus)}
+    if params.get("only_if_onednn_off") and setup.onednn:
+        return out  # the same configuration as the oneDNN-on process: nothing new to measure
+    data = datasets.load("fashion-mnist", params["data_dir"])
+    spec = spec_for(params["model"], "fashion-mnist")
+    steps = params["steps"]
+    samples: dict[str, list[float]] = {"ours": [], "keras_fit_default": [], "keras_fit_no_jit": []}
+    for _ in range(params["repeats"]):  # alternate, so that drift hits all three alike
+        samples["ours"].append(ours_images_per_sec(data, spec, steps))
+        samples["keras_fit_default"].append(keras_fit_images_per_sec(data, steps, jit_compile="auto"))
+        samples["keras_fit_no_jit"].append(keras_fit_images_per_sec(data, steps, jit_compile=False))
+    out |= samples
+    if params.get("matmul_size"):
+        out["matmul_gflops"] = flops.matmul_gflops(params["matmul_size"], params["matmul_repeats"])
+        out["flops"] = flops.training_flops(models.build(params["model"]), datasets.IMAGE_SIZE)
+    return out
+
+
+def run_throughput_process(onednn: str | None, params: dict[str, Any]) -> dict[str, Any]:
+    """Run `throughput_process` with TF_ENABLE_ONEDNN_OPTS set to `onednn` (None: unset, TF's default)."""
+    from common.tfenv import ONEDNN_VAR
+
+    env = {k: v for k, v in os.environ.items() if k != ONEDNN_VAR} | {"TF_CPP_MIN_LOG_LEVEL": "2"}
+    if onednn is not None:
+        env[ONEDNN_VAR] = onednn
+    out = subprocess.run([sys.executable, "-c", THROUGHPUT_PROCESS, json.dumps(params)], capture_output=True,
+                         text=True, cwd=REPO, env=env)
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"the measuring process exited {out.returncode}: {last}"}
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _timed_trainer(workdir: Path, args: list[str], env: dict[str, str]) -> float:
+    """Wall time of one trainer process, from launch to exit, as `make train` would see it."""
+    began = time.monotonic()
+    subprocess.run([sys.executable, "-m", "trainer.cli", "--workdir", str(workdir), *args], check=True,
+                   stdout=subprocess.DEVNULL, env=env, cwd=REPO)
+    return time.monotonic() - began
+
+
+def pair_wall_time(root: Path, args: list[str], evaluator_args: list[str], data_dir: str | None) -> dict[str, Any]:
+    """B8: the trainer alone, then the trainer with an evaluator watching beside it (`make eval-watch`).
+
+    `args` are the trainer's flags beyond the workdir (none: `make train`'s defaults). The evaluator
+    starts first and is ready before the trainer starts, as when `make eval-watch` is already running.
+    """
+    data = ["--data-dir", data_dir] if data_dir else []
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    alone = _timed_trainer(root / "alone", [*args, *data], env)
+    workdir, log_path = root / "pair", root / "evaluator.log"
+    with open(log_path, "w") as log:
+        evaluator = subprocess.Popen([sys.executable, "-m", "evaluator.cli", "--workdir", str(workdir),
+                                      "--exit-when-done", "--progress", "plain", *data, *evaluator_args],
+                                     stdout=log, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
+        paired = None
+        try:
+            wait_for_output(log_path, evaluator, "the evaluator")
+            paired = _timed_trainer(workdir, [*args, *data], env)
+        finally:
+            # Once training is over the evaluator owes at most the evaluations still queued; each took a
+            # fraction of the run, so the run's own length bounds them.
+            _stop(evaluator, 0 if paired is None else 60 + paired)
+    return {"alone_s": alone, "pair_s": paired, "evaluator_exit": evaluator.returncode,
+            **evaluated_checkpoints(workdir, args)}
+
+
+def evaluated_checkpoints(workdir: Path, args: list[str]) -> dict[str, Any]:
+    """Which of the run's checkpoints the evaluator evaluated, and the lag from commit to result (s)."""
+    from trainer.cli import parser
+    from trainer.config import DEFAULT_STEPS
+
+    flags = parser().parse_args([*args, "--workdir", str(workdir)])
+    final = json.loads((workdir / "done.json").read_text())["step"]
+    steps = flags.steps or DEFAULT_STEPS
+    expected = {f"model-{s}" for s in range(flags.save_every, steps + 1, flags.save_every)} | {f"model-{final}"}
+    ledger = workdir / "eval" / "results.jsonl"
+    rows = [json.loads(line) for line in ledger.read_text().splitlines()] if ledger.exists() else []
+    ok = {r["checkpoint"]: r["finished"] - r["committed"] for r in rows if r["status"] == "ok"}
+    return {"checkpoints": len(expected), "evaluated": len(expected & set(ok)),
+            "missing": sorted(expected - set(ok)), "lag_s": [ok[name] for name in sorted(expected & set(ok))]}
