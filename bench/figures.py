@@ -238,7 +238,8 @@ import json, sys, resource
 from pathlib import Path
 from common.tfenv import quiet_import_tensorflow
 quiet_import_tensorflow()
-from evaluator.session import EvalConfig, Session
+from evaluator.config import EvalConfig
+from evaluator.session import Session
 def rss_mb():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):

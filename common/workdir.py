@@ -1,4 +1,7 @@
-"""Names of the files the two programs share inside a workdir (besides checkpoints and the state file)."""
+"""Names of the files the two programs share inside a workdir (besides checkpoints and the state file).
+
+What the shared files hold, and their typed reads and writes, is in `common.protocol`.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,11 @@ DONE_FILE = "done.json"  # written by the trainer when it reached --steps
 HEARTBEAT_FILE = "heartbeat.json"  # the trainer's last step, speed and time, rewritten about once a second
 EVAL_DIR = "eval"  # everything the evaluator writes
 LEDGER_FILE = "results.jsonl"  # eval/results.jsonl: one JSON object per evaluation
+STOP_REQUEST_FILE = "stop_request.json"  # written by the evaluator (--patience) to stop the trainer early
+BEST_LINK = "best"  # eval/best -> eval/best-<step>-<id>/: the best checkpoint's files and its best.json
+BEST_JSON = "best.json"  # eval/best.json -> best/best.json, so both always change together
+LEASE_DIR = "leases"  # eval/leases/<checkpoint>@<pid>: checkpoints an evaluator is reading
+TB_DIR = "tb"  # TensorBoard logs: tb/train from the trainer, tb/eval from the evaluator
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -24,15 +32,10 @@ def read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-STOP_REQUEST_FILE = "stop_request.json"  # written by the evaluator (--patience) to stop the trainer early
-BEST_LINK = "best"  # eval/best -> eval/best-<step>-<id>/: the best checkpoint's files and its best.json
-BEST_JSON = "best.json"  # eval/best.json -> best/best.json, so both always change together
-LEASE_DIR = "leases"  # eval/leases/<checkpoint>@<pid>: checkpoints an evaluator is reading
-TB_DIR = "tb"  # TensorBoard logs: tb/train from the trainer, tb/eval from the evaluator
 
 
 def read_best(workdir: Path) -> dict[str, Any] | None:
-    """The best checkpoint's entry (eval/best.json), or None if there is none yet."""
+    """The best checkpoint's entry (eval/best.json) as written, or None (typed: common.protocol.BestEntry)."""
     return read_json(workdir / EVAL_DIR / BEST_JSON)
 
 

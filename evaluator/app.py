@@ -9,10 +9,11 @@ import sys
 from rich.console import Console, Group
 
 from common.errors import UsageError
+from common.protocol import BestEntry
 from common.signals import StopRequest, stop_on_signals
-from common.workdir import read_best
+from evaluator.config import EvalConfig
 from evaluator.display import Display, LiveTable, PlainLines, header_text, per_class_tables, render_table
-from evaluator.session import EvalConfig, json_lines, run_once, run_watch
+from evaluator.loop import json_lines, run_once, run_watch
 
 
 def config_from(args: argparse.Namespace) -> EvalConfig:
@@ -50,14 +51,14 @@ def run(args: argparse.Namespace) -> None:
 
 
 def show_best(args: argparse.Namespace) -> None:
-    best = read_best(args.workdir)
+    best = BestEntry.read(args.workdir)
     if best is None:
         raise UsageError(f"{args.workdir}: no best checkpoint yet (the evaluator keeps it from validation results)")
     if args.json:
-        print(json.dumps(best, sort_keys=True))
+        print(json.dumps(best.to_json(), sort_keys=True))
         return
-    print(f"best: {best['checkpoint']} (step {best['step']}) {best['split']} accuracy "
-          f"{100 * best['accuracy']:.2f}% loss {best['loss']:.4f} ({best['weights']} weights), kept in "
+    print(f"best: {best.checkpoint} (step {best.step}) {best.split} accuracy "
+          f"{100 * (best.accuracy or 0.0):.2f}% loss {best.loss or 0.0:.4f} ({best.weights} weights), kept in "
           f"{args.workdir / 'eval' / 'best'}")
 
 
@@ -82,8 +83,8 @@ def _warn_skipped_ledger_lines(args: argparse.Namespace) -> None:
 
 
 def export(args: argparse.Namespace) -> None:
-    from evaluator.export import FROZEN_FILE, FROZEN_INPUT, FROZEN_OUTPUTS
-    from evaluator.export import export as write_export
+    from evaluator.serving.export import FROZEN_FILE, FROZEN_INPUT, FROZEN_OUTPUTS
+    from evaluator.serving.export import export as write_export
 
     out = write_export(args.workdir, step=args.step, weights=args.weights, out=args.out, frozen=args.frozen)
     print(f"SavedModel written to {out}/ ({args.weights} weights)")

@@ -17,16 +17,17 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from common import checkpoints
+from common import checkpoints, locate
 from common.checkpoints import State
-from common.fileio import atomic_write_bytes, atomic_write_json, fsync_path
+from common.fileio import atomic_write_bytes, fsync_path
 from common.paths import OutsideError, remove
-from common.workdir import BEST_JSON, BEST_LINK, EVAL_DIR, pid_alive, read_best, read_json, remove_dead_leases
-from evaluator.ledger import FINGERPRINT, Record
+from common.protocol import BestEntry, LedgerRow
+from common.workdir import BEST_JSON, BEST_LINK, EVAL_DIR, pid_alive, remove_dead_leases
+from evaluator.ledger import Record
 from evaluator.snapshot import Gone, snapshot
 
 Warn = Callable[[str], None]
@@ -37,16 +38,22 @@ def _to_stderr(message: str) -> None:
     print(f"evaluator: warning: {message}", file=sys.stderr)
 
 
-def improves(record: dict[str, Any], best: dict[str, Any] | None) -> bool:
-    """Whether an ok record beats the current best (strictly: ties keep the earlier step)."""
-    if record.get("status") != "ok" or record.get("accuracy") is None:
+def improves(record: Record, best: BestEntry | Mapping[str, Any] | None) -> bool:
+    """Whether an ok record beats the current best (strictly: ties keep the earlier step).
+
+    `best` is the typed entry, or best.json's object as `common.workdir.read_best` returns it.
+    """
+    row = LedgerRow(record)
+    if row.status != "ok" or row.accuracy is None:
         return False
-    return best is None or float(record["accuracy"]) > float(best.get("accuracy", -1.0))
+    if best is None:
+        return True
+    accuracy = best.accuracy if isinstance(best, BestEntry) else best.get("accuracy")
+    return float(row.accuracy) > float(-1.0 if accuracy is None else accuracy)
 
 
-def promote(workdir: Path, private_prefix: Path, record: dict[str, Any], *,
-            warn: Warn = _to_stderr) -> dict[str, Any]:
-    """Make the snapshot folder holding `private_prefix` the new best; return the best.json entry.
+def promote(workdir: Path, private_prefix: Path, record: Record, *, warn: Warn = _to_stderr) -> BestEntry:
+    """Make the snapshot folder holding `private_prefix` the new best; return its best.json entry.
 
     Raises:
       OSError: the switch could not be made (full disk, read-only); the old best is left as it was.
@@ -54,15 +61,14 @@ def promote(workdir: Path, private_prefix: Path, record: dict[str, Any], *,
     eval_dir = workdir / EVAL_DIR
     folder = private_prefix.parent
     name = private_prefix.name
-    entry = {
-        "step": record["step"], "checkpoint": name, "accuracy": record["accuracy"], "loss": record["loss"],
-        "split": record["split"], "weights": record["weights"], "committed": record["committed"],
-        "source": str(checkpoints.resolve(workdir, name)), "time": time.time(),
-    }
+    row = LedgerRow(record)
+    entry = BestEntry(checkpoint=name, step=row.step, accuracy=row.accuracy, loss=row.loss, split=row.split,
+                      weights=row.weights, committed=row.committed,
+                      source=str(checkpoints.resolve(workdir, name)), time=time.time())
     adopt_copied_best(workdir, warn=warn)
-    checkpoints.write_state(folder, State(latest=name, paths=[name], timestamps=[record["committed"]]))
-    atomic_write_json(folder / BEST_JSON, entry)
-    target = eval_dir / f"{_FOLDER_PREFIX}{record['step']}-{secrets.token_hex(3)}"
+    checkpoints.write_state(folder, State(latest=name, paths=[name], timestamps=[row.committed or 0.0]))
+    entry.write_into(folder)
+    target = eval_dir / f"{_FOLDER_PREFIX}{row.step}-{secrets.token_hex(3)}"
     os.rename(folder, target)
     link = eval_dir / BEST_LINK
     previous = os.readlink(link) if link.is_symlink() else None
@@ -75,7 +81,7 @@ def promote(workdir: Path, private_prefix: Path, record: dict[str, Any], *,
     return entry
 
 
-def catch_up(workdir: Path, records: list[Record], *, weights: str, warn: Warn = _to_stderr) -> dict[str, Any] | None:
+def catch_up(workdir: Path, records: list[Record], *, weights: str, warn: Warn = _to_stderr) -> BestEntry | None:
     """Promote the ledger's best validation result if eval/best lags behind it; return the new entry or None.
 
     The ledger is written before a promotion, so a promotion that failed (full disk) or was cut
@@ -85,23 +91,53 @@ def catch_up(workdir: Path, records: list[Record], *, weights: str, warn: Warn =
     Raises:
       OSError: the promotion failed again; the old best is left as it was.
     """
-    best = read_best(workdir)
-    ranked = [r for r in records if r.get("split") == "validation" and r.get("weights") == weights
-              and r.get(FINGERPRINT) and improves(r, best)]
-    ranked.sort(key=lambda r: -float(r["accuracy"]))  # stable: ties keep the earlier evaluation
-    for record in ranked:
-        name = str(record["checkpoint"])
-        prefix = checkpoints.resolve(workdir, name)
-        if not checkpoints.inside(workdir, name) or checkpoints.index_fingerprint(prefix) != record[FINGERPRINT]:
+    best = BestEntry.read(workdir)
+    ranked = [row for row in map(LedgerRow, records) if row.split == "validation" and row.weights == weights
+              and row.index_fingerprint and improves(row.to_json(), best)]
+    ranked.sort(key=lambda row: -float(row.accuracy or 0.0))  # stable: ties keep the earlier evaluation
+    for row in ranked:
+        prefix = checkpoints.resolve(workdir, row.checkpoint)
+        if (not checkpoints.inside(workdir, row.checkpoint)
+                or checkpoints.index_fingerprint(prefix) != row.index_fingerprint):
             continue
         try:
             with snapshot(prefix, workdir / EVAL_DIR) as private:
-                if checkpoints.index_fingerprint(private) == record[FINGERPRINT]:
-                    return promote(workdir, private, record, warn=warn)
+                if checkpoints.index_fingerprint(private) == row.index_fingerprint:
+                    return promote(workdir, private, row.to_json(), warn=warn)
         except Gone:
             continue
     return None
 
+
+class BestKeeper:
+    """Keeps eval/best up to date through one evaluator run, and says why when it lags behind."""
+
+    def __init__(self, workdir: Path, *, weights: str, warn: Warn = _to_stderr) -> None:
+        self.workdir = workdir
+        self.weights = weights  # whose results rank checkpoints (the primary weights)
+        self.warn = warn
+        self.problem = ""  # why the newest improvement is not eval/best yet
+
+    def offer(self, private: Path, main: Record) -> None:
+        """Promote the evaluated files to eval/best when they beat the best validation accuracy."""
+        if LedgerRow(main).split != "validation" or not improves(main, BestEntry.read(self.workdir)):
+            return
+        try:
+            promote(self.workdir, private, main, warn=self.warn)
+        except OSError as e:
+            self.problem = (f"could not make {LedgerRow(main).checkpoint} the best checkpoint "
+                            f"({e.strerror or e}); retried at the next scan")
+        else:
+            self.problem = ""
+
+    def sync(self, records: list[Record]) -> None:
+        """Retry a promotion that failed or was cut short: make the ledger's best result eval/best."""
+        try:
+            catch_up(self.workdir, records, weights=self.weights, warn=self.warn)
+        except OSError as e:
+            self.problem = f"could not update eval/best ({e.strerror or e}); retried at the next scan"
+        else:
+            self.problem = ""
 
 def _remove_previous(workdir: Path, previous: str, warn: Warn) -> None:
     """Delete the folder the `best` link named before, if it is one of ours."""
@@ -146,14 +182,13 @@ def adopt_copied_best(workdir: Path, *, warn: Warn = _to_stderr) -> None:
         return
     if link.is_dir() and not (link / BEST_JSON).exists() and described.is_file() and not described.is_symlink():
         atomic_write_bytes(link / BEST_JSON, described.read_bytes())
-    entry = read_json(link / BEST_JSON) if link.is_dir() else None
+    entry = BestEntry.read_from(link) if link.is_dir() else None
     if entry is None:
         aside = eval_dir / f"{BEST_LINK}.moved-{secrets.token_hex(3)}"
         os.rename(link, aside)
         warn(f"{link} was not a best folder this program can use: moved it to {aside}")
         return
-    step = entry.get("step")
-    target = eval_dir / f"{_FOLDER_PREFIX}{step if isinstance(step, int) else 'copied'}-{secrets.token_hex(3)}"
+    target = eval_dir / f"{_FOLDER_PREFIX}{'copied' if entry.step is None else entry.step}-{secrets.token_hex(3)}"
     os.rename(link, target)
     _replace_symlink(link, target.name)
     if not described.is_symlink():
@@ -192,8 +227,5 @@ def clean_stale(workdir: Path, *, warn: Warn = _to_stderr) -> None:
 
 
 def best_prefix(workdir: Path) -> Path | None:
-    """The prefix of the best checkpoint's files under eval/best, or None."""
-    entry = read_best(workdir)
-    if entry is None:
-        return None
-    return workdir / EVAL_DIR / BEST_LINK / str(entry["checkpoint"])
+    """The prefix of the best checkpoint's files under eval/best, or None (see `common.locate`)."""
+    return locate.best_prefix(workdir)

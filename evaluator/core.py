@@ -10,9 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from common import checkpoints, datasets, models
+from common import checkpoints, datasets, loader
 from common.checkpoints import CheckpointError
-from common.ema import raw_variables, variables_to_restore
 from common.evaluation import Evaluation
 from common.runconfig import RunSpec
 from common.workdir import EVAL_DIR
@@ -41,7 +40,7 @@ class CheckpointEvaluator:
         self.split = split
         self.split_name = split_name
         self.weights = WEIGHT_CHOICES[weights]
-        self.model = models.build(spec.model, num_classes=spec.num_classes)
+        self.model = loader.build_model(spec)
         self.evaluate_model = Evaluation(self.model)
         self.data_fingerprint = fingerprint(split)
 
@@ -94,8 +93,7 @@ class CheckpointEvaluator:
                 "data_fingerprint": self.data_fingerprint, "examples": len(self.split), FINGERPRINT: fingerprint}
 
     def _evaluate_weights(self, prefix: Path, kind: str) -> Record:
-        mapping = variables_to_restore(self.model) if kind == "ema" else raw_variables(self.model)
-        checkpoints.restore_variables(prefix, mapping)
+        loader.restore(self.model, prefix, kind)
         step = checkpoints.read_step(prefix)
         metrics: dict[str, Any] = self.evaluate_model(self.split)
         return {"weights": kind, "step": step, **metrics}

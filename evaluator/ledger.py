@@ -3,14 +3,14 @@
 An append writes whole lines at the end of the file (`O_APPEND`) and fsyncs them, under an flock,
 so it costs the same however long the ledger is, and two evaluators never lose each other's rows.
 A reader keeps what it has parsed and its offset, and later reads only what was appended since.
-A line that is not a JSON object (a torn write, a stray byte) is skipped and counted.
+A line that is not a ledger row (a torn write, a stray byte; see common.protocol.LedgerRow) is
+skipped and counted.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 from collections.abc import Iterator, Set
 from pathlib import Path
@@ -18,11 +18,10 @@ from typing import Any
 
 from common.errors import WorkdirIOError
 from common.fileio import fsync_path
+from common.protocol import FINGERPRINT, LedgerRow
 from common.workdir import EVAL_DIR, LEDGER_FILE
 
-Record = dict[str, Any]
-# What identifies a checkpoint's content: its `.index` file (see common.checkpoints.index_fingerprint).
-FINGERPRINT = "index_fingerprint"
+Record = dict[str, Any]  # a ledger row's JSON object (typed access: common.protocol.LedgerRow)
 # Not a result: an evaluation that a problem of this machine stopped (full disk, no permission).
 # Such a row does not count as done, so the checkpoint is evaluated again later.
 FAILED = "failed"
@@ -94,7 +93,7 @@ class Ledger:
                 self._refresh()
                 new = self._new(records)
                 if new:
-                    self._write(b"".join(json.dumps(r, sort_keys=True).encode("utf-8") + b"\n" for r in new))
+                    self._write(b"".join(LedgerRow(r).to_line() for r in new))
                     self._refresh()
         except OSError as e:
             raise WorkdirIOError(f"cannot write the ledger {self.path}: {e.strerror or e}") from e
@@ -195,9 +194,6 @@ class Ledger:
 
 
 def _parse(line: bytes) -> Record | None:
-    """The JSON object on one line, or None if it is not UTF-8 JSON or not an object."""
-    try:
-        obj = json.loads(line.decode("utf-8"))
-    except ValueError:  # UnicodeDecodeError is a ValueError too
-        return None
-    return obj if isinstance(obj, dict) else None
+    """The row on one line as its JSON object, or None if it is not a ledger row."""
+    row = LedgerRow.from_line(line)
+    return None if row is None else row.to_json()

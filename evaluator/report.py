@@ -15,13 +15,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import tensorflow as tf
 
-from common import checkpoints, datasets, models
-from common.ema import variables_to_restore
+from common import checkpoints, datasets
 from common.errors import UsageError
+from common.loader import load_model
+from common.locate import BEST, NoBest, Unreadable, locate
 from common.paths import remove
 from common.runconfig import RunSpec, read_run
 from common.workdir import EVAL_DIR
-from evaluator.best import best_prefix
 from evaluator.ledger import Ledger, Record
 
 GRID = 6  # misclassified examples are shown in a GRID x GRID image
@@ -32,10 +32,12 @@ def resolve(workdir: Path, step: str) -> tuple[int, Path]:
     records = [r for r in Ledger(workdir).read() if r.get("status") == "ok"]
     if not records:
         raise UsageError(f"{workdir}: the ledger is empty; run 'evaluator --once' first")
-    if step == "best":
-        prefix = best_prefix(workdir)
-        if prefix is None:
-            raise UsageError(f"{workdir}: no best checkpoint yet (it is kept from validation evaluations)")
+    if step == BEST:
+        try:
+            # Not checked here: the restore that follows reads the whole checkpoint anyway.
+            prefix = locate(workdir, BEST, check=False)
+        except NoBest:
+            raise UsageError(f"{workdir}: no best checkpoint yet (it is kept from validation evaluations)") from None
         return checkpoints.read_step(prefix), prefix
     if not step.isdigit():
         raise UsageError(f"--step ({step!r}) must be a step number or 'best'")
@@ -43,17 +45,15 @@ def resolve(workdir: Path, step: str) -> tuple[int, Path]:
     if wanted not in {r.get("step") for r in records}:
         known = sorted({int(r["step"]) for r in records if r.get("step") is not None})
         raise UsageError(f"step {wanted} is not in the ledger (evaluated steps: {', '.join(map(str, known))})")
-    prefix = workdir / checkpoints.name_for(wanted)
-    why = checkpoints.check_readable(prefix)
-    if why:
-        raise UsageError(f"step {wanted} is no longer on disk ({why})")
-    return wanted, prefix
+    try:
+        return wanted, locate(workdir, wanted)
+    except Unreadable as e:
+        raise UsageError(f"step {wanted} is no longer on disk ({e.why})") from None
 
 
 def predict(spec: RunSpec, prefix: Path, images: np.ndarray) -> np.ndarray:
     """Class predictions of the checkpoint's EMA weights."""
-    model = models.build(spec.model, num_classes=spec.num_classes)
-    checkpoints.restore_variables(prefix, variables_to_restore(model))
+    model = load_model(spec, prefix, "ema")
     logits = tf.function(lambda x: model(tf.cast(x, tf.float32) / 255.0))
     return np.concatenate([np.argmax(logits(images[i:i + 1000]).numpy(), axis=1)
                            for i in range(0, len(images), 1000)])

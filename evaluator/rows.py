@@ -1,6 +1,7 @@
 """Turn ledger records into table rows: one per checkpoint, with deltas and the best so far.
 
-Pure functions over dicts, shared by the live table, the plain log lines and `--once`.
+Pure functions over ledger records (read through common.protocol.LedgerRow), shared by the live
+table, the plain log lines and `--once`.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from common.protocol import LedgerRow
 from evaluator.ledger import Record, version_key
 
 
@@ -43,16 +45,17 @@ def build_rows(records: list[Record], *, split: str, weights: tuple[str, ...]) -
 
 
 def _row(group: dict[str, Record], weights: tuple[str, ...]) -> Row:
-    main = group[weights[0]]
-    row = Row(step=main.get("step"), checkpoint=str(main.get("checkpoint")), status=str(main.get("status")),
-              reason=str(main.get("reason", "")), eval_secs=main.get("eval_secs"))
+    main = LedgerRow(group[weights[0]])
+    row = Row(step=main.step, checkpoint=main.checkpoint, status=main.status, reason=main.reason,
+              eval_secs=main.eval_secs)
     if row.status == "ok":
-        row.accuracy, row.loss = main.get("accuracy"), main.get("loss")
-        row.per_class = list(main.get("per_class_accuracy") or [])
-        if "raw" in group and len(weights) > 1 and group["raw"].get("status") == "ok":
-            row.raw_accuracy = group["raw"].get("accuracy")
-    if main.get("finished") and main.get("committed"):
-        row.lag_secs = main["finished"] - main["committed"]
+        row.accuracy, row.loss = main.accuracy, main.loss
+        row.per_class = main.per_class_accuracy
+        raw = LedgerRow(group["raw"]) if "raw" in group else None
+        if raw is not None and len(weights) > 1 and raw.status == "ok":
+            row.raw_accuracy = raw.accuracy
+    if main.finished and main.committed:
+        row.lag_secs = main.finished - main.committed
     return row
 
 
@@ -69,19 +72,3 @@ def _mark(rows: list[Row]) -> None:
     if best is not None:
         best.best = True
 
-
-def without_improvement(rows: list[Row], *, min_delta: float) -> tuple[int, Row | None]:
-    """Evaluations in a row, up to the last, that did not beat the best before them by more than `min_delta`.
-
-    Returns the count and the best row (the one that last improved).
-    """
-    best: Row | None = None
-    count = 0
-    for row in rows:
-        if row.accuracy is None:
-            continue
-        if best is None or row.accuracy > (best.accuracy or 0.0) + min_delta:
-            best, count = row, 0
-        else:
-            count += 1
-    return count, best

@@ -33,21 +33,57 @@ def make_config(tiny_data: Path, tmp_path: Path) -> Callable[..., Any]:
     return lambda **overrides: make_train_config(tiny_data, tmp_path / "run", **overrides)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
-    """A finished tiny run with checkpoints model-20, model-40, model-60 (all kept)."""
-    from tests.test_trainer import Recorder
-    from trainer.loop import train
+# The one family of trained-workdir fixtures: `trained_runs` trains each kind of tiny run once per
+# session; `trained` is the default kind (a module may override it to pick another); tests that
+# change files get a private copy through `workdir` or `trained_config`.
+TRAINED_SETTINGS = {"steps": 60, "save_every": 20, "keep": 0}  # checkpoints model-20, -40, -60, all kept
 
-    cfg = make_train_config(tiny_data, tmp_path_factory.mktemp("trained") / "run", steps=60, save_every=20, keep=0)
-    train(cfg, reporter=Recorder())
-    return cfg.workdir
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Callable[..., Path]:
+    """`trained_runs(model="softmax", evaluated=False)`: a finished tiny run (read-only: copy it to change it)."""
+    cache: dict[tuple[str, bool], Path] = {}
+
+    def get(model: str = "softmax", evaluated: bool = False) -> Path:
+        if (model, evaluated) not in cache:
+            if evaluated:
+                from evaluator.config import EvalConfig
+                from evaluator.loop import run_once
+
+                folder = Path(shutil.copytree(get(model), tmp_path_factory.mktemp(f"{model}-evaluated") / "run"))
+                run_once(EvalConfig(workdir=folder, data_dir=str(tiny_data)))
+            else:
+                from tests.helpers import Recorder
+                from trainer.loop import train
+
+                cfg = make_train_config(tiny_data, tmp_path_factory.mktemp(model) / "run", model=model,
+                                        **TRAINED_SETTINGS)
+                train(cfg, reporter=Recorder())
+                folder = cfg.workdir
+            cache[model, evaluated] = folder
+        return cache[model, evaluated]
+
+    return get
+
+
+@pytest.fixture
+def trained(trained_runs: Callable[..., Path]) -> Path:
+    """The default finished tiny run: softmax, not evaluated."""
+    return trained_runs()
 
 
 @pytest.fixture
 def workdir(trained: Path, tmp_path: Path) -> Path:
-    """A private copy of the trained workdir."""
-    return Path(shutil.copytree(trained, tmp_path / "copy"))
+    """A private copy of the trained workdir (links kept as links)."""
+    return Path(shutil.copytree(trained, tmp_path / "copy", symlinks=True))
+
+
+@pytest.fixture
+def trained_config(trained_runs: Callable[..., Path], make_config: Callable[..., Any]) -> Any:
+    """The default trained run copied into this test's workdir, with the TrainConfig that resumes it."""
+    cfg = make_config(**TRAINED_SETTINGS)
+    shutil.copytree(trained_runs(), cfg.workdir, symlinks=True)
+    return cfg
 
 
 @pytest.fixture(autouse=True)

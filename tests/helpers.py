@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from common.idx import write_idx
+from common.signals import StopRequest
+from trainer.progress import PlainLog
 
 
 def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +67,7 @@ def watch_beside_trainer(trainer_args: list[str], cfg: Any, display: Any, *,
     import threading
 
     from common.signals import StopRequest
-    from evaluator.session import run_watch
+    from evaluator.loop import run_watch
 
     trainer = subprocess.Popen([sys.executable, "-m", "trainer.cli", *trainer_args], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
@@ -76,3 +81,57 @@ def watch_beside_trainer(trainer_args: list[str], cfg: Any, display: Any, *,
         guard.cancel()
         out, err = trainer.communicate(timeout=120)
     return stop, out, err, trainer.returncode
+
+
+class Recorder(PlainLog):
+    """A plain reporter that also keeps every message."""
+
+    def __init__(self) -> None:
+        super().__init__(every=1000, stream=io.StringIO())
+        self.messages: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.messages.append(text)
+
+
+class Spy:
+    """A display that keeps what it was shown and can stop the loop on a condition."""
+
+    def __init__(self, stop: StopRequest | None = None, until: Callable[[dict[str, Any]], bool] | None = None):
+        self.statuses: list[dict[str, Any]] = []
+        self.rows: list[Any] = []
+        self.stop, self.until = stop, until
+
+    def update(self, rows: list[Any], status: dict[str, Any]) -> None:
+        self.rows, _ = rows, self.statuses.append(status)
+        if self.stop is not None and self.until is not None and self.until(status):
+            self.stop.set("test")
+
+    def message(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def listing(workdir: Path) -> dict[str, float]:
+    """Every entry of `workdir` with its modification time: to show that nothing changed."""
+    return {p.name: p.stat().st_mtime_ns for p in workdir.iterdir()}
+
+
+def run_trainer_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run `trainer` in this process; return its exit code, stdout and stderr."""
+    from trainer import cli
+
+    code = cli.main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_evaluator_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run `evaluator` in this process; return its exit code, stdout and stderr."""
+    from evaluator import cli
+
+    code = cli.main(args)
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -19,8 +19,16 @@ def test_load_from_data_dir_and_splits(tiny_data: Path) -> None:
     assert data.info.class_names[0] == "T-shirt/top" and len(data.info.class_names) == 10
 
 
-def test_real_split_sizes() -> None:
-    assert round(60_000 * datasets.VALIDATION_FRACTION) == 5_000
+@pytest.mark.parametrize("n_train", [24, 121, 600])
+def test_validation_holds_out_a_twelfth_without_overlap(tmp_path: Path, n_train: int) -> None:
+    folder = write_dataset(tmp_path / "d", n_train=n_train, n_test=10)
+    data = datasets.load("fashion-mnist", str(folder))
+    from common.idx import read_idx
+
+    images = read_idx(folder / "train-images-idx3-ubyte.gz", ndim=3)
+    assert len(data.validation) == round(n_train / 12) and len(data.train) + len(data.validation) == n_train
+    # Together the two splits are the training file, in order: no image lost, none in both.
+    np.testing.assert_array_equal(np.concatenate([data.train.images, data.validation.images]), images)
 
 
 def test_validation_is_the_tail_of_the_training_file(tmp_path: Path) -> None:

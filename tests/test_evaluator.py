@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,37 +14,18 @@ from common import checkpoints, datasets, models
 from common.ema import variables_to_restore
 from common.evaluation import Evaluation
 from common.signals import StopRequest
-from evaluator import cli
+from evaluator.config import EvalConfig
 from evaluator.ledger import Ledger
-from evaluator.rows import Row
-from evaluator.session import EvalConfig, Session, run_once, run_watch
+from evaluator.loop import run_once, run_watch
+from evaluator.session import Session
 from evaluator.snapshot import snapshot
-from evaluator.watch import StateFileHandler, Wake
-from tests.helpers import watch_beside_trainer
+from evaluator.wakeups import StateFileHandler, Wake
+from tests.helpers import Spy, watch_beside_trainer
+from tests.helpers import run_evaluator_cli as run_cli
 
 
 def eval_config(workdir: Path, tiny_data: Path, **kw: Any) -> EvalConfig:
     return EvalConfig(workdir=workdir, data_dir=str(tiny_data), **kw)
-
-
-class Spy:
-    """A display that keeps what it was shown and can stop the loop on a condition."""
-
-    def __init__(self, stop: StopRequest | None = None, until: Callable[[dict[str, Any]], bool] | None = None):
-        self.statuses: list[dict[str, Any]] = []
-        self.rows: list[Row] = []
-        self.stop, self.until = stop, until
-
-    def update(self, rows: list[Row], status: dict[str, Any]) -> None:
-        self.rows, _ = rows, self.statuses.append(status)
-        if self.stop is not None and self.until is not None and self.until(status):
-            self.stop.set("test")
-
-    def message(self, text: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.mark.parametrize(("event", "wakes"), [
@@ -181,12 +161,6 @@ def test_watch_waits_for_a_missing_workdir(tmp_path: Path, tiny_data: Path) -> N
     spy = Spy(stop, until=lambda s: s["state"].startswith("waiting for"))
     run_watch(eval_config(tmp_path / "later", tiny_data), spy, stop)
     assert spy.statuses[0]["state"] == f"waiting for {tmp_path / 'later'} to appear"
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = cli.main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_once_table_and_json(workdir: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str]) -> None:

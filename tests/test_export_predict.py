@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +17,11 @@ from PIL import Image
 
 from common import checkpoints, datasets, models
 from common.ema import variables_to_restore
-from evaluator import cli, predict
-from evaluator import export as export_lib
-from evaluator.images import preprocess, read_gray
-from evaluator.session import EvalConfig, run_once
-from tests.helpers import make_train_config
-from tests.test_trainer import Recorder
+from evaluator import cli
+from evaluator.serving import export as export_lib
+from evaluator.serving import predict
+from evaluator.serving.images import preprocess, read_gray
+from tests.helpers import Recorder, make_train_config
 from trainer.loop import train
 
 # Run in a subprocess: refuse any import of this project, then use only TensorFlow.
@@ -37,18 +36,9 @@ import numpy as np, tensorflow as tf
 """
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
-    cfg = make_train_config(tiny_data, tmp_path_factory.mktemp("trained") / "run", model="mlp", steps=60,
-                            save_every=20, keep=0)
-    train(cfg, reporter=Recorder())
-    run_once(EvalConfig(workdir=cfg.workdir, data_dir=str(tiny_data)))
-    return cfg.workdir
-
-
 @pytest.fixture
-def workdir(trained: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(trained, tmp_path / "copy", symlinks=True))
+def trained(trained_runs: Callable[..., Path]) -> Path:
+    return trained_runs("mlp", evaluated=True)
 
 
 def ema_probabilities(workdir: Path, step: int, images: np.ndarray) -> np.ndarray:
@@ -176,7 +166,7 @@ def test_predict_lines_json_folders_and_bad_files(workdir: Path, tiny_data: Path
     Image.fromarray(images[0]).save(full, format="PNG")
     (bad / "truncated.png").write_bytes(full.getvalue()[:60])
     save_png(bad / "huge.png", np.zeros((300, 300)))
-    monkeypatch.setattr("evaluator.images.MAX_PIXELS", 50_000)  # 90,000 pixels is now a "bomb"
+    monkeypatch.setattr("evaluator.serving.images.MAX_PIXELS", 50_000)  # 90,000 pixels is now a "bomb"
     args = ["--model", str(workdir), "--top-k", "2", str(folder), str(bad / "text.png"), str(bad / "truncated.png"),
             str(bad / "huge.png"), str(bad / "missing.png")]
     assert predict.main(args) == 1

@@ -23,23 +23,19 @@ from common.checkpoints import CheckpointError, State
 from common.errors import WorkdirIOError
 from common.workdir import EVAL_DIR, lease_path, read_best
 from evaluator import best as best_lib
-from evaluator import cli
 from evaluator import snapshot as snapshot_lib
+from evaluator.config import EvalConfig
 from evaluator.ledger import FINGERPRINT, Ledger
+from evaluator.loop import run_once, run_watch
 from evaluator.rows import Row
-from evaluator.session import EvalConfig, Session, run_once, run_watch
-from evaluator.watch import OVERFLOW_LOGGER, Wake, watching
-from tests.test_evaluator import Spy
+from evaluator.session import Session
+from evaluator.wakeups import OVERFLOW_LOGGER, Wake, watching
+from tests.helpers import Spy
+from tests.helpers import run_evaluator_cli as run_cli
 
 
 def config(workdir: Path, tiny_data: Path, **kw: Any) -> EvalConfig:
     return EvalConfig(workdir=workdir, data_dir=str(tiny_data), **kw)
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = cli.main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def enospc(*_: Any, **__: Any) -> None:

@@ -3,12 +3,13 @@ into a local folder, ignore the umask, or crash with a traceback."""
 
 from __future__ import annotations
 
+import ast
 import io
 import os
-import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,27 +17,15 @@ import pytest
 from PIL import Image
 
 from evaluator import cli
-from evaluator import export as export_lib
-from evaluator.images import ImageError, read_gray
-from evaluator.session import EvalConfig, run_once
-from tests.helpers import make_train_config
-from tests.test_trainer import Recorder
-from trainer.loop import train
+from evaluator.serving import export as export_lib
+from evaluator.serving.images import ImageError, read_gray
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
-    cfg = make_train_config(tiny_data, tmp_path_factory.mktemp("trained") / "run", steps=40, save_every=20)
-    train(cfg, reporter=Recorder())
-    run_once(EvalConfig(workdir=cfg.workdir, data_dir=str(tiny_data)))
-    return cfg.workdir
-
-
 @pytest.fixture
-def workdir(trained: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(trained, tmp_path / "copy", symlinks=True))
+def trained(trained_runs: Callable[..., Path]) -> Path:
+    return trained_runs(evaluated=True)
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -133,7 +122,7 @@ def test_a_bucket_url_is_refused_not_made_a_local_folder(argv: list[str], tmp_pa
 
 
 def program_module(program: str) -> str:
-    return {"trainer": "trainer.cli", "evaluator": "evaluator.cli", "predict": "evaluator.predict"}[program]
+    return {"trainer": "trainer.cli", "evaluator": "evaluator.cli", "predict": "evaluator.serving.predict"}[program]
 
 
 def test_bomb_message_states_the_documented_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,13 +130,13 @@ def test_bomb_message_states_the_documented_limit(tmp_path: Path, monkeypatch: p
     buffer = io.BytesIO()
     Image.fromarray(np.zeros((400, 400), np.uint8)).save(buffer, format="PNG")
     path.write_bytes(buffer.getvalue())
-    monkeypatch.setattr("evaluator.images.MAX_PIXELS", 40_000)  # PIL errors at twice this, warns above it
+    monkeypatch.setattr("evaluator.serving.images.MAX_PIXELS", 40_000)  # PIL errors at twice this, warns above it
     with pytest.raises(ImageError, match=r"over 40,000 pixels") as caught:
         read_gray(path)
     assert "80,000" not in str(caught.value) and "80000" not in str(caught.value)
     docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     text = " ".join(" ".join(p.read_text().split()) for p in docs)
-    assert "40 million pixels" in text and "40_000_000" in (ROOT / "evaluator" / "images.py").read_text()
+    assert "40 million pixels" in text and "40_000_000" in (ROOT / "evaluator" / "serving" / "images.py").read_text()
 
 
 def test_report_never_deletes_through_a_planted_link(workdir: Path, tmp_path: Path, tiny_data: Path,
@@ -160,3 +149,21 @@ def test_report_never_deletes_through_a_planted_link(workdir: Path, tmp_path: Pa
     assert cli.main(["report", "--workdir", str(workdir), "--data-dir", str(tiny_data)]) == 0
     assert (outside / "keep.txt").read_text() == "keep"
     assert (workdir / "eval" / f"report-{step}" / "metrics.json").is_file()
+
+
+def project_imports(path: Path) -> set[str]:
+    """The modules of this project that `path` imports (absolute imports; relative ones stay inside)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+    return {name for name in found if name.split(".")[0] in ("common", "trainer", "evaluator", "bench", "tests")}
+
+
+def test_serving_imports_only_common_and_itself() -> None:
+    allowed = ("common", "evaluator.serving")
+    strays = {f"{path.name}: {name}" for path in (ROOT / "evaluator" / "serving").glob("*.py")
+              for name in project_imports(path) if not any(name == a or name.startswith(f"{a}.") for a in allowed)}
+    assert not strays

@@ -18,9 +18,10 @@ from common import checkpoints
 from common.checkpoints import State
 from common.errors import UsageError
 from common.runconfig import MAX_CLASS_NAMES, read_run
-from evaluator.session import EvalConfig, run_once
-from tests.helpers import make_train_config
-from tests.test_trainer import Recorder, listing, run_cli
+from evaluator.config import EvalConfig
+from evaluator.loop import run_once
+from tests.helpers import Recorder, listing, make_train_config
+from tests.helpers import run_trainer_cli as run_cli
 from trainer import saver as saver_lib
 from trainer.loop import train
 from trainer.progress import STDOUT_CLOSED, PlainLog

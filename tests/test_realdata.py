@@ -9,7 +9,7 @@ import pytest
 
 from common import datasets
 from common.errors import ProjectError
-from tests.test_trainer import Recorder
+from tests.helpers import Recorder
 from trainer.loop import train
 
 

@@ -133,6 +133,6 @@ def test_device_gpu_without_one_is_a_one_line_error_and_a_user_onednn_setting_is
 def test_predict_turns_onednn_on_before_import(tmp_path: Path) -> None:
     image = tmp_path / "a.png"
     image.write_bytes(b"not a png")
-    rec, _ = probe("evaluator.predict:main", "--model", str(tmp_path / "missing"), str(image))
+    rec, _ = probe("evaluator.serving.predict:main", "--model", str(tmp_path / "missing"), str(image))
     assert rec["exit"] == 2
     assert rec["onednn_at_import"] == "1"

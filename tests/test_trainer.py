@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import io
 import json
 import signal
 import subprocess
@@ -17,27 +16,12 @@ import tensorflow as tf
 from common import checkpoints
 from common.datasets import load
 from common.errors import DivergedError, UsageError
-from trainer import cli
+from tests.helpers import Recorder, listing
+from tests.helpers import run_trainer_cli as run_cli
 from trainer import loop as loop_mod
 from trainer.inputs import train_dataset
 from trainer.lock import WorkdirLock
 from trainer.loop import train
-from trainer.progress import PlainLog
-
-
-class Recorder(PlainLog):
-    """A plain reporter that also keeps every message."""
-
-    def __init__(self) -> None:
-        super().__init__(every=1000, stream=io.StringIO())
-        self.messages: list[str] = []
-
-    def message(self, text: str) -> None:
-        self.messages.append(text)
-
-
-def listing(workdir: Path) -> dict[str, float]:
-    return {p.name: p.stat().st_mtime_ns for p in workdir.iterdir()}
 
 
 def test_fresh_run_writes_checkpoints_state_and_keys(make_config: Callable[..., Any]) -> None:
@@ -155,12 +139,6 @@ def test_data_order_is_a_function_of_step(tiny_data: Path) -> None:
     for a, b in zip(full[13:], later, strict=True):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(full[0], full[11])  # epoch 2 is shuffled anew
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = cli.main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize(("flags", "message"), [

@@ -13,9 +13,10 @@ import tensorflow as tf
 
 from common import checkpoints, datasets, models
 from common.errors import UsageError
-from evaluator.session import EvalConfig, run_once
-from tests.helpers import make_train_config
-from tests.test_trainer import Recorder, run_cli
+from evaluator.config import EvalConfig
+from evaluator.loop import run_once
+from tests.helpers import Recorder, make_train_config
+from tests.helpers import run_trainer_cli as run_cli
 from trainer.loop import train
 from trainer.warmstart import InitSpec
 

@@ -1,4 +1,10 @@
-"""The outer loop: one place decides when to save, log and stop. The step function does the math."""
+"""The outer loop: one place decides when to save, log and stop. The step function does the math.
+
+`train` runs four phases: `check_inputs` (everything that can reject the start, before any write),
+`restore_or_initialise` (the checkpoint to resume from, or a fresh or warm-started state),
+`run_training` (the inner loop in calls of `--steps-per-loop` steps, each followed by the actions
+of `trainer.actions`) and `finish` (the last message, the final evaluation and done.json).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import contextlib
 import dataclasses
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +22,20 @@ from common import checkpoints, datasets, models
 from common.checkpoints import CheckpointError, State
 from common.errors import DivergedError, UsageError
 from common.evaluation import Evaluation
-from common.fileio import atomic_write_json
+from common.loader import build_model
 from common.paths import remove
+from common.protocol import EarlyStopRequest, StopRequestId, TrainerHeartbeat, TrainingDone
 from common.runconfig import RunSpec, read_run, write_run
 from common.signals import StopRequest, stop_on_signals
-from common.workdir import DONE_FILE, HEARTBEAT_FILE, STOP_REQUEST_FILE, TB_DIR, read_json
+from common.workdir import DONE_FILE, TB_DIR
 from trainer import saver as saver_lib
 from trainer import warmstart
+from trainer.actions import Action, CheckStopRequest, LoopOutput, SaveCheckpoints, make_actions
 from trainer.config import TrainConfig
 from trainer.inputs import steps_per_epoch, train_dataset
 from trainer.lock import WorkdirLock
 from trainer.progress import Heartbeat, Reporter, Tee, TensorBoardLog, log_line, make_reporter
 from trainer.step import TrainState, frozen_keys, make_train_loop
-
-SPENT_KEY = "spent_stop_request"  # in done.json and heartbeat.json: the stop request already honoured
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +55,8 @@ def warn(text: str) -> None:
     with contextlib.suppress(BrokenPipeError):  # a closed stderr must not stop training
         print(log_line("warning", message=repr(text)), file=sys.stderr, flush=True)
 
+
+# Phase 1: check the inputs. Nothing here writes.
 
 def check_workdir(cfg: TrainConfig) -> RunSpec | None:
     """Validate the workdir before anything is written; return its run.json if it has one."""
@@ -176,114 +185,251 @@ def _initial_state(workdir: Path, state: State | None) -> State:
     return State(latest=names[-1] if names else None, paths=names, timestamps=stamps)
 
 
-def run_loop(cfg: TrainConfig, train_state: TrainState, data: datasets.Dataset, saver: saver_lib.CheckpointSaver,
-             reporter: Reporter, stop: StopRequest, *,
-             spent: dict[str, Any] | None = None) -> tuple[int, str | None, dict[str, Any] | None]:
-    """Train from the restored step to `cfg.steps`.
+# Phase 2: restore or initialise.
+
+@dataclasses.dataclass(frozen=True)
+class Started:
+    """Where this run starts, as `restore_or_initialise` left it."""
+
+    train_state: TrainState  # restored, or freshly built (and warm-started)
+    step: int  # global_step at the start (0 when fresh)
+    resumed_from: str | None  # the checkpoint restored, if any
+    saver: saver_lib.CheckpointSaver  # commits this run's checkpoints
+    spent: StopRequestId | None  # the workdir's stop request, if a run already ended for it
+
+
+def restore_or_initialise(cfg: TrainConfig, checked: Checked, reporter: Reporter,
+                          strategy: tf.distribute.Strategy | None) -> Started:
+    """Restore the checkpoint to resume from, or initialise the run; tidy the workdir and say how it starts."""
+    spec = checked.existing or dataclasses.replace(cfg.spec, created=time.time())
+    train_state = TrainState(spec, strategy or tf.distribute.get_strategy())
+    resumed_from, state = find_start(cfg, train_state)
+    if checked.existing is None:  # only now: a start that cannot restore --from leaves no run.json
+        write_run(cfg.workdir, spec)
+    leftovers = saver_lib.clean_leftovers(cfg.workdir)
+    start = int(train_state.step.numpy())
+    reporter.message(f"resumed from {Path(resumed_from).name} (step {start})" if resumed_from else "starting fresh")
+    _initialise(cfg, checked, train_state, reporter)
+    if leftovers:
+        reporter.message(f"removed leftovers of an interrupted save: {', '.join(sorted(leftovers))}")
+    saver = _make_saver(cfg, train_state, state, resumed_from, reporter)
+    data = checked.data
+    reporter.message(f"data: {spec.dataset} from {data.source} (train {len(data.train)}, "
+                     f"validation {len(data.validation)}, test {len(data.test)})")
+    spent = spent_stop_request(cfg.workdir)
+    _announce_stop_request(cfg.workdir, start, spent, reporter)
+    return Started(train_state, start, resumed_from, saver, spent)
+
+
+def _initialise(cfg: TrainConfig, checked: Checked, train_state: TrainState, reporter: Reporter) -> None:
+    """Apply --init-from at a workdir's first start and show its table; say so when a resume ignores it."""
+    if cfg.init is not None and checked.init_plan is None:
+        reporter.message("--init-from ignored: this run continues from its own checkpoints")
+    if checked.init_plan is None:
+        return
+    warmstart.apply(checked.init_plan, {f"model/{k}": v for k, v in train_state.model.named_variables().items()},
+                    cfg.init.weights if cfg.init else "ema")
+    train_state.ema.reset()  # the shadows start from the restored weights, not from the random ones
+    for line in checked.init_plan.table():
+        reporter.message(line)
+
+
+def _make_saver(cfg: TrainConfig, train_state: TrainState, state: State | None, resumed_from: str | None,
+                reporter: Reporter) -> saver_lib.CheckpointSaver:
+    """The saver for this run; first remove the checkpoints an interrupted save left unlisted."""
+    saver = saver_lib.CheckpointSaver(cfg.workdir, train_state.checkpoint, state=_initial_state(cfg.workdir, state),
+                                      keep=cfg.keep, keep_every_hours=cfg.keep_every_hours,
+                                      anchor=train_state.spec.created)
+    if state is None:  # without a state file, nothing tells which checkpoints are unlisted
+        return saver
+    gone = saver.remove_unlisted(frozenset({Path(resumed_from).name}) if resumed_from else frozenset())
+    if gone:
+        shown = ", ".join(gone[:5]) + (f" and {len(gone) - 5} more" if len(gone) > 5 else "")
+        reporter.message(f"removed {len(gone)} checkpoint(s) that the state file no longer lists "
+                         f"(left by an interrupted save): {shown}")
+    return saver
+
+
+# Phase 3: run. The inner loop does the math; the actions after each call do everything else.
+
+@dataclasses.dataclass(frozen=True)
+class Ran:
+    """What `run_training` did."""
+
+    step: int  # the last step trained
+    last_saved: str | None  # prefix of the last checkpoint this run committed
+    honoured: StopRequestId | None  # the id of the stop request this run stopped for
+
+
+def run_training(cfg: TrainConfig, started: Started, data: datasets.Dataset, reporter: Reporter, stop: StopRequest,
+                 *, chief: bool = True) -> Ran:
+    """Train from the start step to `cfg.steps` or a stop, running the actions after every call.
+
+    `chief=False` is for a worker of a distributed run that is not its chief: it runs only the
+    actions every worker takes part in, writes no heartbeat or TensorBoard log and leaves done.json.
+    """
+    displays, heartbeat = _open_displays(cfg, started, reporter, chief)
+    saves = SaveCheckpoints(lambda step: _save(started.saver, started.train_state, step),
+                            every=cfg.save_every, last_step=cfg.steps, stop=stop)
+    stop_check = CheckStopRequest(lambda: early_stop_request(cfg.workdir, since_step=started.step,
+                                                             spent=started.spent), stop)
+    actions = make_actions(saves=saves, stop_check=stop_check, displays=displays.reporters, chief=chief)
+    try:
+        displays.start(first_step=started.step, total_steps=cfg.steps)
+        step = run_loop(cfg, started.train_state, data, actions, reporter, stop)
+        honoured = stop_check.honoured.id if stop_check.honoured is not None else None
+        if honoured and heartbeat is not None:  # the closing heartbeat keeps it on record
+            heartbeat.spent = honoured
+    finally:
+        displays.close()
+    return Ran(step, saves.last_saved, honoured)
+
+
+def _open_displays(cfg: TrainConfig, started: Started, reporter: Reporter,
+                   chief: bool) -> tuple[Tee, Heartbeat | None]:
+    """The displays of the run: the reporter, and on the chief the heartbeat and TensorBoard; done.json goes."""
+    if not chief:
+        return Tee(reporter), None
+    heartbeat = Heartbeat(cfg.workdir, spent=started.spent)
+    # Written before done.json goes, so that a spent request stays on record if this run is killed.
+    heartbeat.start(first_step=started.step, total_steps=cfg.steps)
+    remove_done(cfg.workdir)
+    return Tee(reporter, heartbeat, TensorBoardLog(cfg.workdir / TB_DIR / "train")), heartbeat
+
+
+def run_loop(cfg: TrainConfig, train_state: TrainState, data: datasets.Dataset, actions: Sequence[Action],
+             reporter: Reporter, stop: StopRequest) -> int:
+    """The outer loop: call the inner loop for up to `--steps-per-loop` steps, then run `actions`; repeat.
 
     Returns:
-      The last step, the last saved prefix, and the id of the stop request honoured (if any).
+      The last step.
     """
-    step = start = int(train_state.step.numpy())
-    strategy = train_state.strategy
+    step = int(train_state.step.numpy())
     spec = train_state.spec
     ds = train_dataset(data.train, batch_size=spec.batch_size, seed=spec.seed, start_step=step)
-    iterator = iter(strategy.experimental_distribute_dataset(ds))
+    iterator = iter(train_state.strategy.experimental_distribute_dataset(ds))
     loops = {False: make_train_loop(train_state, spec.batch_size)}
-    last_saved: str | None = None
-    honoured: dict[str, Any] | None = None
-    next_save = (step // cfg.save_every + 1) * cfg.save_every
-    reporter.start(first_step=step, total_steps=cfg.steps)
     while step < cfg.steps and not stop:
-        n = min(cfg.steps_per_loop, next_save - step, cfg.steps - step)
+        n = _call_size(cfg, spec.unfreeze_at, step)
         finetune = bool(spec.unfreeze_at) and step >= spec.unfreeze_at
-        if spec.unfreeze_at and step < spec.unfreeze_at:
-            n = min(n, spec.unfreeze_at - step)
         if finetune not in loops:
             loops[finetune] = make_train_loop(train_state, spec.batch_size, finetune=True)
             reporter.message(f"unfrozen at step {step}: every variable now trains at lr {spec.finetune_lr:g}")
-        began = time.perf_counter()
-        out = loops[finetune](iterator, tf.constant(n))
-        if not bool(out["all_finite"]):
-            raise DivergedError(f"non-finite loss between steps {step} and {step + n}; nothing after "
-                                f"{last_saved or 'the last committed checkpoint'} was saved")
-        step += n
-        request = early_stop_request(cfg.workdir, since_step=start, spent=spent)
-        if request is not None and not stop:
-            stop.set(f"early stop requested by the evaluator: {request.get('reason', 'no reason given')}",
-                     finish=True)
-            honoured = request_id(request)
-        lr = spec.finetune_lr if finetune else float(train_state.learning_rate(step))
-        reporter.update({"step": step, "loss": float(out["loss"]), "steps_per_sec": n / (time.perf_counter() - began),
-                         "lr": lr})
-        if step >= next_save or step >= cfg.steps or stop:
-            last_saved = _save(saver, train_state, step)
-            next_save = (step // cfg.save_every + 1) * cfg.save_every
-    return step, last_saved, honoured
+        lr = spec.finetune_lr if finetune else float(train_state.learning_rate(step + n))
+        out = _call(loops[finetune], iterator, step, n, lr)
+        for action in actions:
+            action(out)
+        step = out.step
+    return step
 
 
-def request_id(request: dict[str, Any]) -> dict[str, Any]:
-    """What tells one stop request from another: the evaluator's step and time."""
-    return {"step": request.get("step"), "time": request.get("time")}
+def _call_size(cfg: TrainConfig, unfreeze_at: int, step: int) -> int:
+    """Steps for the next call: at most `--steps-per-loop`, ending at the next save, the last step or the unfreeze."""
+    next_save = (step // cfg.save_every + 1) * cfg.save_every
+    n = min(cfg.steps_per_loop, next_save - step, cfg.steps - step)
+    if unfreeze_at and step < unfreeze_at:
+        n = min(n, unfreeze_at - step)
+    return n
 
 
-def _is_step(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _call(loop: Any, iterator: Any, step: int, n: int, lr: float) -> LoopOutput:
+    """Run `n` steps from `step` in one call of the inner loop and read its outputs into Python."""
+    began = time.perf_counter()
+    out = loop(iterator, tf.constant(n))
+    all_finite, loss = bool(out["all_finite"]), float(out["loss"])
+    return LoopOutput(first_step=step, step=step + n, loss=loss, all_finite=all_finite,
+                      steps_per_sec=n / (time.perf_counter() - began), lr=lr)
 
 
-def early_stop_request(workdir: Path, *, since_step: int, spent: dict[str, Any] | None = None) -> dict[str, Any] | None:
+def _save(saver: saver_lib.CheckpointSaver, train_state: TrainState, step: int) -> str:
+    """Commit a checkpoint for `step`, unless a weight or shadow is not finite."""
+    if not train_state.all_finite():
+        raise DivergedError(f"non-finite weights at step {step}; not saved")
+    return str(saver.save(step))
+
+
+# The files this program shares with the evaluator (typed in common.protocol): stop_request.json
+# (read) and done.json (read, removed at the start of a run, written at its end). Only the
+# functions below touch them.
+
+def remove_done(workdir: Path) -> None:
+    """Remove done.json: from now on the run is not finished."""
+    remove(workdir / DONE_FILE, workdir)
+
+
+def early_stop_request(workdir: Path, *, since_step: int,
+                       spent: StopRequestId | None = None) -> EarlyStopRequest | None:
     """An evaluator's stop request made at or after `since_step` and not spent already, if there is one."""
-    request = read_json(workdir / STOP_REQUEST_FILE)
-    if request is None or not _is_step(request.get("step")) or request["step"] < since_step:
+    request = EarlyStopRequest.read(workdir)
+    if request is None or request.step is None or request.step < since_step:
         return None
-    return None if request_id(request) == spent else request
+    return None if request.id == spent else request
 
 
-def spent_stop_request(workdir: Path) -> dict[str, Any] | None:
+def spent_stop_request(workdir: Path) -> StopRequestId | None:
     """The id of the workdir's stop request if a trainer already ended the run for it, or after it.
 
     A request is honoured once: done.json (or, after a later start removed it, heartbeat.json)
     records the one a run stopped for, and a run that finished at or past a request's step ended
     after it anyway. Honouring it again would end every extended run at once.
     """
-    request = read_json(workdir / STOP_REQUEST_FILE)
+    request = EarlyStopRequest.read(workdir)
     if request is None:
         return None
-    ident = request_id(request)
-    done = read_json(workdir / DONE_FILE) or {}
-    beat = read_json(workdir / HEARTBEAT_FILE) or {}
-    if ident in (done.get(SPENT_KEY), beat.get(SPENT_KEY)):
-        return ident
-    if _is_step(ident["step"]) and _is_step(done.get("step")) and ident["step"] <= done["step"]:
-        return ident
+    done = TrainingDone.read(workdir) or TrainingDone()
+    beat = TrainerHeartbeat.read(workdir) or TrainerHeartbeat()
+    if request.id in (done.spent_stop_request, beat.spent_stop_request):
+        return request.id
+    if request.step is not None and done.step is not None and request.step <= done.step:
+        return request.id
     return None
 
 
-def _announce_stop_request(workdir: Path, start: int, spent: dict[str, Any] | None, reporter: Reporter) -> None:
+def _announce_stop_request(workdir: Path, start: int, spent: StopRequestId | None, reporter: Reporter) -> None:
     """Say why the workdir's stop request will not stop this run, if it will not."""
-    request = read_json(workdir / STOP_REQUEST_FILE)
+    request = EarlyStopRequest.read(workdir)
     if request is None:
         return
-    step = request.get("step")
-    if not isinstance(step, int) or step < start:
-        reporter.message(f"ignoring the evaluator's stop request of step {step} (before step {start})")
+    if request.step is None or request.step < start:
+        reporter.message(f"ignoring the evaluator's stop request of step {request.step} (before step {start})")
     elif spent is not None:
-        reporter.message(f"ignoring the evaluator's stop request of step {step}: already spent "
+        reporter.message(f"ignoring the evaluator's stop request of step {request.step}: already spent "
                          "(the run ended at or after it)")
 
 
-def _save(saver: saver_lib.CheckpointSaver, train_state: TrainState, step: int) -> str:
-    if not train_state.all_finite():
-        raise DivergedError(f"non-finite weights at step {step}; not saved")
-    return str(saver.save(step))
+# Phase 4: finish.
+
+def finish(cfg: TrainConfig, started: Started, ran: Ran, data: datasets.Dataset, reporter: Reporter,
+           stop: StopRequest) -> TrainResult:
+    """Say how the run ended; unless a signal ended it, evaluate the EMA weights and write done.json."""
+    final = ran.last_saved or started.resumed_from
+    if stop and not stop.finish:
+        reporter.message(f"stopped by {stop.reason} at step {ran.step}; saved {Path(final or '-').name}")
+        return TrainResult(started.step, ran.step, started.resumed_from, stop.reason, final, {})
+    if stop:
+        reporter.message(f"stopped early at step {ran.step}: {stop.reason}; saved {Path(final or '-').name}")
+    metrics = final_metrics(started.train_state, data)
+    _report_final(reporter, ran.step, metrics)
+    # The request this run stopped for, else the one it found spent: neither stops a later run.
+    TrainingDone(step=ran.step, checkpoint=Path(final or "").name, time=time.time(), stop_reason=stop.reason,
+                 ema_metrics=metrics, spent_stop_request=ran.honoured or started.spent).write(cfg.workdir)
+    return TrainResult(started.step, ran.step, started.resumed_from, stop.reason, final, metrics)
 
 
 def final_metrics(train_state: TrainState, data: datasets.Dataset) -> dict[str, Any]:
     """Evaluate the EMA weights on the validation and test splits."""
-    model = models.build(train_state.spec.model, num_classes=train_state.spec.num_classes)
+    model = build_model(train_state.spec)
     train_state.ema.copy_to(model)
     evaluate = Evaluation(model)
     return {split: evaluate(data.split(split)) for split in ("validation", "test")}
+
+
+def _report_final(reporter: Reporter, step: int, metrics: dict[str, Any]) -> None:
+    """Print the run's last line: the EMA weights' accuracy and loss on both held-out splits."""
+    reporter.message(log_line("final", step=step, weights="ema",
+                              validation_accuracy=round(metrics["validation"]["accuracy"], 4),
+                              test_accuracy=round(metrics["test"]["accuracy"], 4),
+                              validation_loss=metrics["validation"]["loss"], test_loss=metrics["test"]["loss"]))
 
 
 def train(cfg: TrainConfig, *, reporter: Reporter | None = None, stop: StopRequest | None = None,
@@ -297,79 +443,9 @@ def train(cfg: TrainConfig, *, reporter: Reporter | None = None, stop: StopReque
     """
     checked = check_inputs(cfg)
     reporter = reporter or make_reporter(cfg.progress, cfg.log_every)
-    stop = stop or StopRequest()
+    stop = stop if stop is not None else StopRequest()  # an unset StopRequest is falsy: `or` would drop it
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     with WorkdirLock(cfg.workdir), stop_on_signals(stop):
-        spec = checked.existing or dataclasses.replace(cfg.spec, created=time.time())
-        train_state = TrainState(spec, strategy or tf.distribute.get_strategy())
-        resumed_from, state = find_start(cfg, train_state)
-        if checked.existing is None:
-            write_run(cfg.workdir, spec)
-        start = int(train_state.step.numpy())
-        saver = _prepare(cfg, checked, train_state, resumed_from, state, reporter)
-        spent = spent_stop_request(cfg.workdir)
-        _announce_stop_request(cfg.workdir, start, spent, reporter)
-        heartbeat = Heartbeat(cfg.workdir, extra={SPENT_KEY: spent} if spent else None)
-        # Written before done.json goes, so that a spent request stays on record if this run is killed.
-        heartbeat.start(first_step=start, total_steps=cfg.steps)
-        remove(cfg.workdir / DONE_FILE, cfg.workdir)
-        reporter = Tee(reporter, heartbeat, TensorBoardLog(cfg.workdir / TB_DIR / "train"))
-        try:
-            step, last_saved, honoured = run_loop(cfg, train_state, checked.data, saver, reporter, stop, spent=spent)
-            if honoured:
-                heartbeat.extra[SPENT_KEY] = honoured
-        finally:
-            reporter.close()
-        final = last_saved or resumed_from
-        if stop and not stop.finish:
-            reporter.message(f"stopped by {stop.reason} at step {step}; saved {Path(final or '-').name}")
-            return TrainResult(start, step, resumed_from, stop.reason, final, {})
-        if stop:
-            reporter.message(f"stopped early at step {step}: {stop.reason}; saved {Path(final or '-').name}")
-        metrics = final_metrics(train_state, checked.data)
-        _report_final(reporter, step, metrics)
-        # The request this run stopped for, else the one it found spent: neither stops a later run.
-        atomic_write_json(cfg.workdir / DONE_FILE, {"step": step, "checkpoint": Path(final or "").name,
-                                                     "time": time.time(), "stop_reason": stop.reason,
-                                                     "ema_metrics": metrics, SPENT_KEY: honoured or spent})
-        return TrainResult(start, step, resumed_from, stop.reason, final, metrics)
-
-
-def _prepare(cfg: TrainConfig, checked: Checked, train_state: TrainState, resumed_from: str | None,
-             state: State | None, reporter: Reporter) -> saver_lib.CheckpointSaver:
-    """Report the start, apply --init-from, tidy the workdir and return the saver."""
-    leftovers = saver_lib.clean_leftovers(cfg.workdir)
-    start = int(train_state.step.numpy())
-    reporter.message(f"resumed from {Path(resumed_from).name} (step {start})" if resumed_from else "starting fresh")
-    if cfg.init is not None and checked.init_plan is None:
-        reporter.message("--init-from ignored: this run continues from its own checkpoints")
-    if checked.init_plan is not None:
-        warmstart.apply(checked.init_plan,
-                        {f"model/{k}": v for k, v in train_state.model.named_variables().items()},
-                        cfg.init.weights if cfg.init else "ema")
-        train_state.ema.reset()
-        for line in checked.init_plan.table():
-            reporter.message(line)
-    if leftovers:
-        reporter.message(f"removed leftovers of an interrupted save: {', '.join(sorted(leftovers))}")
-    saver = saver_lib.CheckpointSaver(cfg.workdir, train_state.checkpoint, state=_initial_state(cfg.workdir, state),
-                                      keep=cfg.keep, keep_every_hours=cfg.keep_every_hours,
-                                      anchor=train_state.spec.created)
-    if state is not None:
-        spared = frozenset({Path(resumed_from).name}) if resumed_from else frozenset()
-        gone = saver.remove_unlisted(spared)
-        if gone:
-            shown = ", ".join(gone[:5]) + (f" and {len(gone) - 5} more" if len(gone) > 5 else "")
-            reporter.message(f"removed {len(gone)} checkpoint(s) that the state file no longer lists "
-                             f"(left by an interrupted save): {shown}")
-    data = checked.data
-    reporter.message(f"data: {train_state.spec.dataset} from {data.source} (train {len(data.train)}, "
-                     f"validation {len(data.validation)}, test {len(data.test)})")
-    return saver
-
-
-def _report_final(reporter: Reporter, step: int, metrics: dict[str, Any]) -> None:
-    reporter.message(log_line("final", step=step, weights="ema",
-                              validation_accuracy=round(metrics["validation"]["accuracy"], 4),
-                              test_accuracy=round(metrics["test"]["accuracy"], 4),
-                              validation_loss=metrics["validation"]["loss"], test_loss=metrics["test"]["loss"]))
+        started = restore_or_initialise(cfg, checked, reporter, strategy)
+        ran = run_training(cfg, started, checked.data, reporter, stop)
+        return finish(cfg, started, ran, checked.data, reporter, stop)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -12,8 +13,7 @@ from typing import Any, Protocol
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from common.fileio import atomic_write_json
-from common.workdir import HEARTBEAT_FILE
+from common.protocol import SPENT_KEY, StopRequestId, TrainerHeartbeat
 
 
 def log_line(event: str, **fields: Any) -> str:
@@ -139,38 +139,45 @@ def make_reporter(kind: str, log_every: int) -> Reporter:
 
 
 class Heartbeat:
-    """Rewrites `heartbeat.json` (step, steps/s, loss, time) at most once per `every_secs`.
+    """Rewrites `heartbeat.json` (common.protocol.TrainerHeartbeat) at most once per `every_secs`.
 
     The evaluator reads it to show the trainer's status; it is a consumer like any display.
-    `extra` fields go into every write (the trainer keeps its spent stop request there).
+    `spent` (the stop request already honoured) goes into every write, so that it stays on
+    record while done.json is gone. `extra` fields go into every write too.
     """
 
-    def __init__(self, workdir: Path, every_secs: float = 1.0, extra: dict[str, Any] | None = None) -> None:
-        self.path = workdir / HEARTBEAT_FILE
+    def __init__(self, workdir: Path, every_secs: float = 1.0, extra: dict[str, Any] | None = None, *,
+                 spent: StopRequestId | None = None) -> None:
+        self.workdir = workdir
         self.every_secs = every_secs
         self.extra = dict(extra or {})
+        self.spent = spent
         self._last = 0.0
         self._total = 0
 
     def start(self, *, first_step: int, total_steps: int) -> None:
         self._total = total_steps
-        self._write({"step": first_step, "steps_per_sec": 0.0, "state": "running"})
+        self._write(TrainerHeartbeat(step=first_step, steps_per_sec=0.0, state="running"))
 
     def update(self, metrics: dict[str, float]) -> None:
         if time.monotonic() - self._last >= self.every_secs:
-            self._write({**metrics, "state": "running"})
+            self._write(TrainerHeartbeat.from_metrics({**metrics, "step": int(metrics["step"])}, state="running"))
 
     def message(self, text: str) -> None:
         pass
 
     def close(self) -> None:
-        self._write({"state": "stopped"})
+        self._write(TrainerHeartbeat(state="stopped"))
 
-    def _write(self, fields: dict[str, Any]) -> None:
+    def _write(self, beat: TrainerHeartbeat) -> None:
         self._last = time.monotonic()
-        payload = {"pid": os.getpid(), "time": time.time(), "total_steps": self._total, **self.extra, **fields}
+        # A spent request passed as a plain field (older callers) is still written as one.
+        extra = {k: v for k, v in self.extra.items() if k != SPENT_KEY}
+        spent = self.spent or StopRequestId.from_json(self.extra.get(SPENT_KEY))
+        beat = dataclasses.replace(beat, pid=os.getpid(), time=time.time(), total_steps=self._total,
+                                   spent_stop_request=spent, extra=extra | beat.extra)
         with contextlib.suppress(OSError):  # a missed heartbeat must never stop training
-            atomic_write_json(self.path, payload)
+            beat.write(self.workdir)
 
 
 class Tee:

@@ -16,7 +16,7 @@ import tensorflow as tf
 from common import checkpoints
 from common.checkpoints import CheckpointError
 from common.errors import UsageError
-from common.workdir import BEST_LINK, EVAL_DIR, read_best
+from common.locate import BEST_ELSE_LATEST, NoCheckpoint, Unreadable, locate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,20 +58,12 @@ class InitPlan:
 
 def resolve_source(source: str) -> Path:
     """A checkpoint prefix from `--init-from`: a prefix, or a workdir's best (else latest) checkpoint."""
-    path = Path(source)
-    if path.is_dir():
-        best = read_best(path)
-        if best is not None:
-            path = path / EVAL_DIR / BEST_LINK / str(best["checkpoint"])
-        else:
-            state = checkpoints.read_state(path)
-            if state is None or state.latest is None:
-                raise UsageError(f"--init-from {source}: a folder without checkpoints")
-            path = checkpoints.resolve(path, state.latest)
-    why = checkpoints.check_readable(path)
-    if why:
-        raise UsageError(f"--init-from {source}: {why}")
-    return path
+    try:
+        return locate(Path(source), BEST_ELSE_LATEST)
+    except NoCheckpoint:
+        raise UsageError(f"--init-from {source}: a folder without checkpoints") from None
+    except Unreadable as e:
+        raise UsageError(f"--init-from {source}: {e.why}") from None
 
 
 def _pattern(text: str) -> re.Pattern[str]:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from common import checkpoints
 from common.errors import UsageError
+from common.loader import load_model
+from common.locate import BEST_ELSE_LATEST, NoCheckpoint, Unreadable, locate
 from common.runconfig import read_run
-from common.workdir import read_best
-from evaluator.export import LABELS_FILE, load_weights
-from evaluator.images import ImageError, plain_resize, preprocess, read_gray
-from evaluator.predict import Classifier, read_labels
+from evaluator.serving.export import LABELS_FILE
+from evaluator.serving.images import ImageError, plain_resize, preprocess, read_gray
+from evaluator.serving.labels import read_labels
+
+Classifier = Callable[[list[Path]], list[np.ndarray | str]]  # one probability vector (or an error) per file
 
 
 def _batch(files: list[Path], dataset: str, do_preprocess: bool) -> tuple[list[int], np.ndarray, list[str | None]]:
@@ -49,7 +52,7 @@ def own_model(path: Path, *, preprocess: bool) -> tuple[Classifier, list[str]]:
     spec = read_run(workdir)
     if spec is None:
         raise UsageError(f"{workdir}: no run.json beside the checkpoint")
-    model = load_weights(spec, prefix, "ema")
+    model = load_model(spec, prefix, "ema")
     forward = tf.function(lambda x: tf.nn.softmax(model(tf.cast(x, tf.float32) / 255.0)))
 
     def classify(files: list[Path]) -> list[np.ndarray | str]:
@@ -62,18 +65,15 @@ def own_model(path: Path, *, preprocess: bool) -> tuple[Classifier, list[str]]:
 
 def _checkpoint_of(path: Path) -> tuple[Path, Path]:
     """The workdir and checkpoint prefix that `--model PATH` names."""
-    if path.is_dir():
-        best = read_best(path)
-        if best is not None:
-            return path, path / "eval" / "best" / str(best["checkpoint"])
-        state = checkpoints.read_state(path)
-        if state is None or state.latest is None:
-            raise UsageError(f"--model {path}: not an export, and a workdir without checkpoints")
-        return path, checkpoints.resolve(path, state.latest)
-    why = checkpoints.check_readable(path)
-    if why:
-        raise UsageError(f"--model {path}: not an export, a workdir or a readable checkpoint ({why})")
-    return path.parent, path
+    workdir = path if path.is_dir() else path.parent
+    try:
+        # A workdir's checkpoint is read in full by the restore that follows; a prefix is checked here
+        # so that a path that is nothing usable gets the message below.
+        return workdir, locate(path, BEST_ELSE_LATEST, check=not path.is_dir())
+    except NoCheckpoint:
+        raise UsageError(f"--model {path}: not an export, and a workdir without checkpoints") from None
+    except Unreadable as e:
+        raise UsageError(f"--model {path}: not an export, a workdir or a readable checkpoint ({e.why})") from None
 
 
 def _from_export(path: Path, do_preprocess: bool) -> tuple[Classifier, list[str]]:

@@ -16,13 +16,13 @@ from pathlib import Path
 import tensorflow as tf
 
 from common import checkpoints, models
-from common.ema import raw_variables, variables_to_restore
 from common.errors import UsageError, WorkdirIOError
 from common.fileio import atomic_write_json
+from common.loader import load_model
+from common.locate import BEST, LATEST, NoBest, Unreadable, locate
 from common.paths import remove
-from common.runconfig import RunSpec, read_run, write_run
+from common.runconfig import read_run, write_run
 from common.workdir import RUN_FILE
-from evaluator.best import best_prefix
 
 IMAGE_SIZE = 28
 FROZEN_FILE = "frozen_graph.pb"
@@ -38,23 +38,14 @@ FROZEN_OUTPUTS = ("probabilities", "classes")
 
 def resolve(workdir: Path, step: str) -> Path:
     """The checkpoint prefix that `--step N|best|latest` names in `workdir`."""
-    if step == "best":
-        prefix = best_prefix(workdir)
-        if prefix is None:
-            raise UsageError(f"{workdir}: no best checkpoint yet (run the evaluator first, or use --step latest)")
-    elif step == "latest":
-        state = checkpoints.read_state(workdir)
-        if state is None or state.latest is None:
-            raise UsageError(f"{workdir}: no checkpoint (no state file)")
-        prefix = checkpoints.resolve(workdir, state.latest)
-    elif step.isdigit():
-        prefix = workdir / checkpoints.name_for(int(step))
-    else:
+    if not (step.isdigit() or step in (BEST, LATEST)):
         raise UsageError(f"--step ({step!r}) must be a step number, 'best' or 'latest'")
-    why = checkpoints.check_readable(prefix)
-    if why:
-        raise UsageError(f"{prefix.name}: cannot be exported ({why})")
-    return prefix
+    try:
+        return locate(workdir, int(step) if step.isdigit() else step)
+    except NoBest:
+        raise UsageError(f"{workdir}: no best checkpoint yet (run the evaluator first, or use --step latest)") from None
+    except Unreadable as e:
+        raise UsageError(f"{e.source.name}: cannot be exported ({e.why})") from None
 
 
 class Exported(tf.Module):
@@ -89,14 +80,6 @@ class Exported(tf.Module):
         return self._outputs(images)
 
 
-def load_weights(spec: RunSpec, prefix: Path, weights: str) -> models.Classifier:
-    """Build the run's model and load the EMA (or raw) weights of checkpoint `prefix` into it."""
-    model = models.build(spec.model, num_classes=spec.num_classes)
-    mapping = variables_to_restore(model) if weights == "ema" else raw_variables(model)
-    checkpoints.restore_variables(prefix, mapping)
-    return model
-
-
 def export(workdir: Path, *, step: str = "best", weights: str = "ema", out: Path | None = None,
            frozen: bool = False) -> Path:
     """Write the export atomically (a temp folder renamed into place) and return its path."""
@@ -109,7 +92,7 @@ def export(workdir: Path, *, step: str = "best", weights: str = "ema", out: Path
     number = checkpoints.read_step(prefix)
     target = Path(os.path.abspath(out if out is not None else workdir / "export" / str(number)))
     check_target(target)
-    model = load_weights(spec, prefix, weights)
+    model = load_model(spec, prefix, weights)
     tmp = _make_temp(target)
     try:
         labels = tmp / LABELS_FILE

@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from common.errors import ProjectError, UsageError
 from common.paths import local_path
-
-Classifier = Callable[[list[Path]], list[np.ndarray | str]]  # one probability vector (or an error) per file
 
 
 def parser() -> argparse.ArgumentParser:
@@ -52,13 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         from common.tfenv import quiet_import_tensorflow
 
         quiet_import_tensorflow()
-        from evaluator import predict_backends
+        from evaluator.serving import backends
 
         if args.graph is not None:
-            classify, names = predict_backends.foreign_graph(args)
+            classify, names = backends.foreign_graph(args)
         else:
-            classify, names = predict_backends.own_model(args.model, preprocess=not args.no_preprocess)
-        from evaluator.images import expand
+            classify, names = backends.own_model(args.model, preprocess=not args.no_preprocess)
+        from evaluator.serving.images import expand
 
         files = expand(args.images)
         if not files:
@@ -90,33 +85,6 @@ def report(files: list[Path], results: list[np.ndarray | str], names: list[str],
 
 def _name(names: list[str], i: int) -> str:
     return names[i] if i < len(names) else str(i)
-
-
-def read_labels(args: Any) -> list[str]:
-    """Labels for a foreign graph: a plain file, or Inception's synset map plus human labels."""
-    if args.labels is not None:
-        return _read(args.labels).splitlines()
-    if args.synsets is not None and args.human_labels is not None:
-        human = dict(line.split("\t", 1) for line in _read(args.human_labels).splitlines() if "\t" in line)
-        text = _read(args.synsets)
-        classes = re.findall(r"target_class:\s*(\d+)\s*target_class_string:\s*\"([^\"]+)\"", text)
-        if not classes:
-            raise UsageError(f"{args.synsets}: no 'target_class ... target_class_string' entries")
-        size = max(int(i) for i, _ in classes) + 1
-        labels = [str(i) for i in range(size)]
-        for index, synset in classes:
-            labels[int(index)] = human.get(synset, synset).strip()
-        return labels
-    if args.synsets is not None or args.human_labels is not None:
-        raise UsageError("--synsets and --human-labels go together")
-    return []
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 if __name__ == "__main__":

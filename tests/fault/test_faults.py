@@ -25,23 +25,16 @@ from common import checkpoints
 from common.checkpoints import CheckpointError, State
 from common.errors import DataFormatError, WorkdirIOError
 from common.idx import read_idx
+from evaluator.config import EvalConfig
 from evaluator.core import CheckpointEvaluator
 from evaluator.ledger import Ledger
-from evaluator.session import EvalConfig, run_once
-from tests.helpers import make_train_config, watch_beside_trainer
-from tests.test_evaluator import Spy
-from tests.test_trainer import Recorder, run_cli
+from evaluator.loop import run_once
+from tests.helpers import Recorder, Spy, make_train_config, watch_beside_trainer
+from tests.helpers import run_trainer_cli as run_cli
 from trainer import saver as saver_lib
 from trainer.loop import train
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def trained(make_config: Callable[..., Any]) -> Any:
-    cfg = make_config(steps=60, save_every=20, keep=0)
-    train(cfg, reporter=Recorder())
-    return cfg
 
 
 def _resume(make_config: Callable[..., Any], capsys: pytest.CaptureFixture[str]) -> tuple[Recorder, str]:
@@ -50,18 +43,18 @@ def _resume(make_config: Callable[..., Any], capsys: pytest.CaptureFixture[str])
     return rec, capsys.readouterr().err
 
 
-def test_truncated_newest_data_falls_back_with_warning(trained: Any, make_config: Callable[..., Any],
+def test_truncated_newest_data_falls_back_with_warning(trained_config: Any, make_config: Callable[..., Any],
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    data = next(trained.workdir.glob("model-60.data-*"))
+    data = next(trained_config.workdir.glob("model-60.data-*"))
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     rec, err = _resume(make_config, capsys)
     assert rec.messages[0] == "resumed from model-40 (step 40)"
     assert "skipping checkpoint model-60" in err
 
 
-def test_flipped_index_bytes_fall_back_with_warning(trained: Any, make_config: Callable[..., Any],
+def test_flipped_index_bytes_fall_back_with_warning(trained_config: Any, make_config: Callable[..., Any],
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    index = trained.workdir / "model-60.index"
+    index = trained_config.workdir / "model-60.index"
     raw = bytearray(index.read_bytes())
     for i in range(len(raw) // 3, len(raw) // 3 + 16):
         raw[i] ^= 0xFF
@@ -70,39 +63,40 @@ def test_flipped_index_bytes_fall_back_with_warning(trained: Any, make_config: C
     assert rec.messages[0] == "resumed from model-40 (step 40)" and "skipping checkpoint model-60" in err
 
 
-def test_garbage_state_file_falls_back_to_disk(trained: Any, make_config: Callable[..., Any],
+def test_garbage_state_file_falls_back_to_disk(trained_config: Any, make_config: Callable[..., Any],
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    (trained.workdir / "checkpoint").write_bytes(b"\x00\xffnot a state file {{{")
+    (trained_config.workdir / "checkpoint").write_bytes(b"\x00\xffnot a state file {{{")
     rec, err = _resume(make_config, capsys)
     assert rec.messages[0] == "resumed from model-60 (step 60)"
     assert "checkpoint: unreadable state file" in err and "falling back to the checkpoints on disk" in err
 
 
-def test_every_checkpoint_broken_is_an_error_not_a_fresh_start(trained: Any, make_config: Callable[..., Any]) -> None:
-    for data in trained.workdir.glob("model-*.data-*"):
+def test_every_checkpoint_broken_is_an_error_not_a_fresh_start(trained_config: Any,
+                                                               make_config: Callable[..., Any]) -> None:
+    for data in trained_config.workdir.glob("model-*.data-*"):
         data.write_bytes(b"")
     with pytest.raises(CheckpointError, match="no readable checkpoint among model-60, model-40, model-20; refusing"):
         train(make_config(steps=80), reporter=Recorder())
 
 
-def test_garbage_run_json_is_a_clear_error(trained: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    (trained.workdir / "run.json").write_text("\x00garbage")
-    code, _, err = run_cli(["--workdir", str(trained.workdir), "--data-dir", trained.data_dir], capsys)
+def test_garbage_run_json_is_a_clear_error(trained_config: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    (trained_config.workdir / "run.json").write_text("\x00garbage")
+    code, _, err = run_cli(["--workdir", str(trained_config.workdir), "--data-dir", trained_config.data_dir], capsys)
     assert code == 2 and "run.json: unreadable run file" in err
 
 
-def test_state_paths_outside_the_workdir_are_refused(trained: Any, tiny_data: Path, tmp_path: Path,
+def test_state_paths_outside_the_workdir_are_refused(trained_config: Any, tiny_data: Path, tmp_path: Path,
                                                      make_config: Callable[..., Any],
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    for file in checkpoints.files_of(trained.workdir / "model-60"):
+    for file in checkpoints.files_of(trained_config.workdir / "model-60"):
         shutil.copy(file, elsewhere / file.name)
     state = State(latest=str(elsewhere / "model-60"), paths=["../elsewhere/model-60", str(elsewhere / "model-60")],
                   timestamps=[1.0, 2.0])
-    checkpoints.write_state(trained.workdir, state)
-    run_once(EvalConfig(workdir=trained.workdir, data_dir=str(tiny_data)))
-    rows = Ledger(trained.workdir).read()
+    checkpoints.write_state(trained_config.workdir, state)
+    run_once(EvalConfig(workdir=trained_config.workdir, data_dir=str(tiny_data)))
+    rows = Ledger(trained_config.workdir).read()
     assert len(rows) == 2 and all(r["status"] == "error" and "points outside the workdir" in r["reason"]
                                   for r in rows)
     rec, err = _resume(make_config, capsys)  # the trainer ignores them too and resumes from its own files
@@ -169,15 +163,16 @@ def test_retention_pressure_with_a_slow_evaluator(tmp_path: Path, tiny_data: Pat
         state.paths)
 
 
-def test_two_evaluators_keep_one_consistent_ledger(trained: Any, tiny_data: Path) -> None:
-    cmd = [sys.executable, "-m", "evaluator.cli", "--workdir", str(trained.workdir), "--data-dir", str(tiny_data),
+def test_two_evaluators_keep_one_consistent_ledger(trained_config: Any, tiny_data: Path) -> None:
+    cmd = [sys.executable, "-m", "evaluator.cli", "--workdir", str(trained_config.workdir),
+           "--data-dir", str(tiny_data),
            "--once", "--weights", "both"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
              for _ in range(2)]
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
-    rows = Ledger(trained.workdir).read()
+    rows = Ledger(trained_config.workdir).read()
     keys = [(r["checkpoint"], r["weights"]) for r in rows]
     assert sorted(keys) == sorted((f"model-{s}", w) for s in (20, 40, 60) for w in ("ema", "raw"))
 
@@ -238,9 +233,9 @@ def test_fuzz_state_file_reader(tmp_path: Path, text: str) -> None:
         assert state is not None and state.latest
 
 
-def test_ledger_survives_a_torn_write(trained: Any, tiny_data: Path) -> None:
-    run_once(EvalConfig(workdir=trained.workdir, data_dir=str(tiny_data)))
-    ledger = Ledger(trained.workdir)
+def test_ledger_survives_a_torn_write(trained_config: Any, tiny_data: Path) -> None:
+    run_once(EvalConfig(workdir=trained_config.workdir, data_dir=str(tiny_data)))
+    ledger = Ledger(trained_config.workdir)
     before = ledger.read()
     with open(ledger.path, "a") as f:
         f.write('{"checkpoint": "model-80", "sta')

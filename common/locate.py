@@ -1,0 +1,100 @@
+"""One way to name a checkpoint: a workdir's best, its latest or step N, or a prefix given as it is.
+
+Both programs use it: the trainer for `--init-from`, the evaluator for `export` and `report`, and
+`predict` for `--model`. The errors say what is missing without naming a flag, so that each
+command can put its own flag and advice in front.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common import checkpoints
+from common.errors import UsageError
+from common.workdir import BEST_LINK, EVAL_DIR, read_best
+
+BEST = "best"  # the evaluator's best checkpoint, kept under eval/best
+LATEST = "latest"  # the one the state file names
+BEST_ELSE_LATEST = "best-else-latest"  # what a workdir given without a step means
+Which = str | int  # one of the three names above, or a step number
+
+
+class LocateError(UsageError):
+    """No usable checkpoint is there; `why` says what is missing, and `source` where."""
+
+    def __init__(self, source: Path, why: str) -> None:
+        super().__init__(f"{source}: {why}")
+        self.source = source
+        self.why = why
+
+
+class NoBest(LocateError):
+    """The workdir has no best checkpoint yet (the evaluator keeps one from validation results)."""
+
+
+class NoCheckpoint(LocateError):
+    """The workdir has no checkpoint at all (no state file)."""
+
+
+class Unreadable(LocateError):
+    """The checkpoint named is missing, truncated or corrupt; `source` is its prefix."""
+
+
+def best_prefix(workdir: Path) -> Path | None:
+    """The prefix of the best checkpoint's files under eval/best, or None."""
+    entry = read_best(workdir)
+    if entry is None:
+        return None
+    return workdir / EVAL_DIR / BEST_LINK / str(entry["checkpoint"])
+
+
+def latest_prefix(workdir: Path) -> Path | None:
+    """The prefix of the checkpoint the state file names, or None when there is no state file."""
+    state = checkpoints.read_state(workdir)
+    if state is None or state.latest is None:
+        return None
+    return checkpoints.resolve(workdir, state.latest)
+
+
+def locate(source: Path, which: Which = BEST_ELSE_LATEST, *, check: bool = True) -> Path:
+    """The checkpoint prefix that `which` names in workdir `source`, or `source` itself if it is not a folder.
+
+    Args:
+      source: a workdir, or a checkpoint prefix (`runs/x/model-1000`), which is used as it is.
+      which: for a workdir, `BEST`, `LATEST`, `BEST_ELSE_LATEST` or a step number.
+      check: read the whole checkpoint to make sure it is usable. Callers that restore it at once
+        may skip this: the restore reads it anyway and raises `CheckpointError`.
+
+    Returns:
+      The prefix, e.g. `runs/x/eval/best/model-9000` or `runs/x/model-1000`.
+
+    Raises:
+      NoBest: `which` is `BEST` and the evaluator has kept no best checkpoint yet.
+      NoCheckpoint: `which` is `LATEST` or `BEST_ELSE_LATEST` and the workdir has no checkpoint.
+      Unreadable: `check` is set and the checkpoint is missing, truncated or corrupt.
+      CheckpointError: the workdir's state file is broken.
+      ValueError: `which` is none of the above.
+    """
+    prefix = _in_workdir(source, which) if source.is_dir() else source
+    if check:
+        why = checkpoints.check_readable(prefix)
+        if why:
+            raise Unreadable(prefix, why)
+    return prefix
+
+
+def _in_workdir(workdir: Path, which: Which) -> Path:
+    """The prefix `which` names in `workdir`, before any check that it can be read."""
+    if isinstance(which, int):
+        return workdir / checkpoints.name_for(which)
+    if which not in (BEST, LATEST, BEST_ELSE_LATEST):
+        raise ValueError(f"`which` ({which!r}) must be {BEST!r}, {LATEST!r}, {BEST_ELSE_LATEST!r} or a step number")
+    best = best_prefix(workdir) if which != LATEST else None
+    if best is not None:
+        return best
+    if which == BEST:
+        raise NoBest(workdir, "no best checkpoint yet")
+    latest = latest_prefix(workdir)
+    if latest is None:
+        raise NoCheckpoint(workdir, "no checkpoint (no state file)")
+    return latest

@@ -1,0 +1,54 @@
+"""`EvalConfig`: everything one `evaluator` invocation needs, checked when it is made."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+from common.errors import UsageError
+from evaluator.core import WEIGHT_CHOICES
+
+MAX_INTERVAL_SECS = 86400.0  # --rescan-secs, --poll-secs and --silent-secs: longer than a day is a typo
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Everything one `evaluator` invocation needs."""
+
+    workdir: Path  # the trainer's workdir
+    split: str = "validation"  # validation or test
+    weights: str = "ema"  # ema, raw or both
+    policy: str = "all"  # all: every pending checkpoint, oldest first; latest: only the newest
+    data_dir: str | None = None  # folder with the IDX files; None = the usual places
+    rescan_secs: float = 10.0  # rescan this often even without events
+    poll: bool = False  # use watchdog's polling observer (network filesystems)
+    poll_secs: float = 1.0  # interval of the polling observer
+    exit_when_done: bool = False  # watch mode: exit after the finished run's last checkpoint
+    silent_secs: float = 120.0  # warn when the trainer's heartbeat is older than this
+    patience: int = 0  # ask the trainer to stop after this many evaluations without improvement; 0 = off
+    min_delta: float = 0.0  # an improvement must beat the best accuracy by more than this
+    per_class: bool = False  # show per-class accuracy under the live table
+
+    def __post_init__(self) -> None:
+        choices = {"split": ("validation", "test"), "weights": tuple(WEIGHT_CHOICES), "policy": ("all", "latest")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"--{name} ({getattr(self, name)!r}) must be one of: {', '.join(allowed)}")
+        for name in ("rescan_secs", "poll_secs", "silent_secs"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 < value <= MAX_INTERVAL_SECS):
+                raise UsageError(f"--{name.replace('_', '-')} ({value}) must be positive and at most "
+                                 f"{MAX_INTERVAL_SECS:.0f} seconds (one day)")
+        if not math.isfinite(self.min_delta):
+            raise UsageError(f"--min-delta ({self.min_delta}) must be a finite number")
+        if self.patience < 0 or self.min_delta < 0:
+            raise UsageError(f"--patience ({self.patience}) and --min-delta ({self.min_delta}) must not be negative")
+        if self.patience and self.split != "validation":
+            raise UsageError("--patience watches the validation split; drop --split test")
+
+
+def require_folder(workdir: Path) -> None:
+    """Refuse a workdir that exists but is not a folder (a file given by mistake)."""
+    if workdir.exists() and not workdir.is_dir():
+        raise UsageError(f"--workdir {workdir}: this is a file, not a folder")

@@ -1,0 +1,64 @@
+"""Early stopping: after --patience evaluations without improvement, ask the trainer to stop.
+
+The request is `stop_request.json` (common.protocol.EarlyStopRequest); the trainer checks for it
+after every `--steps-per-loop` steps, saves and finishes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from common.errors import WorkdirIOError
+from common.protocol import EarlyStopRequest
+from common.workdir import STOP_REQUEST_FILE
+from evaluator.rows import Row
+
+
+def without_improvement(rows: list[Row], *, min_delta: float) -> tuple[int, Row | None]:
+    """Evaluations in a row, up to the last, that did not beat the best before them by more than `min_delta`.
+
+    Returns the count and the best row (the one that last improved).
+    """
+    best: Row | None = None
+    count = 0
+    for row in rows:
+        if row.accuracy is None:
+            continue
+        if best is None or row.accuracy > (best.accuracy or 0.0) + min_delta:
+            best, count = row, 0
+        else:
+            count += 1
+    return count, best
+
+
+def check_patience(workdir: Path, rows: list[Row], *, patience: int, min_delta: float) -> str:
+    """Ask the trainer to stop if patience ran out; return the request's reason, or "" if not asked.
+
+    Raises:
+      WorkdirIOError: the stop request cannot be written.
+    """
+    count, best = without_improvement(rows, min_delta=min_delta)
+    if count < patience or best is None:
+        return ""
+    last = [r for r in rows if r.accuracy is not None][-1]
+    reason = (f"no improvement of more than {min_delta:g} in {count} evaluations "
+              f"(best {100 * (best.accuracy or 0):.2f}% at step {best.step}, last step {last.step})")
+    request_stop(workdir, last.step, reason)
+    return reason
+
+
+def request_stop(workdir: Path, step: int | None, reason: str) -> None:
+    """Write the stop request for `step`, unless the workdir's request already names that step.
+
+    Raises:
+      WorkdirIOError: the stop request cannot be written.
+    """
+    request = EarlyStopRequest.read(workdir)
+    if request is not None and request.step == step:
+        return
+    try:
+        EarlyStopRequest(step=step, reason=reason, time=time.time(), pid=os.getpid()).write(workdir)
+    except OSError as e:
+        raise WorkdirIOError(f"cannot write the stop request {workdir / STOP_REQUEST_FILE}: {e.strerror or e}") from e

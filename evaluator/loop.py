@@ -1,0 +1,124 @@
+"""The evaluator's loops: `watch` (a daemon woken by filesystem events) and `once` (for scripts).
+
+Both drive a `Session` (evaluator.session); the watch loop only turns wake-ups (evaluator.wakeups)
+into scans of the state file, and shows the table and its header after each step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+from common.checkpoints import CheckpointError
+from common.errors import ProjectError, UsageError
+from common.signals import StopRequest
+from common.workdir import DONE_FILE
+from evaluator.config import EvalConfig, require_folder
+from evaluator.display import Display, log_line
+from evaluator.session import Candidate, Session
+from evaluator.wakeups import Wake, watching
+
+SETTLE_QUIET_SECS = 0.02  # a save writes the state file once; wait this long for more events
+SETTLE_MAX_SECS = 0.2
+
+
+def run_once(cfg: EvalConfig) -> Session:
+    """Evaluate everything pending (or the newest with --policy latest) and return the session.
+
+    Raises:
+      UsageError: no run.json, an unknown model, no checkpoint at all, or the workdir is a file.
+      CheckpointError: the state file is unreadable.
+      WorkdirIOError: the evaluator's files in the workdir cannot be written.
+    """
+    require_folder(cfg.workdir)
+    session = Session(cfg)
+    session.prepare()
+    listed = session.listed()
+    if not listed:
+        raise UsageError(f"{cfg.workdir}: no checkpoint to evaluate (no state file, or it lists none)")
+    session.clean()
+    try:
+        todo = session.pending(listed)
+        for cand in todo:
+            if cand.on_disk:
+                session.evaluate(cand)
+        session.record_unread([c for c in todo if not c.on_disk])
+        session.sync_best()
+    finally:
+        session.close()
+    return session
+
+
+def json_lines(session: Session) -> str:
+    """The ledger's records for this split and these weights, one JSON object per line."""
+    records = [r for r in session.ledger.read()
+               if r.get("split") == session.cfg.split and r.get("weights") in session.weights]
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+
+
+def run_watch(cfg: EvalConfig, display: Display, stop: StopRequest) -> None:
+    """Evaluate every checkpoint the trainer commits until stopped (or done, with --exit-when-done)."""
+    session = Session(cfg)
+    wake = Wake()
+    stop.on_set.append(wake.set)
+    while not stop and not cfg.workdir.is_dir():
+        require_folder(cfg.workdir)
+        display.update([], session.status(0) | {"state": f"waiting for {cfg.workdir} to appear"})
+        wake.wait(0.5)
+    if stop:
+        return
+    session.clean()
+    with watching(cfg.workdir, wake, poll=cfg.poll, poll_secs=cfg.poll_secs), contextlib.closing(session):
+        show = _Refresh(session, display, wake)
+        show("watching", 0)
+        while not stop:
+            todo = _scan(session)
+            if todo and not stop:
+                show(f"evaluating {todo[0].name}", len(todo))
+                if todo[0].on_disk:
+                    session.evaluate(todo[0])
+                else:  # the rest are names without files too (see Session.pending)
+                    session.record_unread(todo)
+                continue
+            session.sync_best()
+            if cfg.exit_when_done and session.problem == "" and (cfg.workdir / DONE_FILE).exists():
+                show(_finished_state(session), 0)
+                return
+            show("waiting for the trainer" if session.problem else "watching", 0)
+            if wake.wait(cfg.rescan_secs):
+                wake.settle(SETTLE_QUIET_SECS, SETTLE_MAX_SECS)
+            session.deferred.clear()  # a new scan cycle: retry what failed in the last one
+
+
+class _Refresh:
+    """Update the display, after printing new one-off warnings in the log format."""
+
+    def __init__(self, session: Session, display: Display, wake: Wake) -> None:
+        self.session, self.display, self.wake = session, display, wake
+
+    def __call__(self, state: str, backlog: int) -> None:
+        for _ in range(self.wake.take_overflows()):
+            self.session.note("the inotify queue overflowed and filesystem events were lost: rescanning the workdir")
+        for message in self.session.unsent:
+            self.display.message(log_line("warning", message=json.dumps(message)))
+        self.session.unsent.clear()
+        self.display.update(self.session.rows(), self.session.status(backlog) | {"state": state})
+
+
+def _finished_state(session: Session) -> str:
+    if session.deferred:
+        return (f"trainer finished; {len(session.deferred)} checkpoint(s) could not be evaluated "
+                "because of a problem here (see the warnings)")
+    return "trainer finished; all evaluated"
+
+
+def _scan(session: Session) -> list[Candidate]:
+    """Pending checkpoints, or none while the workdir is not usable yet (the problem is shown)."""
+    try:
+        session.prepare()
+        todo = session.pending(session.listed())
+    except (ProjectError, CheckpointError) as e:
+        session.problem = str(e)
+        return []
+    session.problem = ""
+    return todo

@@ -1,0 +1,57 @@
+"""The header above the live table: the workdir, the run, the trainer's status, the backlog and warnings."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from common.protocol import TrainerHeartbeat, TrainingDone
+from common.runconfig import RunSpec
+from evaluator.config import EvalConfig
+from evaluator.ledger import FAILED, Ledger
+from evaluator.rows import Row
+
+
+def trainer_status(workdir: Path, silent_secs: float) -> tuple[str, str]:
+    """A line on the trainer (from done.json and heartbeat.json), and a warning if it went silent."""
+    done = TrainingDone.read(workdir)
+    if done is not None:
+        return f"finished at step {done.step}", ""
+    beat = TrainerHeartbeat.read(workdir)
+    if beat is None:
+        return "not seen yet", ""
+    age = time.time() - float(beat.time or 0)
+    if beat.state == "stopped":
+        return f"stopped (last step {beat.step})", ""
+    line = f"step {beat.step}/{beat.total_steps}, {float(beat.steps_per_sec or 0):.1f} steps/s, {age:.0f}s ago"
+    return line, (f"trainer silent for {age:.0f}s" if age > silent_secs else "")
+
+
+def header(cfg: EvalConfig, spec: RunSpec | None, backlog: int, *, problem: str, warnings: list[str]) -> dict[str, Any]:
+    """The header's fields; the current `problem` and a silent trainer are warned of before `warnings`."""
+    trainer, silent = trainer_status(cfg.workdir, cfg.silent_secs)
+    run = ""
+    if spec is not None:
+        run = f"{spec.dataset}/{spec.model}  split={cfg.split}  weights={cfg.weights}"
+    return {"workdir": str(cfg.workdir), "run": run, "trainer": trainer, "backlog": backlog,
+            "warnings": [w for w in (problem, silent) if w] + warnings,
+            "class_names": list(spec.class_names) if spec else [], "per_class": cfg.per_class}
+
+
+def result_warnings(rows: list[Row], ledger: Ledger, *, best_problem: str) -> list[str]:
+    """Warnings about what the ledger holds, and why eval/best lags behind it (`best_problem`)."""
+    warnings = []
+    errors = [r.checkpoint for r in rows if r.status == "error"]
+    if errors:
+        warnings.append(f"{len(errors)} checkpoint(s) could not be read: {', '.join(errors[-3:])} "
+                        "(reason in the status column)")
+    failed = [r for r in rows if r.status == FAILED]
+    if failed:
+        warnings.append(f"{len(failed)} checkpoint(s) not evaluated because of a problem here, not in the "
+                        f"checkpoint ({failed[-1].reason}); evaluated again at the next scan or run")
+    if best_problem:
+        warnings.append(best_problem)
+    if ledger.skipped:
+        warnings.append(f"skipped {ledger.skipped} unreadable line(s) of {ledger.path}")
+    return warnings
