@@ -10,12 +10,15 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common import __version__
 from common.errors import UsageError
 from common.fileio import atomic_write_json
 from common.workdir import RUN_FILE
+
+if TYPE_CHECKING:
+    from common.datasets import Dataset
 
 # Bounds on what is read from run.json: a real one is about 1 kB with at most 10 class names, and
 # a hand-made file with 10^6 names once cost the evaluator 10.5 GB of memory.
@@ -23,7 +26,9 @@ MAX_RUN_FILE_BYTES = 1_000_000
 MAX_CLASS_NAMES = 10_000
 _INT_FIELDS = ("batch_size", "lr_decay_steps", "seed", "train_examples", "unfreeze_at")
 _NUMBER_FIELDS = ("lr", "lr_decay_rate", "l2", "ema_decay", "finetune_lr", "created")
-_TEXT_FIELDS = ("dataset", "model", "version")
+_TEXT_FIELDS = ("dataset", "model", "version", "data_source", "data_fingerprint")
+# Where the data came from, not what defines the run: a resume may read the same data from elsewhere.
+_PROVENANCE_FIELDS = {"version", "created", "data_source", "data_fingerprint"}
 _LIST_FIELDS = {"class_names": str, "classes": int, "freeze": str}
 
 
@@ -48,6 +53,8 @@ class RunSpec:
     finetune_lr: float = 0.0  # the learning rate after unfreeze_at
     version: str = __version__  # version of this project that started the run
     created: float = 0.0  # UNIX time of the first start; anchors --keep-every-hours
+    data_source: str = ""  # absolute path of the folder (or .npz file) the first start loaded; "" = not recorded
+    data_fingerprint: str = ""  # common.datasets.fingerprint of that data; "" = not recorded
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -118,25 +125,54 @@ class RunSpec:
 
     def differences(self, other: RunSpec) -> list[str]:
         """The defining settings in which `other` differs, as `name: mine != theirs`."""
-        skip = {"version", "created"}
         return [
             f"{f.name}: {getattr(self, f.name)!r} != {getattr(other, f.name)!r}"
             for f in dataclasses.fields(self)
-            if f.name not in skip and getattr(self, f.name) != getattr(other, f.name)
+            if f.name not in _PROVENANCE_FIELDS and getattr(self, f.name) != getattr(other, f.name)
         ]
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "class_names": list(self.class_names), "classes": list(self.classes),
                 "freeze": list(self.freeze)}
 
-    def load_data(self, data_dir: str | None) -> Any:
-        """The run's dataset, restricted to its classes and training images."""
-        from common import datasets
+    def load_data(self, data_dir: str | None) -> RunData:
+        """The run's dataset, restricted to its classes and training images.
 
-        data = datasets.load(self.dataset, data_dir)
+        Without `data_dir` the recorded `data_source` is used, and the usual places only when it no
+        longer holds the dataset. Both that fall-back and data that differ from the recorded
+        fingerprint are returned as warnings for the caller to show.
+        """
+        from common import datasets
+        from common.errors import DataNotFoundError
+
+        warnings = []
+        data = None
+        if data_dir is None and self.data_source:
+            try:
+                data = datasets.load(self.dataset, self.data_source)
+            except DataNotFoundError:
+                warnings.append(f"the data folder this run was trained on, {self.data_source}, no longer holds "
+                                f"{self.dataset}; looking in the usual places (pass --data-dir to choose)")
+        if data is None:
+            data = datasets.load(self.dataset, data_dir)
+        fingerprint = datasets.fingerprint(data)
+        if self.data_fingerprint and fingerprint != self.data_fingerprint:
+            warnings.append(f"the data loaded from {data.source} (fingerprint {fingerprint}) differ from the data "
+                            f"this run was trained on (fingerprint {self.data_fingerprint})")
+        source = str(Path(data.source).resolve())
         if self.classes or self.train_examples:
             data = datasets.subset(data, self.classes, train_examples=self.train_examples)
-        return data
+        return RunData(data, source, fingerprint, tuple(warnings))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """What `RunSpec.load_data` loaded, and from where."""
+
+    data: Dataset  # the run's data, restricted to its classes and training images
+    source: str  # absolute path of the folder (or .npz file) it came from
+    fingerprint: str  # common.datasets.fingerprint of everything loaded there, before the restriction
+    warnings: tuple[str, ...]  # a fall-back from the recorded folder, or data unlike the recorded ones
 
 
 def _is_int(value: Any) -> bool:

@@ -29,6 +29,8 @@ def run(args: argparse.Namespace) -> None:
         session = run_once(cfg)
         if args.json:
             sys.stdout.write(json_lines(session))
+            for text in session.data_warnings:  # the header that shows them is not printed
+                print(f"evaluator: warning: {text}", file=sys.stderr)
         else:
             console = Console() if sys.stdout.isatty() else Console(width=160)
             status = session.status(0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,11 @@ from common.workdir import EVAL_DIR
 from evaluator.ledger import Ledger, Record
 
 GRID = 6  # misclassified examples are shown in a GRID x GRID image
+
+
+def print_warning(text: str) -> None:
+    """Print a warning on stderr as the evaluator's commands do."""
+    print(f"evaluator: warning: {text}", file=sys.stderr)
 
 
 def resolve(workdir: Path, step: str) -> tuple[int, Path]:
@@ -128,8 +135,8 @@ def plot_curve(records: list[Record], path: Path) -> None:
 
 
 def write_report(workdir: Path, *, step: str = "best", split_name: str = "validation",
-                 data_dir: str | None = None) -> Path:
-    """Write eval/report-<step>/ and return it.
+                 data_dir: str | None = None, warn: Callable[[str], None] = print_warning) -> Path:
+    """Write eval/report-<step>/ and return it; `warn` shows what is odd about the data's source.
 
     Raises:
       UsageError: no run.json, an empty ledger, a step not in the ledger or no longer on disk.
@@ -138,7 +145,10 @@ def write_report(workdir: Path, *, step: str = "best", split_name: str = "valida
     if spec is None:
         raise UsageError(f"{workdir}: no run.json (not a trainer workdir)")
     number, prefix = resolve(workdir, step)
-    split = spec.load_data(data_dir).split(split_name)
+    loaded = spec.load_data(data_dir)
+    for text in loaded.warnings:
+        warn(text)
+    split = loaded.data.split(split_name)
     preds = predict(spec, prefix, split.images)
     names = spec.class_names
     confusion = np.zeros((len(names), len(names)), dtype=np.int64)

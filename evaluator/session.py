@@ -64,6 +64,7 @@ class Session:
         self.stop_requested = ""  # the reason of the stop request this session wrote, if any
         self.notes: list[str] = []  # one-off warnings (refused deletes, lost events), newest last
         self.unsent: list[str] = []  # notes the watch loop has not printed yet
+        self.data_warnings: list[str] = []  # about where the data came from (RunSpec.load_data)
         self.best = BestKeeper(cfg.workdir, weights=self.weights[0], warn=self.note)
         self.deferred: set[Candidate] = set()  # failed in this scan cycle: retried in the next one
         self._fingerprints: dict[Path, tuple[tuple[int, int, int], str | None]] = {}
@@ -76,8 +77,11 @@ class Session:
                 raise UsageError(f"{self.cfg.workdir}: no run.json (not a trainer workdir, or no trainer started yet)")
             if spec.model not in models.MODELS:
                 raise UsageError(f"{self.cfg.workdir}/run.json: unknown model {spec.model!r}")
-            data = spec.load_data(self.cfg.data_dir)
-            self.core = CheckpointEvaluator(self.cfg.workdir, spec, data.split(self.cfg.split),
+            loaded = spec.load_data(self.cfg.data_dir)
+            for text in loaded.warnings:
+                self.note(text)
+            self.data_warnings = list(loaded.warnings)
+            self.core = CheckpointEvaluator(self.cfg.workdir, spec, loaded.data.split(self.cfg.split),
                                             split_name=self.cfg.split, weights=self.cfg.weights)
             self.spec = spec
         return self.core

@@ -25,7 +25,7 @@ from common.evaluation import Evaluation
 from common.loader import build_model
 from common.paths import remove
 from common.protocol import EarlyStopRequest, StopRequestId, TrainerHeartbeat, TrainingDone
-from common.runconfig import RunSpec, read_run, write_run
+from common.runconfig import RunData, RunSpec, read_run, write_run
 from common.signals import StopRequest, stop_on_signals
 from common.workdir import DONE_FILE, TB_DIR
 from trainer import saver as saver_lib
@@ -85,14 +85,18 @@ class Checked:
     """What the checks made before the first write found."""
 
     existing: RunSpec | None  # the workdir's run.json, if it has one
-    data: datasets.Dataset  # the run's data, restricted to its classes
+    loaded: RunData  # the run's data, restricted to its classes, and where it came from
     init_plan: warmstart.InitPlan | None  # what --init-from assigns, when it applies
 
 
 def check_inputs(cfg: TrainConfig) -> Checked:
     """Everything that can reject this start, checked before the workdir is created or written."""
     existing = check_workdir(cfg)
-    data = cfg.spec.load_data(cfg.data_dir)
+    # A resume without --data-dir reads the data from where run.json says the first start found them.
+    loaded = (existing or cfg.spec).load_data(cfg.data_dir)
+    for text in loaded.warnings:
+        warn(text)
+    data = loaded.data
     steps_per_epoch(len(data.train), cfg.spec.batch_size)
     template = models.build(cfg.spec.model, num_classes=cfg.spec.num_classes)
     frozen_keys(template.named_variables(), cfg.spec.freeze)
@@ -103,7 +107,7 @@ def check_inputs(cfg: TrainConfig) -> Checked:
     if cfg.init is not None and fresh_workdir and cfg.resume_from is None:
         init_plan = warmstart.plan(cfg.init, {f"model/{k}": tuple(v.shape)
                                               for k, v in template.named_variables().items()})
-    return Checked(existing, data, init_plan)
+    return Checked(existing, loaded, init_plan)
 
 
 def from_prefix(cfg: TrainConfig) -> Path:
@@ -201,7 +205,8 @@ class Started:
 def restore_or_initialise(cfg: TrainConfig, checked: Checked, reporter: Reporter,
                           strategy: tf.distribute.Strategy | None) -> Started:
     """Restore the checkpoint to resume from, or initialise the run; tidy the workdir and say how it starts."""
-    spec = checked.existing or dataclasses.replace(cfg.spec, created=time.time())
+    spec = checked.existing or dataclasses.replace(cfg.spec, created=time.time(), data_source=checked.loaded.source,
+                                                   data_fingerprint=checked.loaded.fingerprint)
     train_state = TrainState(spec, strategy or tf.distribute.get_strategy())
     resumed_from, state = find_start(cfg, train_state)
     if checked.existing is None:  # only now: a start that cannot restore --from leaves no run.json
@@ -213,7 +218,7 @@ def restore_or_initialise(cfg: TrainConfig, checked: Checked, reporter: Reporter
     if leftovers:
         reporter.message(f"removed leftovers of an interrupted save: {', '.join(sorted(leftovers))}")
     saver = _make_saver(cfg, train_state, state, resumed_from, reporter)
-    data = checked.data
+    data = checked.loaded.data
     reporter.message(f"data: {spec.dataset} from {data.source} (train {len(data.train)}, "
                      f"validation {len(data.validation)}, test {len(data.test)})")
     spent = spent_stop_request(cfg.workdir)
@@ -447,5 +452,5 @@ def train(cfg: TrainConfig, *, reporter: Reporter | None = None, stop: StopReque
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     with WorkdirLock(cfg.workdir), stop_on_signals(stop):
         started = restore_or_initialise(cfg, checked, reporter, strategy)
-        ran = run_training(cfg, started, checked.data, reporter, stop)
-        return finish(cfg, started, ran, checked.data, reporter, stop)
+        ran = run_training(cfg, started, checked.loaded.data, reporter, stop)
+        return finish(cfg, started, ran, checked.loaded.data, reporter, stop)
