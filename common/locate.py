@@ -11,7 +11,8 @@ from pathlib import Path
 
 from common import checkpoints
 from common.errors import UsageError
-from common.workdir import BEST_LINK, EVAL_DIR, read_best
+from common.protocol import BestEntry
+from common.workdir import BEST_LINK, EVAL_DIR
 
 BEST = "best"  # the evaluator's best checkpoint, kept under eval/best
 LATEST = "latest"  # the one the state file names
@@ -42,10 +43,10 @@ class Unreadable(LocateError):
 
 def best_prefix(workdir: Path) -> Path | None:
     """The prefix of the best checkpoint's files under eval/best, or None."""
-    entry = read_best(workdir)
+    entry = BestEntry.read(workdir)  # a best.json without a checkpoint name reads as none
     if entry is None:
         return None
-    return workdir / EVAL_DIR / BEST_LINK / str(entry["checkpoint"])
+    return workdir / EVAL_DIR / BEST_LINK / entry.checkpoint
 
 
 def latest_prefix(workdir: Path) -> Path | None:

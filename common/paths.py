@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from common.errors import UsageError
+from common.errors import UsageError, WorkdirIOError
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -43,8 +43,11 @@ def is_inside(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> boo
     return real != real_root and real.is_relative_to(real_root)
 
 
-class OutsideError(Exception):
-    """A delete was refused because its target resolves outside the folder the program owns."""
+class OutsideError(WorkdirIOError):
+    """A delete was refused because its target resolves outside the folder the program owns.
+
+    A WorkdirIOError, so that a caller that does not handle it still ends with one line and exit 5.
+    """
 
 
 def remove(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> None:

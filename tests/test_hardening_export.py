@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import io
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -167,3 +168,26 @@ def test_serving_imports_only_common_and_itself() -> None:
     strays = {f"{path.name}: {name}" for path in (ROOT / "evaluator" / "serving").glob("*.py")
               for name in project_imports(path) if not any(name == a or name.startswith(f"{a}.") for a in allowed)}
     assert not strays
+
+
+def test_a_refused_delete_is_one_line_not_a_traceback(workdir: Path, tmp_path: Path, tiny_data: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(workdir / "eval", elsewhere)  # eval/ now lives outside the workdir, behind a link
+    (workdir / "eval").symlink_to(elsewhere)
+    step = export_lib.checkpoints.read_step(export_lib.resolve(workdir, "best"))
+    (elsewhere / f"report-{step}").mkdir()
+    (elsewhere / f"report-{step}" / "mine.txt").write_text("keep")
+    code = cli.main(["report", "--workdir", str(workdir), "--data-dir", str(tiny_data)])
+    err = capsys.readouterr().err
+    assert code == 5 and "refused to delete" in err and "Traceback" not in err
+    assert (elsewhere / f"report-{step}" / "mine.txt").read_text() == "keep"
+
+
+def test_best_json_without_a_checkpoint_is_one_line(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    best_json = workdir / "eval" / "best.json"
+    best_json.unlink()  # a link to best/best.json; a hand-written file replaces it
+    best_json.write_text('{"step": 40, "accuracy": 0.5}')
+    code = cli.main(["export", "--workdir", str(workdir), "--out", str(workdir.parent / "exp")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "no best checkpoint" in err
