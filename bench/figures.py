@@ -41,7 +41,8 @@ def ours_images_per_sec(data: datasets.Dataset, spec: RunSpec, steps: int, *, us
     """Training throughput of this project's loop (optionally saving every `save_every` steps)."""
     state = TrainState(spec, tf.distribute.get_strategy())
     loop = make_train_loop(state, BATCH, use_ema=use_ema, jit_compile=jit)
-    iterator = iter(train_dataset(data.train, batch_size=BATCH, seed=0, start_step=0))
+    iterator = iter(train_dataset(data.train, batch_size=BATCH, seed=0, start_step=0,
+                                  prepare=spec.prepare))
     loop(iterator, tf.constant(steps_per_loop))  # trace and warm up
     with tempfile.TemporaryDirectory() as tmp:
         saver = CheckpointSaver(Path(tmp), state.checkpoint, state=checkpoints.State(), keep=5, keep_every_hours=0,
@@ -59,11 +60,12 @@ def ours_images_per_sec(data: datasets.Dataset, spec: RunSpec, steps: int, *, us
         return steps * BATCH / (time.perf_counter() - began)
 
 
-def keras_model(num_classes: int = 10) -> Any:
+def keras_model(num_classes: int, input_shape: tuple[int, int, int]) -> Any:
+    """The tutorial CNN in Keras: the baseline of B1, B3 and B4."""
     import keras
 
     return keras.Sequential([
-        keras.layers.Input((28, 28, 1)),
+        keras.layers.Input(input_shape),
         keras.layers.Conv2D(16, 5, padding="same", activation="relu"), keras.layers.MaxPooling2D(2, padding="same"),
         keras.layers.Conv2D(36, 5, padding="same", activation="relu"), keras.layers.MaxPooling2D(2, padding="same"),
         keras.layers.Flatten(), keras.layers.Dense(128, activation="relu"), keras.layers.Dense(num_classes),
@@ -94,12 +96,12 @@ def keras_fit_images_per_sec(data: datasets.Dataset, steps: int, *, jit_compile:
     """`keras.Model.fit` throughput on the same architecture, batch size and data."""
     import keras
 
-    model = keras_model()
+    model = keras_model(data.info.num_classes, data.info.input_spec.shape)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=jit_compile,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     skip = 20
     reps = -(-(steps + skip) * BATCH // len(data.train))  # enough data for one epoch of steps + skip
-    x = np.tile(data.train.images[..., None].astype(np.float32) / 255.0, (reps, 1, 1, 1))
+    x = np.tile(data.info.preprocessing.apply(data.train.images, data.info.input_spec).numpy(), (reps, 1, 1, 1))
     y = np.tile(data.train.labels, reps)
     timer = _Timer(skip)
     model.fit(x, y, batch_size=BATCH, epochs=1, steps_per_epoch=steps + skip, verbose=0,
@@ -112,14 +114,14 @@ def eval_images_per_sec(data: datasets.Dataset, spec: RunSpec, repeats: int) -> 
     import keras
 
     state = TrainState(spec, tf.distribute.get_strategy())
-    ours = Evaluation(state.model)
-    kmodel = keras_model(spec.num_classes)
+    ours = Evaluation(state.model, spec.prepare)
+    kmodel = keras_model(spec.num_classes, spec.input.shape)
     for layer, name in zip([kmodel.layers[i] for i in (0, 2, 5, 6)], ("conv1", "conv2", "fc1", "fc2"), strict=True):
         mine = state.model.layer(name)
         layer.set_weights([mine.kernel.numpy(), mine.bias.numpy()])
     kmodel.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
                    jit_compile=False)
-    x = data.validation.images[..., None].astype(np.float32) / 255.0
+    x = spec.prepare(data.validation.images).numpy()
     ours(data.validation)
     kmodel.evaluate(x, data.validation.labels, batch_size=1000, verbose=0)
     mine_s, keras_s = [], []
@@ -138,7 +140,7 @@ def eval_batch_sizes(data: datasets.Dataset, spec: RunSpec, sizes: tuple[int, ..
     state = TrainState(spec, tf.distribute.get_strategy())
     out = {}
     for size in sizes:
-        run = Evaluation(state.model, batch_size=size)
+        run = Evaluation(state.model, spec.prepare, batch_size=size)
         run(data.validation)
         samples = []
         for _ in range(repeats):
@@ -323,11 +325,11 @@ def _keras_tta(began: float, data_dir: str | None, target: float, max_epochs: in
     import keras
 
     data = datasets.load("fashion-mnist", data_dir)
-    model = keras_model()
+    model = keras_model(data.info.num_classes, data.info.input_spec.shape)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), metrics=["accuracy"], jit_compile=False,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    x = data.train.images[..., None].astype(np.float32) / 255.0
-    xv = data.validation.images[..., None].astype(np.float32) / 255.0
+    x = data.info.preprocessing.apply(data.train.images, data.info.input_spec).numpy()
+    xv = data.info.preprocessing.apply(data.validation.images, data.info.input_spec).numpy()
     reached: list[float] = []
 
     class Stop(keras.callbacks.Callback):
@@ -364,7 +366,7 @@ print(json.dumps(throughput_process(json.loads(sys.argv[1]))))
 def throughput_process(params: dict[str, Any]) -> dict[str, Any]:
     """In this process: ours and Keras fit (images/s) alternately, then the B9 matmul peak if asked."""
     from bench import flops
-    from common import models
+    from common import loader
     from common.tfenv import Runtime, configure
 
     setup = configure(Runtime(device=params["device"]))
@@ -382,7 +384,7 @@ def throughput_process(params: dict[str, Any]) -> dict[str, Any]:
     out |= samples
     if params.get("matmul_size"):
         out["matmul_gflops"] = flops.matmul_gflops(params["matmul_size"], params["matmul_repeats"])
-        out["flops"] = flops.training_flops(models.build(params["model"]), datasets.IMAGE_SIZE)
+        out["flops"] = flops.training_flops(loader.build_model(spec))
     return out
 
 

@@ -20,9 +20,9 @@ from common.models import Classifier
 BACKWARD_FACTOR = 2  # backward pass FLOPs per forward FLOP
 
 
-def forward_macs(model: Classifier, image_size: int) -> dict[str, int]:
+def forward_macs(model: Classifier) -> dict[str, int]:
     """Multiply-adds per image of each layer of `model`, found by passing one image through it."""
-    x = tf.zeros([1, image_size, image_size, 1])
+    x = tf.zeros([1, *model.input_shape])
     macs: dict[str, int] = {}
     for name in model.layer_names:
         layer = model.layer(name)
@@ -37,9 +37,9 @@ def forward_macs(model: Classifier, image_size: int) -> dict[str, int]:
     return macs
 
 
-def training_flops(model: Classifier, image_size: int) -> dict[str, Any]:
+def training_flops(model: Classifier) -> dict[str, Any]:
     """Training FLOPs per image, with the per-layer count and the formula spelled out."""
-    macs = forward_macs(model, image_size)
+    macs = forward_macs(model)
     forward = 2 * sum(macs.values())
     total = (1 + BACKWARD_FACTOR) * forward
     terms = " + ".join(f"{name} {n:,}" for name, n in macs.items())

@@ -17,12 +17,14 @@ import numpy as np
 
 from common.errors import DataFormatError, DataNotFoundError, UsageError
 from common.idx import read_idx
+from common.inputspec import InputSpec, Preprocessing
 
 # Canonical download location used by Keras' own dataset loaders.
 KERAS_ORIGIN = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
 IDX_ROLES = ("train-images", "train-labels", "t10k-images", "t10k-labels")
-IMAGE_SIZE = 28
-NUM_CLASSES = 10
+# The MNIST family: 28x28 grey images stored as uint8, fed to models in [0, 1], in 10 classes.
+MNIST_INPUT = InputSpec(height=28, width=28, channels=1, dtype="uint8")
+MNIST_PREPROCESSING = Preprocessing(scale=1 / 255)
 # The tutorials hold out the last 5,000 of the 60,000 training images for validation.
 VALIDATION_FRACTION = 5_000 / 60_000
 
@@ -41,6 +43,12 @@ class DatasetInfo:
     # sha256 of the .npz download, from Keras' own loader.
     keras_npz_sha256: str | None = None
     os_package: str | None = None
+    input_spec: InputSpec = MNIST_INPUT  # the images' size, channels and dtype
+    preprocessing: Preprocessing = MNIST_PREPROCESSING  # how pixels become model inputs
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -69,7 +77,7 @@ DEFAULT_DATASET = "fashion-mnist"
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """Images as uint8 [N, 28, 28] and labels as int64 [N]."""
+    """Images as `[N, *InputSpec.stored_shape]` (uint8 [N, 28, 28] for MNIST) and labels as int64 [N]."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -103,7 +111,7 @@ def subset(data: Dataset, classes: tuple[int, ...], *, train_examples: int = 0) 
     def pick(split: Split, limit: int = 0) -> Split:
         if classes:
             keep = np.isin(split.labels, classes)
-            lookup = np.full(NUM_CLASSES, -1, dtype=np.int64)
+            lookup = np.full(data.info.num_classes, -1, dtype=np.int64)
             lookup[list(classes)] = np.arange(len(classes))
             split = Split(split.images[keep], lookup[split.labels[keep]])
         return Split(split.images[:limit], split.labels[:limit]) if limit else split
@@ -129,12 +137,12 @@ def parse_classes(text: str, info: DatasetInfo) -> tuple[int, ...]:
     """`--classes 0,1,2` or `--classes Sandal,Shirt` -> class indices, in the order given."""
     found = []
     for token in (t.strip() for t in text.split(",")):
-        if token.isdigit() and int(token) < NUM_CLASSES:
+        if token.isdigit() and int(token) < info.num_classes:
             found.append(int(token))
         elif token in info.class_names:
             found.append(info.class_names.index(token))
         else:
-            raise UsageError(f"--classes: {token!r} is neither 0-9 nor a class of {info.name} "
+            raise UsageError(f"--classes: {token!r} is neither 0-{info.num_classes - 1} nor a class of {info.name} "
                              f"({', '.join(info.class_names)})")
     if len(set(found)) != len(found) or len(found) < 2:
         raise UsageError(f"--classes ({text!r}) must name at least two different classes")
@@ -180,20 +188,22 @@ def _split_train(images: np.ndarray, labels: np.ndarray) -> tuple[Split, Split]:
     return Split(images[:cut], labels[:cut]), Split(images[cut:], labels[cut:])
 
 
-def _checked_split(images: np.ndarray, labels: np.ndarray, what: str) -> Split:
-    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise DataFormatError(f"{what}: images of shape {images.shape[1:]}, expected 28x28")
+def _checked_split(info: DatasetInfo, images: np.ndarray, labels: np.ndarray, what: str) -> Split:
+    spec = info.input_spec
+    if images.shape[1:] != spec.stored_shape:
+        expected = "x".join(str(n) for n in spec.stored_shape)
+        raise DataFormatError(f"{what}: images of shape {images.shape[1:]}, expected {expected}")
     if len(images) != len(labels):
         raise DataFormatError(f"{what}: {len(images)} images but {len(labels)} labels")
-    if labels.size and int(labels.max()) >= NUM_CLASSES:
-        raise DataFormatError(f"{what}: label {int(labels.max())} out of range 0-9")
+    if labels.size and int(labels.max()) >= info.num_classes:
+        raise DataFormatError(f"{what}: label {int(labels.max())} out of range 0-{info.num_classes - 1}")
     return Split(images, labels.astype(np.int64))
 
 
 def _load_idx_folder(info: DatasetInfo, files: dict[str, Path], source: str) -> Dataset:
     arrays = {role: read_idx(path, ndim=3 if _idx_kind(role) == "idx3" else 1) for role, path in files.items()}
-    train = _checked_split(arrays["train-images"], arrays["train-labels"], str(files["train-images"].parent))
-    test = _checked_split(arrays["t10k-images"], arrays["t10k-labels"], str(files["t10k-images"].parent))
+    train = _checked_split(info, arrays["train-images"], arrays["train-labels"], str(files["train-images"].parent))
+    test = _checked_split(info, arrays["t10k-images"], arrays["t10k-labels"], str(files["t10k-images"].parent))
     train_part, validation = _split_train(train.images, train.labels)
     return Dataset(info, train_part, validation, test, source)
 
@@ -204,8 +214,8 @@ def _load_npz(info: DatasetInfo, path: Path) -> Dataset:
             arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     except (OSError, ValueError, KeyError) as e:
         raise DataFormatError(f"{path}: not a valid dataset .npz ({e})") from e
-    train = _checked_split(arrays["x_train"].astype(np.uint8), arrays["y_train"], str(path))
-    test = _checked_split(arrays["x_test"].astype(np.uint8), arrays["y_test"], str(path))
+    train = _checked_split(info, arrays["x_train"].astype(np.uint8), arrays["y_train"], str(path))
+    test = _checked_split(info, arrays["x_test"].astype(np.uint8), arrays["y_test"], str(path))
     train_part, validation = _split_train(train.images, train.labels)
     return Dataset(info, train_part, validation, test, f"{path}")
 

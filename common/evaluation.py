@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -16,14 +17,16 @@ EVAL_BATCH_SIZE = 1000
 class Evaluation:
     """Evaluate one model instance; the `tf.function` is traced once and reused."""
 
-    def __init__(self, model: Classifier, *, batch_size: int = EVAL_BATCH_SIZE) -> None:
+    def __init__(self, model: Classifier, prepare: Callable[[tf.Tensor], tf.Tensor], *,
+                 batch_size: int = EVAL_BATCH_SIZE) -> None:
+        """`prepare` turns stored images into the model's inputs (`RunSpec.prepare`)."""
         self.model = model
         self.batch_size = batch_size
-        num_classes = model.layer(model.layer_names[-1]).bias.shape[0]
+        num_classes = model.num_classes
 
         @tf.function
         def batch_stats(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-            logits = model(tf.cast(images, tf.float32) / 255.0)
+            logits = model(prepare(images))
             loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
             correct = tf.cast(tf.equal(tf.argmax(logits, axis=1), labels), tf.int64)
             per_class_correct = tf.math.bincount(

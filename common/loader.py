@@ -15,7 +15,7 @@ WEIGHTS = ("ema", "raw")  # ema: the moving averages the trainer keeps; raw: the
 
 def build_model(spec: RunSpec) -> models.Classifier:
     """The run's model, freshly initialised, with as many classes as the run was trained on."""
-    return models.build(spec.model, num_classes=spec.num_classes)
+    return models.build(spec.model, num_classes=spec.num_classes, input_shape=spec.input.shape)
 
 
 def weight_mapping(model: models.Classifier, weights: str) -> dict[str, tf.Variable]:
@@ -49,7 +49,7 @@ def load_model(spec: RunSpec, prefix: Path, weights: str = "ema") -> models.Clas
       weights: "ema" for the moving averages, "raw" for the trained weights.
 
     Returns:
-      The model, ready to call on float images in [0, 1].
+      The model, ready to call on `spec.prep.apply(images, spec.input)`.
 
     Raises:
       CheckpointError: the checkpoint cannot be read, or does not fit the model.

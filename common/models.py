@@ -1,9 +1,11 @@
 """The tutorial models, built from plain `tf.Module`s so that every variable has a readable key.
 
-A model's layers are attributes named after the layer (`conv1`, `fc1`, ...), so a
-`tf.train.Checkpoint(model=model)` stores `model/conv1/kernel`, `model/conv1/bias`, ...
-Variables are created in the constructor: build a model inside `strategy.scope()` and its
-variables are distributed.
+A model's layers are attributes named after the layer (`conv1`, `fc1`, ...), and its
+`named_variables()` maps each variable's attribute path (`conv1/kernel`, at any depth) to it.
+Checkpoints store `as_tree(named_variables())` under `model/`, so the keys are `model/conv1/kernel`,
+`model/conv1/bias`, ... A model is built for a dataset's `InputSpec.shape` and class count, and
+takes the float inputs that the dataset's `Preprocessing` makes. Variables are created in the
+constructor: build a model inside `strategy.scope()` and its variables are distributed.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ from collections.abc import Callable
 import tensorflow as tf
 
 from common.errors import UsageError
-
-IMAGE_PIXELS = 28 * 28
 
 
 def _glorot_uniform(shape: list[int], fan_in: int, fan_out: int, seed: tuple[int, int]) -> tf.Tensor:
@@ -53,39 +53,94 @@ class Conv(tf.Module):
         return tf.nn.max_pool2d(y, ksize=2, strides=2, padding="SAME")
 
 
-def as_tree(named: dict[str, tf.Variable]) -> dict[str, dict[str, tf.Variable]]:
-    """Nest `{"conv1/kernel": v}` as `{"conv1": {"kernel": v}}`, the shape checkpoints key by."""
-    tree: dict[str, dict[str, tf.Variable]] = {}
+Tree = dict[str, "tf.Variable | Tree"]
+
+
+def as_tree(named: dict[str, tf.Variable]) -> Tree:
+    """Nest `{"block1/conv/kernel": v}` as `{"block1": {"conv": {"kernel": v}}}`, the shape checkpoints key by.
+
+    Paths may have any depth. Raises ValueError when one path is a prefix of another (a variable
+    and a folder of variables cannot share a key).
+    """
+    tree: Tree = {}
     for path, var in named.items():
-        layer, attr = path.split("/")
-        tree.setdefault(layer, {})[attr] = var
+        *folders, leaf = path.split("/")
+        node = tree
+        for part in folders:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"variable path {path!r} runs through the variable {part!r}")
+            node = child
+        if leaf in node:
+            raise ValueError(f"variable path {path!r} is used twice, or also as a folder")
+        node[leaf] = var
     return tree
 
 
-class Classifier(tf.Module):
-    """A stack of named layers mapping float images [N, 28, 28] in [0, 1] to logits [N, classes]."""
+def tree_get(tree: Tree, path: str) -> tf.Variable:
+    """The variable at `path` (`block1/conv/kernel`) of a tree made by `as_tree`."""
+    node: tf.Variable | Tree = tree
+    for part in path.split("/"):
+        assert isinstance(node, dict)
+        node = node[part]
+    assert not isinstance(node, dict)
+    return node
 
-    def __init__(self, name: str, layers: dict[str, tf.Module], *, flatten_before: str) -> None:
+
+def module_variables(module: tf.Module) -> dict[str, tf.Variable]:
+    """Map each variable of `module` to its attribute path (`conv1/kernel`), at any depth, in creation order.
+
+    Attributes are walked in the order they were set (`tf.Module.variables` sorts them by name), so
+    messages list a layer's kernel before its bias. Each variable appears once, under its first path.
+    """
+    found: dict[str, tf.Variable] = {}
+    seen: set[int] = set()
+
+    def walk(value: object, path: str) -> None:
+        if isinstance(value, tf.Variable):
+            if id(value) not in seen:
+                seen.add(id(value))
+                found[path] = value
+        elif isinstance(value, tf.Module):
+            ignored: frozenset[str] = getattr(value, "_TF_MODULE_IGNORED_PROPERTIES", frozenset())
+            for name, child in vars(value).items():
+                if name not in ignored:
+                    walk(child, f"{path}/{name}" if path else name)
+        elif isinstance(value, dict):
+            for key, child in value.items():
+                walk(child, f"{path}/{key}" if path else str(key))
+        elif isinstance(value, (list, tuple)):
+            for i, child in enumerate(value):
+                walk(child, f"{path}/{i}" if path else str(i))
+
+    walk(module, "")
+    return found
+
+
+class Classifier(tf.Module):
+    """A stack of named layers mapping float images `[N, H, W, C]` to logits `[N, num_classes]`."""
+
+    def __init__(self, name: str, layers: dict[str, tf.Module], *, flatten_before: str, num_classes: int,
+                 input_shape: tuple[int, int, int]) -> None:
         super().__init__(name=name)
         self.layer_names = tuple(layers)
         for layer_name, layer in layers.items():
             setattr(self, layer_name, layer)  # the attribute name is the checkpoint key
         self.flatten_before = flatten_before
+        self.num_classes = num_classes
+        self.input_shape = tuple(input_shape)
 
     def layer(self, name: str) -> tf.Module:
         """Return the layer called `name`."""
         return getattr(self, name)
 
     def named_variables(self) -> dict[str, tf.Variable]:
-        """Map `layer/var` (e.g. `conv1/kernel`) to each variable, in layer order."""
-        return {
-            f"{layer_name}/{attr}": getattr(self.layer(layer_name), attr)
-            for layer_name in self.layer_names
-            for attr in ("kernel", "bias")
-        }
+        """Map `layer/path` (e.g. `conv1/kernel`) to each variable, in layer order."""
+        return {f"{layer_name}/{path}": var for layer_name in self.layer_names
+                for path, var in module_variables(self.layer(layer_name)).items()}
 
     def __call__(self, images: tf.Tensor) -> tf.Tensor:
-        x = images[..., tf.newaxis]
+        x = images
         for layer_name in self.layer_names:
             if layer_name == self.flatten_before:
                 x = tf.reshape(x, [-1, math.prod(x.shape[1:])])
@@ -93,12 +148,12 @@ class Classifier(tf.Module):
         return x
 
 
-ModelFn = Callable[[int, int], Classifier]
+ModelFn = Callable[[int, tuple[int, int, int], int], Classifier]
 MODELS: dict[str, ModelFn] = {}
 
 
 def register(name: str) -> Callable[[ModelFn], ModelFn]:
-    """Register a model builder `fn(num_classes, seed) -> Classifier` under `name`."""
+    """Register a model builder `fn(num_classes, input_shape, seed) -> Classifier` under `name`."""
 
     def wrap(fn: ModelFn) -> ModelFn:
         MODELS[name] = fn
@@ -112,39 +167,42 @@ def _seeds(seed: int, n: int) -> list[tuple[int, int]]:
 
 
 @register("softmax")
-def softmax(num_classes: int, seed: int) -> Classifier:
-    """Multinomial logistic regression: 784 -> classes."""
+def softmax(num_classes: int, input_shape: tuple[int, int, int], seed: int) -> Classifier:
+    """Multinomial logistic regression: pixels (784 for MNIST) -> classes."""
     (s1,) = _seeds(seed, 1)
-    return Classifier("softmax", {"fc1": Dense(IMAGE_PIXELS, num_classes, seed=s1, relu=False, name="fc1")},
-                      flatten_before="fc1")
+    return Classifier("softmax", {"fc1": Dense(math.prod(input_shape), num_classes, seed=s1, relu=False, name="fc1")},
+                      flatten_before="fc1", num_classes=num_classes, input_shape=input_shape)
 
 
 @register("mlp")
-def mlp(num_classes: int, seed: int) -> Classifier:
-    """One hidden layer: 784 -> 500 (ReLU) -> classes."""
+def mlp(num_classes: int, input_shape: tuple[int, int, int], seed: int) -> Classifier:
+    """One hidden layer: pixels (784 for MNIST) -> 500 (ReLU) -> classes."""
     s1, s2 = _seeds(seed, 2)
     return Classifier("mlp", {
-        "fc1": Dense(IMAGE_PIXELS, 500, seed=s1, relu=True, name="fc1"),
+        "fc1": Dense(math.prod(input_shape), 500, seed=s1, relu=True, name="fc1"),
         "fc2": Dense(500, num_classes, seed=s2, relu=False, name="fc2"),
-    }, flatten_before="fc1")
+    }, flatten_before="fc1", num_classes=num_classes, input_shape=input_shape)
 
 
 @register("cnn")
-def cnn(num_classes: int, seed: int) -> Classifier:
+def cnn(num_classes: int, input_shape: tuple[int, int, int], seed: int) -> Classifier:
     """The tutorial CNN: conv 5x5x16, pool, conv 5x5x36, pool, dense 128, dense classes."""
     s1, s2, s3, s4 = _seeds(seed, 4)
+    height, width, channels = input_shape
+    pooled = math.ceil(math.ceil(height / 2) / 2) * math.ceil(math.ceil(width / 2) / 2)  # two 'SAME' 2x2 pools
     return Classifier("cnn", {
-        "conv1": Conv(1, 16, size=5, seed=s1, name="conv1"),
+        "conv1": Conv(channels, 16, size=5, seed=s1, name="conv1"),
         "conv2": Conv(16, 36, size=5, seed=s2, name="conv2"),
-        "fc1": Dense(7 * 7 * 36, 128, seed=s3, relu=True, name="fc1"),
+        "fc1": Dense(pooled * 36, 128, seed=s3, relu=True, name="fc1"),
         "fc2": Dense(128, num_classes, seed=s4, relu=False, name="fc2"),
-    }, flatten_before="fc1")
+    }, flatten_before="fc1", num_classes=num_classes, input_shape=input_shape)
 
 
-def build(name: str, *, num_classes: int = 10, seed: int = 0) -> Classifier:
-    """Build model `name` with fresh, seeded weights."""
+def build(name: str, *, num_classes: int, input_shape: tuple[int, int, int], seed: int = 0) -> Classifier:
+    """Build model `name` for `num_classes` classes and images of `input_shape` (H, W, C), with seeded weights."""
     try:
         fn = MODELS[name]
     except KeyError:
         raise UsageError(f"unknown model {name!r} (choose one of: {', '.join(sorted(MODELS))})") from None
-    return fn(num_classes, seed)
+    height, width, channels = input_shape
+    return fn(num_classes, (height, width, channels), seed)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from common import __version__
 from common.errors import UsageError
 from common.fileio import atomic_write_json
+from common.inputspec import InputSpec, Preprocessing
 from common.workdir import RUN_FILE
 
 if TYPE_CHECKING:
@@ -55,10 +56,21 @@ class RunSpec:
     created: float = 0.0  # UNIX time of the first start; anchors --keep-every-hours
     data_source: str = ""  # absolute path of the folder (or .npz file) the first start loaded; "" = not recorded
     data_fingerprint: str = ""  # common.datasets.fingerprint of that data; "" = not recorded
+    # The images the model takes and how pixels become its inputs; None = the dataset's own (run.json
+    # files written before these were recorded hold none).
+    input_spec: InputSpec | None = None
+    preprocessing: Preprocessing | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
         self._check_names()
+        from common import datasets
+
+        info = datasets.get_info(self.dataset)
+        if self.input_spec is None:
+            object.__setattr__(self, "input_spec", info.input_spec)
+        if self.preprocessing is None:
+            object.__setattr__(self, "preprocessing", info.preprocessing)
         checks = [
             (self.batch_size > 0, "batch_size", "a positive integer"),
             (self.lr > 0, "lr", "positive"),
@@ -131,9 +143,26 @@ class RunSpec:
             if f.name not in _PROVENANCE_FIELDS and getattr(self, f.name) != getattr(other, f.name)
         ]
 
+    @property
+    def input(self) -> InputSpec:
+        """The images the model takes (the dataset's, unless run.json says otherwise)."""
+        assert self.input_spec is not None  # set in __post_init__
+        return self.input_spec
+
+    @property
+    def prep(self) -> Preprocessing:
+        """How stored pixels become the model's inputs."""
+        assert self.preprocessing is not None  # set in __post_init__
+        return self.preprocessing
+
+    def prepare(self, images: Any) -> Any:
+        """Turn stored images into the model's float inputs `[N, H, W, C]` (common.inputspec)."""
+        return self.prep.apply(images, self.input)
+
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "class_names": list(self.class_names), "classes": list(self.classes),
-                "freeze": list(self.freeze)}
+                "freeze": list(self.freeze), "input_spec": self.input.to_json(),
+                "preprocessing": self.prep.to_json()}
 
     def load_data(self, data_dir: str | None) -> RunData:
         """The run's dataset, restricted to its classes and training images.
@@ -228,6 +257,10 @@ def _fields_from_json(data: dict[str, Any]) -> dict[str, Any]:
         if name == "class_names" and len(value) > MAX_CLASS_NAMES:
             raise UsageError(f"class_names has {len(value):,} names (at most {MAX_CLASS_NAMES:,})")
         fields[name] = tuple(value)
+    if "input_spec" in fields:
+        fields["input_spec"] = InputSpec.from_json(fields["input_spec"])
+    if "preprocessing" in fields:
+        fields["preprocessing"] = Preprocessing.from_json(fields["preprocessing"])
     return fields
 
 

@@ -83,7 +83,8 @@ def report_parser() -> argparse.ArgumentParser:
 def export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evaluator export", epilog=EPILOG, description=(
         "Write a SavedModel with the chosen weights baked in (default export/<step>/): signatures "
-        "serving_default (uint8 images [N, 28, 28] -> probabilities, classes, class_names) and "
+        "serving_default (images as the dataset stores them, e.g. uint8 [N, 28, 28] -> probabilities, "
+        "classes, class_names) and "
         "predict_image_bytes (encoded PNG/JPEG bytes [N] -> the same)."))
     _workdir(p)
     p.add_argument("--step", default="best", help="a step number, 'best' (default) or 'latest'")

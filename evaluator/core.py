@@ -41,7 +41,7 @@ class CheckpointEvaluator:
         self.split_name = split_name
         self.weights = WEIGHT_CHOICES[weights]
         self.model = loader.build_model(spec)
-        self.evaluate_model = Evaluation(self.model)
+        self.evaluate_model = Evaluation(self.model, spec.prepare)
         self.data_fingerprint = fingerprint(split)
 
     def evaluate(self, name: str, *, committed: float, detected: float, fingerprint: str | None = None,

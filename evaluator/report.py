@@ -61,7 +61,7 @@ def resolve(workdir: Path, step: str) -> tuple[int, Path]:
 def predict(spec: RunSpec, prefix: Path, images: np.ndarray) -> np.ndarray:
     """Class predictions of the checkpoint's EMA weights."""
     model = load_model(spec, prefix, "ema")
-    logits = tf.function(lambda x: model(tf.cast(x, tf.float32) / 255.0))
+    logits = tf.function(lambda x: model(spec.prepare(x)))
     return np.concatenate([np.argmax(logits(images[i:i + 1000]).numpy(), axis=1)
                            for i in range(0, len(images), 1000)])
 

@@ -135,3 +135,10 @@ def run_evaluator_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tu
     code = cli.main(args)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def mnist_model(name: str, *, seed: int = 0) -> Any:
+    """Model `name` built for the MNIST family's images and 10 classes."""
+    from common import datasets, models
+
+    return models.build(name, num_classes=10, input_shape=datasets.MNIST_INPUT.shape, seed=seed)

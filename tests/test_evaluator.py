@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from watchdog.events import FileCreatedEvent, FileModifiedEvent, FileMovedEvent, FileOpenedEvent
 
-from common import checkpoints, datasets, models
+from common import checkpoints, datasets
 from common.ema import variables_to_restore
 from common.evaluation import Evaluation
 from common.signals import StopRequest
@@ -20,7 +20,7 @@ from evaluator.loop import run_once, run_watch
 from evaluator.session import Session
 from evaluator.snapshot import snapshot
 from evaluator.wakeups import StateFileHandler, Wake
-from tests.helpers import Spy, watch_beside_trainer
+from tests.helpers import Spy, mnist_model, watch_beside_trainer
 from tests.helpers import run_evaluator_cli as run_cli
 
 
@@ -74,9 +74,11 @@ def test_ema_accuracy_is_that_of_the_shadows(workdir: Path, tiny_data: Path) -> 
     run_once(eval_config(workdir, tiny_data, weights="both", split="test"))
     records = [r for r in Ledger(workdir).read() if r["checkpoint"] == "model-60"]
     by_kind = {r["weights"]: r for r in records}
-    model = models.build("softmax")
+    model = mnist_model("softmax")
     checkpoints.restore_variables(workdir / "model-60", variables_to_restore(model))
-    expected = Evaluation(model)(datasets.load("fashion-mnist", str(tiny_data)).test)
+    info = datasets.get_info("fashion-mnist")
+    prepare = lambda x: info.preprocessing.apply(x, info.input_spec)  # noqa: E731
+    expected = Evaluation(model, prepare)(datasets.load("fashion-mnist", str(tiny_data)).test)
     assert by_kind["ema"]["accuracy"] == expected["accuracy"]
     assert by_kind["ema"]["loss"] == pytest.approx(expected["loss"])
     assert by_kind["raw"]["loss"] != by_kind["ema"]["loss"]
@@ -107,7 +109,7 @@ def test_corrupt_checkpoint_is_recorded_once(workdir: Path, tiny_data: Path) -> 
 
 
 def test_missing_shadows_fail_loudly(workdir: Path, tiny_data: Path) -> None:
-    model = models.build("softmax")
+    model = mnist_model("softmax")
     tf.train.Checkpoint(global_step=tf.Variable(80, dtype=tf.int64), model=model).write(str(workdir / "model-80"))
     state = checkpoints.read_state(workdir)
     assert state is not None
@@ -122,7 +124,7 @@ def test_missing_shadows_fail_loudly(workdir: Path, tiny_data: Path) -> None:
 
 
 def test_snapshot_survives_deletion_mid_read(workdir: Path) -> None:
-    model = models.build("softmax")
+    model = mnist_model("softmax")
     with snapshot(workdir / "model-60", workdir / "eval") as private:
         for file in checkpoints.files_of(workdir / "model-60"):
             file.unlink()

@@ -15,13 +15,13 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from common import checkpoints, datasets, models
+from common import checkpoints, datasets
 from common.ema import variables_to_restore
 from evaluator import cli
 from evaluator.serving import export as export_lib
 from evaluator.serving import predict
 from evaluator.serving.images import preprocess, read_gray
-from tests.helpers import Recorder, make_train_config
+from tests.helpers import Recorder, make_train_config, mnist_model
 from trainer.loop import train
 
 # Run in a subprocess: refuse any import of this project, then use only TensorFlow.
@@ -42,7 +42,7 @@ def trained(trained_runs: Callable[..., Path]) -> Path:
 
 
 def ema_probabilities(workdir: Path, step: int, images: np.ndarray) -> np.ndarray:
-    model = models.build("mlp")
+    model = mnist_model("mlp")
     checkpoints.restore_variables(workdir / f"model-{step}", variables_to_restore(model))
     return tf.nn.softmax(model(tf.cast(images, tf.float32) / 255.0)).numpy()
 
@@ -139,10 +139,10 @@ def save_png(path: Path, pixels: np.ndarray) -> Path:
 def test_preprocess_undoes_inversion_offset_and_scale() -> None:
     digit = np.zeros((28, 28), np.uint8)
     digit[6:22, 12:16] = 255  # a bar, light on dark, like MNIST
-    reference = preprocess(digit / 255.0, "mnist")
+    reference = preprocess(digit / 255.0, datasets.MNIST_INPUT, "mnist")
     photo = np.full((200, 300), 255, np.uint8)  # dark on light, off-centre, larger
     photo[20:140, 30:60] = 0
-    prepared = preprocess(photo / 255.0, "mnist")
+    prepared = preprocess(photo / 255.0, datasets.MNIST_INPUT, "mnist")
     assert prepared.shape == (28, 28) and prepared.dtype == np.uint8
     assert np.abs(prepared.astype(int) - reference.astype(int)).mean() < 20
     ys, xs = np.nonzero(prepared > 128)

@@ -9,6 +9,7 @@ import tensorflow as tf
 from common import checkpoints, models
 from common.ema import MovingAverage, raw_variables, variables_to_restore
 from common.errors import UsageError
+from tests.helpers import mnist_model
 
 
 @pytest.mark.parametrize(("name", "params"), [
@@ -17,24 +18,24 @@ from common.errors import UsageError
     ("cnn", 5 * 5 * 16 + 16 + 5 * 5 * 16 * 36 + 36 + 1764 * 128 + 128 + 128 * 10 + 10),
 ])
 def test_parameter_counts_and_output(name: str, params: int) -> None:
-    model = models.build(name, seed=1)
+    model = mnist_model(name, seed=1)
     assert sum(int(np.prod(v.shape)) for v in model.trainable_variables) == params
-    assert model(tf.zeros([3, 28, 28])).shape == (3, 10)
+    assert model(tf.zeros([3, 28, 28, 1])).shape == (3, 10)
 
 
 def test_seed_makes_weights_reproducible() -> None:
-    a, b, c = models.build("mlp", seed=3), models.build("mlp", seed=3), models.build("mlp", seed=4)
+    a, b, c = mnist_model("mlp", seed=3), mnist_model("mlp", seed=3), mnist_model("mlp", seed=4)
     np.testing.assert_array_equal(a.fc1.kernel.numpy(), b.fc1.kernel.numpy())
     assert not np.array_equal(a.fc1.kernel.numpy(), c.fc1.kernel.numpy())
 
 
 def test_unknown_model() -> None:
     with pytest.raises(UsageError, match="unknown model 'resnet' \\(choose one of: cnn, mlp, softmax\\)"):
-        models.build("resnet")
+        models.build("resnet", num_classes=10, input_shape=(28, 28, 1))
 
 
 def test_readable_checkpoint_keys(tmp_path: Path) -> None:
-    model = models.build("cnn")
+    model = mnist_model("cnn")
     ema = MovingAverage(model, decay=0.9)
     prefix = tf.train.Checkpoint(model=model, ema=ema.tree).write(str(tmp_path / "model-1"))
     keys = {k for k, _ in tf.train.list_variables(prefix)}
@@ -45,7 +46,7 @@ def test_readable_checkpoint_keys(tmp_path: Path) -> None:
 
 
 def test_ema_update_follows_warmup_formula() -> None:
-    model = models.build("softmax")
+    model = mnist_model("softmax")
     ema = MovingAverage(model, decay=0.999)
     start = model.fc1.bias.numpy().copy()
     model.fc1.bias.assign(start + 1.0)
@@ -56,14 +57,14 @@ def test_ema_update_follows_warmup_formula() -> None:
 
 
 def test_variables_to_restore_loads_shadows_into_model(tmp_path: Path) -> None:
-    trained = models.build("mlp", seed=1)
+    trained = mnist_model("mlp", seed=1)
     ema = MovingAverage(trained, decay=0.5)
     for var in trained.trainable_variables:
         var.assign_add(tf.ones_like(var))
     ema.update(tf.constant(100, tf.int64))
     prefix = tf.train.Checkpoint(model=trained, ema=ema.tree).write(str(tmp_path / "model-1"))
 
-    fresh = models.build("mlp", seed=9)
+    fresh = mnist_model("mlp", seed=9)
     mapping = variables_to_restore(fresh)
     assert sorted(mapping) == ["ema/fc1/bias", "ema/fc1/kernel", "ema/fc2/bias", "ema/fc2/kernel"]
     checkpoints.restore_variables(prefix, mapping)
@@ -75,7 +76,7 @@ def test_variables_to_restore_loads_shadows_into_model(tmp_path: Path) -> None:
 
 
 def test_missing_shadows_fail_loudly(tmp_path: Path) -> None:
-    model = models.build("softmax")
+    model = mnist_model("softmax")
     prefix = tf.train.Checkpoint(model=model).write(str(tmp_path / "model-1"))
     before = model.fc1.kernel.numpy().copy()
     with pytest.raises(checkpoints.CheckpointError, match="no ema/fc1/kernel, ema/fc1/bias in the checkpoint"):
@@ -84,7 +85,7 @@ def test_missing_shadows_fail_loudly(tmp_path: Path) -> None:
 
 
 def test_shape_mismatch_lists_pairs(tmp_path: Path) -> None:
-    prefix = tf.train.Checkpoint(model=models.build("mlp")).write(str(tmp_path / "model-1"))
+    prefix = tf.train.Checkpoint(model=mnist_model("mlp")).write(str(tmp_path / "model-1"))
     expected = r"shape mismatch: model/fc1/kernel \[784, 500\] != \[784, 10\]"
     with pytest.raises(checkpoints.CheckpointError, match=expected):
-        checkpoints.restore_variables(prefix, raw_variables(models.build("softmax")))
+        checkpoints.restore_variables(prefix, raw_variables(mnist_model("softmax")))

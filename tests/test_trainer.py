@@ -133,9 +133,15 @@ def test_non_finite_loss_stops_and_keeps_last_good(make_config: Callable[..., An
 
 
 def test_data_order_is_a_function_of_step(tiny_data: Path) -> None:
-    split = load("mnist", str(tiny_data)).train
-    full = [y.numpy() for _, y in train_dataset(split, batch_size=50, seed=3, start_step=0).take(25)]
-    later = [y.numpy() for _, y in train_dataset(split, batch_size=50, seed=3, start_step=13).take(12)]
+    data = load("mnist", str(tiny_data))
+    split = data.train
+
+    def batches(start: int, n: int) -> list[np.ndarray]:
+        ds = train_dataset(split, batch_size=50, seed=3, start_step=start,
+                           prepare=lambda x: data.info.preprocessing.apply(x, data.info.input_spec))
+        return [y.numpy() for _, y in ds.take(n)]
+
+    full, later = batches(0, 25), batches(13, 12)
     for a, b in zip(full[13:], later, strict=True):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(full[0], full[11])  # epoch 2 is shuffled anew

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from common import checkpoints, datasets, models
+from common import checkpoints, datasets
 from common.errors import UsageError
 from evaluator.config import EvalConfig
 from evaluator.loop import run_once
-from tests.helpers import Recorder, make_train_config
+from tests.helpers import Recorder, make_train_config, mnist_model
 from tests.helpers import run_trainer_cli as run_cli
 from trainer.loop import train
 from trainer.warmstart import InitSpec
@@ -38,7 +38,7 @@ def test_partial_restore_by_pattern_with_ema_weights(source: Path, make_config: 
     rec = Recorder()
     cfg = make_config(model="cnn", steps=1, save_every=1, seed=7, freeze=("model/conv*",),
                       init=InitSpec(str(source), only=("model/conv*",)))
-    fresh = models.build("cnn", seed=7)
+    fresh = mnist_model("cnn", seed=7)
     train(cfg, reporter=rec)
     table = "\n".join(rec.messages)
     assert "model/conv1/kernel     restored from model/conv1/kernel" in table

@@ -2,10 +2,13 @@
 
 Each epoch is a stateless shuffle of the indices seeded by (seed, epoch), cut into full batches;
 resuming at step s starts at epoch s // steps_per_epoch and skips the batches already seen.
-Batches are gathered from the in-memory uint8 array and scaled to [0, 1] floats on the fly.
+Batches are gathered from the in-memory array and turned into model inputs on the fly, by the
+dataset's own preprocessing.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -20,8 +23,12 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return num_examples // batch_size
 
 
-def train_dataset(split: Split, *, batch_size: int, seed: int, start_step: int) -> tf.data.Dataset:
-    """Endless batches of (images float32 [B, 28, 28], labels int64 [B]) from `start_step` on."""
+def train_dataset(split: Split, *, batch_size: int, seed: int, start_step: int,
+                  prepare: Callable[[tf.Tensor], tf.Tensor]) -> tf.data.Dataset:
+    """Endless batches of (model inputs float32 [B, H, W, C], labels int64 [B]) from `start_step` on.
+
+    `prepare` turns stored images into model inputs (`RunSpec.prepare`).
+    """
     n = len(split)
     per_epoch = steps_per_epoch(n, batch_size)
     images = tf.constant(split.images)
@@ -35,7 +42,7 @@ def train_dataset(split: Split, *, batch_size: int, seed: int, start_step: int) 
         return tf.data.Dataset.from_tensor_slices(tf.reshape(order[: per_epoch * batch_size], [per_epoch, batch_size]))
 
     def gather(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        return tf.cast(tf.gather(images, index), tf.float32) / 255.0, tf.gather(labels, index)
+        return prepare(tf.gather(images, index)), tf.gather(labels, index)
 
     return (
         tf.data.Dataset.range(first_epoch, 2**62)

@@ -18,7 +18,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from common import checkpoints, datasets, models
+from common import checkpoints, datasets
 from common.checkpoints import CheckpointError, State
 from common.errors import DivergedError, UsageError
 from common.evaluation import Evaluation
@@ -98,7 +98,7 @@ def check_inputs(cfg: TrainConfig) -> Checked:
         warn(text)
     data = loaded.data
     steps_per_epoch(len(data.train), cfg.spec.batch_size)
-    template = models.build(cfg.spec.model, num_classes=cfg.spec.num_classes)
+    template = build_model(cfg.spec)
     frozen_keys(template.named_variables(), cfg.spec.freeze)
     if cfg.resume_from is not None:
         from_prefix(cfg)
@@ -311,7 +311,8 @@ def run_loop(cfg: TrainConfig, train_state: TrainState, data: datasets.Dataset, 
     """
     step = int(train_state.step.numpy())
     spec = train_state.spec
-    ds = train_dataset(data.train, batch_size=spec.batch_size, seed=spec.seed, start_step=step)
+    ds = train_dataset(data.train, batch_size=spec.batch_size, seed=spec.seed, start_step=step,
+                       prepare=spec.prepare)
     iterator = iter(train_state.strategy.experimental_distribute_dataset(ds))
     loops = {False: make_train_loop(train_state, spec.batch_size)}
     while step < cfg.steps and not stop:
@@ -425,7 +426,7 @@ def final_metrics(train_state: TrainState, data: datasets.Dataset) -> dict[str, 
     """Evaluate the EMA weights on the validation and test splits."""
     model = build_model(train_state.spec)
     train_state.ema.copy_to(model)
-    evaluate = Evaluation(model)
+    evaluate = Evaluation(model, train_state.spec.prepare)
     return {split: evaluate(data.split(split)) for split in ("validation", "test")}
 
 

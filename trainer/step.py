@@ -36,9 +36,8 @@ class Adam(tf.Module):
         t = tf.cast(self.iterations + 1, tf.float32)
         b1_power, b2_power = tf.pow(self.beta1, t), tf.pow(self.beta2, t)
         for path, grad, var in zip(paths, grads, variables, strict=True):
-            layer, attr = path.split("/")
             tf.raw_ops.ResourceApplyAdam(
-                var=var.handle, m=self.m[layer][attr].handle, v=self.v[layer][attr].handle,
+                var=var.handle, m=models.tree_get(self.m, path).handle, v=models.tree_get(self.v, path).handle,
                 beta1_power=b1_power, beta2_power=b2_power, lr=lr,
                 beta1=self.beta1, beta2=self.beta2, epsilon=self.epsilon, grad=grad,
             )
@@ -54,7 +53,8 @@ def frozen_keys(names: Iterable[str], patterns: tuple[str, ...]) -> frozenset[st
     names = list(names)
     unused = [p for p in patterns if not any(fnmatch.fnmatchcase(f"model/{k}", p) for k in names)]
     if unused:
-        raise UsageError(f"--freeze {unused[0]}: matches no model variable (they are model/<layer>/<kernel|bias>)")
+        raise UsageError(f"--freeze {unused[0]}: matches no model variable (they are model/<path>, "
+                         f"e.g. model/{next(iter(names), 'fc1/kernel')})")
     return frozenset(k for k in names if any(fnmatch.fnmatchcase(f"model/{k}", p) for p in patterns))
 
 
@@ -65,14 +65,16 @@ class TrainState:
         self.spec = spec
         self.strategy = strategy
         with strategy.scope():
-            self.model = models.build(spec.model, num_classes=spec.num_classes, seed=spec.seed)
+            self.model = models.build(spec.model, num_classes=spec.num_classes, input_shape=spec.input.shape,
+                                      seed=spec.seed)
             self.ema = MovingAverage(self.model, decay=spec.ema_decay)
-            self.optimizer = Adam(self.model.named_variables())
+            self.optimizer = Adam({k: v for k, v in self.model.named_variables().items() if v.trainable})
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, aggregation=_FIRST_REPLICA)
         self.frozen = frozen_keys(self.model.named_variables(), spec.freeze)
         self.checkpoint = tf.train.Checkpoint(**{
             checkpoints.STEP_KEY: self.step,
-            checkpoints.MODEL_KEY: self.model,
+            # Keyed by each variable's own path (`model/conv1/kernel`), like the EMA and the slots.
+            checkpoints.MODEL_KEY: models.as_tree(self.model.named_variables()),
             checkpoints.EMA_KEY: self.ema.tree,
             checkpoints.OPTIMIZER_KEY: self.optimizer,
         })

@@ -77,6 +77,29 @@ def plan(spec: InitSpec, targets: dict[str, tuple[int, ...]]) -> InitPlan:
       UsageError: a pattern that matches nothing, a map to an unknown variable, or shape conflicts
         (every conflicting pair is listed).
     """
+    prefix, saved = _saved_shapes(spec)
+    assign = _mapped(spec.maps, saved, targets)
+    fresh: dict[str, str] = {}
+    for key, shape in targets.items():
+        if key in assign:
+            continue
+        if key not in saved:
+            fresh[key] = "not in the source"
+        elif saved[key] != shape:
+            fresh[key] = f"saved shape {list(saved[key])} != {list(shape)}"
+        else:
+            assign[key] = key
+    conflicts = _restrict(spec.only, targets, assign, fresh) if spec.only else []
+    conflicts += [f"{old} {list(saved[old])} -> {new} {list(targets[new])}" for new, old in assign.items()
+                  if saved[old] != targets[new]]
+    if conflicts:
+        raise UsageError(f"--init-from: shape conflicts: {'; '.join(sorted(conflicts))}")
+    used = set(assign.values())
+    return InitPlan(prefix, assign, fresh, sorted(k for k in saved if k not in used))
+
+
+def _saved_shapes(spec: InitSpec) -> tuple[Path, dict[str, tuple[int, ...]]]:
+    """The source checkpoint, and the shape of each of its EMA (or raw) weights under its `model/` key."""
     prefix = resolve_source(spec.source)
     saved_prefix = checkpoints.EMA_KEY if spec.weights == "ema" else checkpoints.MODEL_KEY
     shapes = tf.train.load_checkpoint(str(prefix)).get_variable_to_shape_map()
@@ -84,9 +107,14 @@ def plan(spec: InitSpec, targets: dict[str, tuple[int, ...]]) -> InitPlan:
              if k.startswith(saved_prefix + "/") and k.endswith(checkpoints.VALUE_SUFFIX)}
     if not saved:
         raise UsageError(f"--init-from {spec.source}: no {saved_prefix}/ variables in {prefix.name}")
+    return prefix, saved
+
+
+def _mapped(maps: tuple[tuple[str, str], ...], saved: dict[str, tuple[int, ...]],
+            targets: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """What `--init-map OLD=NEW` pairs assign: model key -> saved key (`*` carries over what it matched)."""
     assign: dict[str, str] = {}
-    conflicts: list[str] = []
-    for old_text, new_text in spec.maps:
+    for old_text, new_text in maps:
         old_re = _pattern(old_text)
         matched = [k for k in saved if old_re.match(k)]
         if not matched:
@@ -98,33 +126,21 @@ def plan(spec: InitSpec, targets: dict[str, tuple[int, ...]]) -> InitPlan:
             if new not in targets:
                 raise UsageError(f"--init-map {old_text}={new_text}: {old} would go to {new}, which the model lacks")
             assign[new] = old
-    fresh: dict[str, str] = {}
-    for key, shape in targets.items():
-        if key in assign:
-            continue
-        if key not in saved:
-            fresh[key] = "not in the source"
-        elif saved[key] != shape:
-            fresh[key] = f"saved shape {list(saved[key])} != {list(shape)}"
-        else:
-            assign[key] = key
-    if spec.only:
-        for pattern in spec.only:
-            if not any(fnmatch.fnmatchcase(k, pattern) for k in targets):
-                raise UsageError(f"--init-only {pattern}: matches no model variable")
-        for key in list(assign):
-            if not any(fnmatch.fnmatchcase(key, p) for p in spec.only):
-                fresh[key] = "not selected by --init-only"
-                del assign[key]
-        for key, why in fresh.items():
-            if why.startswith("saved shape") and any(fnmatch.fnmatchcase(key, p) for p in spec.only):
-                conflicts.append(f"{key} {why}")
-    conflicts += [f"{old} {list(saved[old])} -> {new} {list(targets[new])}" for new, old in assign.items()
-                  if saved[old] != targets[new]]
-    if conflicts:
-        raise UsageError(f"--init-from: shape conflicts: {'; '.join(sorted(conflicts))}")
-    used = set(assign.values())
-    return InitPlan(prefix, assign, fresh, sorted(k for k in saved if k not in used))
+    return assign
+
+
+def _restrict(only: tuple[str, ...], targets: dict[str, tuple[int, ...]], assign: dict[str, str],
+              fresh: dict[str, str]) -> list[str]:
+    """Apply `--init-only`: unselected keys move from `assign` to `fresh`; return the selected shape conflicts."""
+    for pattern in only:
+        if not any(fnmatch.fnmatchcase(k, pattern) for k in targets):
+            raise UsageError(f"--init-only {pattern}: matches no model variable")
+    for key in list(assign):
+        if not any(fnmatch.fnmatchcase(key, p) for p in only):
+            fresh[key] = "not selected by --init-only"
+            del assign[key]
+    return [f"{key} {why}" for key, why in fresh.items()
+            if why.startswith("saved shape") and any(fnmatch.fnmatchcase(key, p) for p in only)]
 
 
 def apply(init: InitPlan, variables: dict[str, tf.Variable], weights: str) -> None:

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from common import datasets
 from common.errors import UsageError
+from common.inputspec import InputSpec
 from common.loader import load_model
 from common.locate import BEST_ELSE_LATEST, NoCheckpoint, Unreadable, locate
 from common.runconfig import read_run
@@ -20,8 +22,9 @@ from evaluator.serving.labels import read_labels
 Classifier = Callable[[list[Path]], list[np.ndarray | str]]  # one probability vector (or an error) per file
 
 
-def _batch(files: list[Path], dataset: str, do_preprocess: bool) -> tuple[list[int], np.ndarray, list[str | None]]:
-    """Decode every file; return the indices that worked, their 28x28 images, and each file's error."""
+def _batch(files: list[Path], spec: InputSpec, dataset: str,
+           do_preprocess: bool) -> tuple[list[int], np.ndarray, list[str | None]]:
+    """Decode every file; return the indices that worked, their images as `spec` stores them, and each file's error."""
     ok: list[int] = []
     images: list[np.ndarray] = []
     errors: list[str | None] = []
@@ -33,8 +36,8 @@ def _batch(files: list[Path], dataset: str, do_preprocess: bool) -> tuple[list[i
             continue
         errors.append(None)
         ok.append(i)
-        images.append(preprocess(gray, dataset) if do_preprocess else plain_resize(gray))
-    return ok, np.stack(images) if images else np.zeros((0, 28, 28), np.uint8), errors
+        images.append(preprocess(gray, spec, dataset) if do_preprocess else plain_resize(gray, spec))
+    return ok, np.stack(images) if images else np.zeros((0, *spec.stored_shape), np.uint8), errors
 
 
 def _merge(n: int, ok: list[int], probs: np.ndarray, errors: list[str | None]) -> list[np.ndarray | str]:
@@ -53,10 +56,10 @@ def own_model(path: Path, *, preprocess: bool) -> tuple[Classifier, list[str]]:
     if spec is None:
         raise UsageError(f"{workdir}: no run.json beside the checkpoint")
     model = load_model(spec, prefix, "ema")
-    forward = tf.function(lambda x: tf.nn.softmax(model(tf.cast(x, tf.float32) / 255.0)))
+    forward = tf.function(lambda x: tf.nn.softmax(model(spec.prepare(x))))
 
     def classify(files: list[Path]) -> list[np.ndarray | str]:
-        ok, images, errors = _batch(files, spec.dataset, preprocess)
+        ok, images, errors = _batch(files, spec.input, spec.dataset, preprocess)
         probs = forward(images).numpy() if len(images) else np.zeros((0, spec.num_classes))
         return _merge(len(files), ok, probs, errors)
 
@@ -88,13 +91,16 @@ def _from_export(path: Path, do_preprocess: bool) -> tuple[Classifier, list[str]
                          f"{sorted(serve.structured_outputs)}); expected images -> probabilities")
     names_file = path / LABELS_FILE
     names = names_file.read_text().splitlines() if names_file.is_file() else []
-    spec = read_run(path)  # exports of this project carry run.json; others are prepared MNIST-style
+    spec = read_run(path)  # exports of this project carry run.json; others are prepared as MNIST
     dataset = spec.dataset if spec is not None else "mnist"
+    input_spec = spec.input if spec is not None else datasets.get_info("mnist").input_spec
+    num_classes = serve.structured_outputs["probabilities"].shape[-1] or len(names)
 
     def classify(files: list[Path]) -> list[np.ndarray | str]:
-        ok, images, errors = _batch(files, dataset, do_preprocess)
-        probs = serve(images=tf.constant(images))["probabilities"].numpy() if len(images) else np.zeros((0, 10))
-        return _merge(len(files), ok, probs, errors)
+        ok, images, errors = _batch(files, input_spec, dataset, do_preprocess)
+        if not len(images):
+            return _merge(len(files), ok, np.zeros((0, num_classes)), errors)
+        return _merge(len(files), ok, serve(images=tf.constant(images))["probabilities"].numpy(), errors)
 
     return classify, names
 

@@ -21,10 +21,9 @@ from common.fileio import atomic_write_json
 from common.loader import load_model
 from common.locate import BEST, LATEST, NoBest, Unreadable, locate
 from common.paths import remove
-from common.runconfig import read_run, write_run
+from common.runconfig import RunSpec, read_run, write_run
 from common.workdir import RUN_FILE
 
-IMAGE_SIZE = 28
 FROZEN_FILE = "frozen_graph.pb"
 LABELS_FILE = "labels.txt"
 # Written into every export: only a folder holding it (or, for exports made before it existed,
@@ -32,7 +31,7 @@ LABELS_FILE = "labels.txt"
 MARKER_FILE = "export.json"
 _EXPORT_NAMES = frozenset({"saved_model.pb", "fingerprint.pb", "variables", "assets", LABELS_FILE, RUN_FILE,
                            FROZEN_FILE, MARKER_FILE})
-FROZEN_INPUT = "images"  # uint8 [N, 28, 28]
+FROZEN_INPUT = "images"  # the dataset's stored images: uint8 [N, 28, 28] for MNIST
 FROZEN_OUTPUTS = ("probabilities", "classes")
 
 
@@ -49,35 +48,41 @@ def resolve(workdir: Path, step: str) -> Path:
 
 
 class Exported(tf.Module):
-    """What the SavedModel holds: the model, its class names and two signatures."""
+    """What the SavedModel holds: the model, its class names and two signatures.
 
-    def __init__(self, model: models.Classifier, class_names: tuple[str, ...], labels_path: str) -> None:
+    `serve_images` takes images as the dataset stores them (`[N, *InputSpec.stored_shape]`, e.g.
+    uint8 [N, 28, 28]) and applies the run's preprocessing; `serve_bytes` takes encoded files.
+    """
+
+    def __init__(self, model: models.Classifier, spec: RunSpec, labels_path: str) -> None:
         super().__init__(name="exported")
         self.model = model
-        self.class_names = tf.constant(list(class_names))
+        self.class_names = tf.constant(list(spec.class_names))
         self.labels = tf.saved_model.Asset(labels_path)
+        self._spec = spec
+        stored = tf.TensorSpec([None, *spec.input.stored_shape], tf.as_dtype(spec.input.dtype), name="images")
+        self.serve_images = tf.function(self._outputs, input_signature=[stored])
+        self.serve_bytes = tf.function(self._decode_and_serve,
+                                       input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
 
     def _outputs(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
-        probabilities = tf.nn.softmax(self.model(tf.cast(images, tf.float32) / 255.0))
+        probabilities = tf.nn.softmax(self.model(self._spec.prepare(images)))
         classes = tf.argmax(probabilities, axis=1)
         return {"probabilities": probabilities, "classes": classes,
                 "class_names": tf.gather(self.class_names, classes)}
 
-    @tf.function(input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE], tf.uint8, name="images")])
-    def serve_images(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
-        return self._outputs(images)
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    def serve_bytes(self, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
-        """Encoded PNG/JPEG/BMP/GIF files, decoded to grayscale and resized to 28x28 (no inversion)."""
+    def _decode_and_serve(self, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Encoded PNG/JPEG/BMP/GIF files, decoded to the dataset's channels and size (no inversion)."""
+        spec = self._spec.input
 
         def decode(data: tf.Tensor) -> tf.Tensor:
-            image = tf.io.decode_image(data, channels=1, expand_animations=False)
-            image = tf.image.resize(image, [IMAGE_SIZE, IMAGE_SIZE], antialias=True)
-            return tf.cast(tf.clip_by_value(tf.round(image[..., 0]), 0, 255), tf.uint8)
+            image = tf.io.decode_image(data, channels=spec.channels, expand_animations=False)
+            image = tf.image.resize(image, [spec.height, spec.width], antialias=True)
+            image = tf.reshape(image, spec.stored_shape)
+            return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.as_dtype(spec.dtype))
 
-        images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec([IMAGE_SIZE, IMAGE_SIZE], tf.uint8))
-        return self._outputs(images)
+        stored = tf.TensorSpec(spec.stored_shape, tf.as_dtype(spec.dtype))
+        return self._outputs(tf.map_fn(decode, image_bytes, fn_output_signature=stored))
 
 
 def export(workdir: Path, *, step: str = "best", weights: str = "ema", out: Path | None = None,
@@ -98,7 +103,7 @@ def export(workdir: Path, *, step: str = "best", weights: str = "ema", out: Path
         labels = tmp / LABELS_FILE
         labels.write_text("".join(f"{name}\n" for name in spec.class_names))
         write_run(tmp, spec)  # the run's settings travel too: predict reads the dataset from them
-        module = Exported(model, spec.class_names, str(labels))
+        module = Exported(model, spec, str(labels))
         saved = tmp / "saved"
         tf.saved_model.save(module, str(saved), signatures={
             "serving_default": module.serve_images, "predict_image_bytes": module.serve_bytes})
@@ -106,7 +111,7 @@ def export(workdir: Path, *, step: str = "best", weights: str = "ema", out: Path
             os.rename(path, tmp / path.name)
         saved.rmdir()
         if frozen:
-            (tmp / FROZEN_FILE).write_bytes(freeze(module).SerializeToString())
+            (tmp / FROZEN_FILE).write_bytes(freeze(module, spec).SerializeToString())
         atomic_write_json(tmp / MARKER_FILE, {"checkpoint": prefix.name, "step": number, "weights": weights,
                                               "workdir": str(Path(os.path.abspath(workdir)))})
         _replace(tmp, target)
@@ -168,7 +173,7 @@ def _replace(tmp: Path, target: Path) -> None:
         remove(old, target.parent)
 
 
-def freeze(module: Exported) -> tf.compat.v1.GraphDef:
+def freeze(module: Exported, spec: RunSpec) -> tf.compat.v1.GraphDef:
     """One GraphDef with the weights as constants: input `images:0`, outputs `probabilities:0`, `classes:0`."""
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
@@ -180,7 +185,8 @@ def freeze(module: Exported) -> tf.compat.v1.GraphDef:
     names = [by_key[k].name for k in FROZEN_OUTPUTS]
     graph = tf.Graph()
     with graph.as_default():
-        images = tf.compat.v1.placeholder(tf.uint8, [None, IMAGE_SIZE, IMAGE_SIZE], name=FROZEN_INPUT)
+        images = tf.compat.v1.placeholder(tf.as_dtype(spec.input.dtype), [None, *spec.input.stored_shape],
+                                          name=FROZEN_INPUT)
         results = tf.graph_util.import_graph_def(inner, input_map={frozen.inputs[0].name: images},
                                                  return_elements=names, name="model")
         for name, tensor in zip(FROZEN_OUTPUTS, results, strict=True):

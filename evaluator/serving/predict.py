@@ -27,7 +27,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files or folders (PNG, JPEG, BMP, GIF)")
     p.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
     p.add_argument("--json", action="store_true", help="one JSON object per file")
-    p.add_argument("--no-preprocess", action="store_true", help="only resize to 28x28 (no inversion, crop, centring)")
+    p.add_argument("--no-preprocess", action="store_true", help="only resize to the model's size, e.g. 28x28 "
+                   "(no inversion, crop, centring)")
     g = p.add_argument_group("foreign graphs (--graph)")
     g.add_argument("--input", help="input tensor or op name, e.g. DecodeJpeg/contents:0")
     g.add_argument("--output", help="output tensor or op name, e.g. softmax:0")
