@@ -38,6 +38,8 @@ VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 # codes onto several Python types: DataLossError, "Read less bytes than requested" IndexError, ...).
 READ_ERRORS = (tf.errors.OpError, ValueError, IndexError, RuntimeError)
 _NAME_RE = re.compile(rf"^{PREFIX}-(\d+)$")
+_SAVER_STEP_RE = re.compile(r"-(\d+)$")
+META_SUFFIX = ".meta"  # the meta graph a TF1 `tf.train.Saver` writes beside each checkpoint
 # A state file that TF or this trainer writes stays far below these (about 60 bytes per entry);
 # anything larger is refused before it is parsed, so a hostile file cannot exhaust memory.
 MAX_STATE_BYTES = 16 * 2**20
@@ -58,6 +60,15 @@ def name_for(step: int) -> str:
 def step_of(path: str | Path) -> int | None:
     """The step in a checkpoint name or path (`.../model-1000` -> 1000), or None."""
     match = _NAME_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def saver_step(path: str | Path) -> int | None:
+    """The number after the last `-` of any checkpoint name (`.../mnist.ckpt-1001` -> 1001), or None.
+
+    TF1's `Saver.save(..., global_step=N)` appends `-N` to whatever name it was given.
+    """
+    match = _SAVER_STEP_RE.search(Path(path).name)
     return int(match.group(1)) if match else None
 
 
@@ -139,9 +150,22 @@ def write_state(workdir: str | Path, state: State) -> None:
 
 
 def resolve(workdir: str | Path, path: str) -> Path:
-    """Resolve a checkpoint path from the state file (relative to the workdir, as TF writes it)."""
+    """Resolve a checkpoint path from the state file (relative to the workdir, as TF writes it).
+
+    A TF1 Saver writes absolute paths: one into the workdir by another spelling (a symlink) is the
+    workdir's; so is one that names no checkpoint where it points, when the workdir holds one of that
+    file name (the workdir was moved).
+    """
     p = Path(path)
-    return p if p.is_absolute() else Path(workdir) / p
+    named = p if p.is_absolute() else Path(workdir) / p
+    if named.parent == Path(workdir):
+        return named
+    mine = Path(workdir) / p.name
+    if os.path.realpath(named.parent) == os.path.realpath(workdir):
+        return mine
+    if not Path(f"{named}.index").exists() and Path(f"{mine}.index").exists():
+        return mine
+    return named
 
 
 def inside(workdir: str | Path, path: str) -> bool:
@@ -152,12 +176,12 @@ def inside(workdir: str | Path, path: str) -> bool:
 
 
 def files_of(prefix: str | Path) -> list[Path]:
-    """The files that make up checkpoint `prefix`: its `.index` and `.data-*` shards."""
+    """The files that make up checkpoint `prefix`: its `.index`, `.data-*` shards and a TF1 Saver's `.meta`."""
     prefix = Path(prefix)
     if not prefix.parent.is_dir():
         return []
-    return sorted(p for p in prefix.parent.glob(prefix.name + ".*") if p.name == prefix.name + ".index"
-                  or p.name.startswith(prefix.name + ".data-"))
+    return sorted(p for p in prefix.parent.glob(prefix.name + ".*") if p.name in (prefix.name + ".index",
+                  prefix.name + META_SUFFIX) or p.name.startswith(prefix.name + ".data-"))
 
 
 def index_fingerprint(prefix: str | Path) -> str | None:

@@ -16,6 +16,7 @@ from common.workdir import DONE_FILE
 from evaluator.config import EvalConfig, require_folder
 from evaluator.display import Display, log_line
 from evaluator.session import Candidate, Session
+from evaluator.tf1core import FLAG_ERRORS
 from evaluator.wakeups import Wake, watching
 
 SETTLE_QUIET_SECS = 0.02  # a save writes the state file once; wait this long for more events
@@ -117,6 +118,8 @@ def _scan(session: Session) -> list[Candidate]:
     try:
         session.prepare()
         todo = session.pending(session.listed())
+    except FLAG_ERRORS:
+        raise
     except (ProjectError, CheckpointError) as e:
         session.problem = str(e)
         return []

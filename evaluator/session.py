@@ -18,9 +18,10 @@ from common import checkpoints, models
 from common.errors import UsageError
 from common.runconfig import RunSpec, read_run
 from common.workdir import TB_DIR
+from evaluator import tf1core
 from evaluator.best import BestKeeper, clean_stale
 from evaluator.config import EvalConfig
-from evaluator.core import WEIGHT_CHOICES, CheckpointEvaluator
+from evaluator.core import WEIGHT_CHOICES, CheckpointEvaluator, SnapshotEvaluator
 from evaluator.early_stop import check_patience
 from evaluator.ledger import FAILED, Ledger, Record, candidate_keys
 from evaluator.rows import Row, build_rows
@@ -41,7 +42,7 @@ class Candidate:
 
     @property
     def step(self) -> int | None:
-        return checkpoints.step_of(self.name)
+        return checkpoints.saver_step(self.name)
 
     @property
     def on_disk(self) -> bool:
@@ -56,7 +57,7 @@ class Session:
         self.cfg = cfg
         self.ledger = Ledger(cfg.workdir)
         self.weights = WEIGHT_CHOICES[cfg.weights]
-        self.core: CheckpointEvaluator | None = None
+        self.core: SnapshotEvaluator | None = None
         self.spec: RunSpec | None = None
         self.first_seen: dict[Candidate, float] = {}
         self.problem = ""  # the current setup or state-file problem, shown until it clears
@@ -69,11 +70,15 @@ class Session:
         self.deferred: set[Candidate] = set()  # failed in this scan cycle: retried in the next one
         self._fingerprints: dict[Path, tuple[tuple[int, int, int], str | None]] = {}
 
-    def prepare(self) -> CheckpointEvaluator:
-        """Build the model from run.json and load the split (once)."""
+    def prepare(self) -> SnapshotEvaluator:
+        """Build the model from run.json (or import a TF1 Saver's graph, with --tf1-graph) and load the split (once)."""
+        if self.core is None and self.cfg.graph is not None:
+            self.core = tf1core.prepare(self.cfg.workdir, self.cfg.graph, split_name=self.cfg.split,
+                                        weights=self.cfg.weights, data_dir=self.cfg.data_dir)
         if self.core is None:
             spec = read_run(self.cfg.workdir)
             if spec is None:
+                tf1core.check_kind(self.cfg.workdir, tf1=False)
                 raise UsageError(f"{self.cfg.workdir}: no run.json (not a trainer workdir, or no trainer started yet)")
             if spec.model not in models.MODELS:
                 raise UsageError(f"{self.cfg.workdir}/run.json: unknown model {spec.model!r}")
@@ -175,6 +180,9 @@ class Session:
             reason = check_patience(self.cfg.workdir, self.rows(), patience=self.cfg.patience,
                                     min_delta=self.cfg.min_delta)
             self.stop_requested = reason or self.stop_requested
+            if reason and self.cfg.graph is not None:
+                self.note("stop_request.json is written, but a trainer other than this project's does not read "
+                          "it: stop the TF1 trainer yourself")
         return added
 
     def sync_best(self) -> None:
@@ -194,6 +202,8 @@ class Session:
 
     def close(self) -> None:
         self.tensorboard.close()
+        if self.core is not None:
+            self.core.close()
 
     def rows(self) -> list[Row]:
         return build_rows(self.ledger.read(), split=self.cfg.split, weights=self.weights)
