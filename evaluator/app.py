@@ -9,11 +9,13 @@ import sys
 from rich.console import Console, Group
 
 from common.errors import UsageError
+from common.keymap import parse_map
 from common.protocol import BestEntry
 from common.signals import StopRequest, stop_on_signals
 from common.tf1graph import GraphFlags
 from evaluator.config import EvalConfig
 from evaluator.display import Display, LiveTable, PlainLines, header_text, per_class_tables, render_table
+from evaluator.foreign import ForeignFlags
 from evaluator.loop import json_lines, run_once, run_watch
 
 
@@ -21,7 +23,17 @@ def config_from(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(workdir=args.workdir, split=args.split, weights=args.weights, policy=args.policy,
                       data_dir=args.data_dir, rescan_secs=args.rescan_secs, poll=args.poll,
                       poll_secs=args.poll_secs, exit_when_done=args.exit_when_done, patience=args.patience,
-                      min_delta=args.min_delta, per_class=args.per_class, graph=graph_flags(args))
+                      min_delta=args.min_delta, per_class=args.per_class, graph=graph_flags(args),
+                      foreign=foreign_flags(args))
+
+
+def foreign_flags(args: argparse.Namespace) -> ForeignFlags | None:
+    """What --model, --dataset, --restore-map and --ema-map say (cli.py checked that they go together)."""
+    if getattr(args, "model", None) is None:
+        return None
+    return ForeignFlags(model=args.model, dataset=args.dataset,
+                        restore_maps=tuple(parse_map(t, "--restore-map") for t in args.restore_map),
+                        ema_maps=tuple(parse_map(t, "--ema-map") for t in args.ema_map))
 
 
 def graph_flags(args: argparse.Namespace) -> GraphFlags | None:

@@ -46,6 +46,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", default="auto", choices=["auto", "rich", "plain"],
                    help="watch mode display: a live table on a terminal (auto), or plain lines")
     _tf1_graph(p)
+    _foreign_loop(p)
     r = p.add_argument_group("machine")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
                    help="auto: a GPU when TensorFlow sees one (default); cpu: never; gpu: fail without one")
@@ -68,11 +69,23 @@ def _tf1_graph(p: argparse.ArgumentParser) -> None:
                    help="the workdir holds tf.compat.v1.train.Saver checkpoints (<name>-<step> with a .meta)")
     g.add_argument("--input", help="with --tf1-graph: the images' tensor, e.g. x-input:0 ([N, 784] or [N, 28, 28, 1])")
     g.add_argument("--output", help="with --tf1-graph: the logits' tensor, e.g. layer2/add:0 ([N, classes])")
-    g.add_argument("--dataset", help="with --tf1-graph: the dataset fed to it (mnist, fashion-mnist)")
+    g.add_argument("--dataset", help="with --tf1-graph or --model: the dataset fed to it (mnist, fashion-mnist)")
+
+
+def _foreign_loop(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TF2 checkpoints of other training loops (no run.json: any tf.train.CheckpointManager)")
+    g.add_argument("--model", help="the model to build (a model name), with --dataset")
+    g.add_argument("--restore-map", action="append", default=[], metavar="SAVED=MODEL",
+                   help="with --model: the saved key of model variables, e.g. 'net/*=model/*' (repeatable; one '*')")
+    g.add_argument("--ema-map", action="append", default=[], metavar="SAVED=MODEL",
+                   help="with --model: the saved key of their moving averages, e.g. 'averages/*=model/*'")
 
 
 def check_tf1_flags(args: argparse.Namespace, command: str) -> None:
-    """Refuse --input, --output or --dataset without --tf1-graph, and --tf1-graph without them."""
+    """Refuse --input, --output or --dataset without --tf1-graph (or --model), and --tf1-graph without them."""
+    if getattr(args, "model", None) is not None or getattr(args, "restore_map", None) or getattr(args, "ema_map", None):
+        _check_foreign_flags(args)
+        return
     given = [f"--{name}" for name in ("input", "output", "dataset") if getattr(args, name, None) is not None]
     if not getattr(args, "tf1_graph", False):
         if given:
@@ -82,6 +95,16 @@ def check_tf1_flags(args: argparse.Namespace, command: str) -> None:
     missing = [f"--{name}" for name in needed if getattr(args, name) is None]
     if missing:
         raise UsageError(f"--tf1-graph needs {', '.join(missing)} (the workdir has no run.json to say them)")
+
+
+def _check_foreign_flags(args: argparse.Namespace) -> None:
+    """--model needs --dataset; the maps need --model; --tf1-graph's tensors do not go with it."""
+    if args.model is None:
+        raise UsageError("--restore-map and --ema-map go with --model (another training loop's checkpoints)")
+    if args.tf1_graph or args.input is not None or args.output is not None:
+        raise UsageError("--model and --tf1-graph (with --input and --output) exclude each other")
+    if args.dataset is None:
+        raise UsageError("--model needs --dataset: the workdir has no run.json to say which")
 
 
 def best_parser() -> argparse.ArgumentParser:

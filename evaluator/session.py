@@ -18,7 +18,7 @@ from common import checkpoints, models
 from common.errors import UsageError
 from common.runconfig import RunSpec, read_run
 from common.workdir import TB_DIR
-from evaluator import tf1core
+from evaluator import foreign, tf1core
 from evaluator.best import BestKeeper, clean_stale
 from evaluator.config import EvalConfig
 from evaluator.core import WEIGHT_CHOICES, CheckpointEvaluator, SnapshotEvaluator
@@ -75,6 +75,10 @@ class Session:
         if self.core is None and self.cfg.graph is not None:
             self.core = tf1core.prepare(self.cfg.workdir, self.cfg.graph, split_name=self.cfg.split,
                                         weights=self.cfg.weights, data_dir=self.cfg.data_dir)
+        if self.core is None and self.cfg.foreign is not None:
+            newest = tf1core.check_kind(self.cfg.workdir, tf1=False)
+            self.core = foreign.prepare(self.cfg.workdir, self.cfg.foreign, split_name=self.cfg.split,
+                                        weights=self.cfg.weights, data_dir=self.cfg.data_dir, newest=newest)
         if self.core is None:
             spec = read_run(self.cfg.workdir)
             if spec is None:
@@ -180,9 +184,9 @@ class Session:
             reason = check_patience(self.cfg.workdir, self.rows(), patience=self.cfg.patience,
                                     min_delta=self.cfg.min_delta)
             self.stop_requested = reason or self.stop_requested
-            if reason and self.cfg.graph is not None:
+            if reason and (self.cfg.graph is not None or self.cfg.foreign is not None):
                 self.note("stop_request.json is written, but a trainer other than this project's does not read "
-                          "it: stop the TF1 trainer yourself")
+                          "it: stop that trainer yourself")
         return added
 
     def sync_best(self) -> None:

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import datasets
 from common.protocol import TrainerHeartbeat, TrainingDone
 from common.runconfig import RunSpec
 from evaluator.config import EvalConfig
@@ -40,6 +41,12 @@ def header(cfg: EvalConfig, spec: RunSpec | None, backlog: int, *, problem: str,
         names = list(cfg.graph.class_names())
         if trainer == "not seen yet":  # a foreign trainer writes no heartbeat
             trainer = "not this project's (a TF1 Saver run: no heartbeat to show)"
+    elif cfg.foreign is not None:
+        run = (f"{cfg.foreign.dataset}/{cfg.foreign.model} (another training loop's checkpoints)  "
+               f"split={cfg.split}  weights={cfg.weights}")
+        names = list(datasets.get_info(cfg.foreign.dataset).class_names)
+        if trainer == "not seen yet":
+            trainer = "not this project's (another training loop: no heartbeat to show)"
     return {"workdir": str(cfg.workdir), "run": run, "trainer": trainer, "backlog": backlog,
             "warnings": [w for w in (problem, silent) if w] + warnings,
             "class_names": names, "per_class": cfg.per_class}
