@@ -17,9 +17,10 @@ import numpy as np
 import tensorflow as tf
 
 from common import checkpoints, datasets
-from common.checkpoints import META_SUFFIX, READ_ERRORS, CheckpointError
+from common.checkpoints import READ_ERRORS, CheckpointError
 from common.errors import UsageError
 from common.inputspec import InputSpec
+from common.workdir import META_SUFFIX
 
 EMA_SUFFIX = "/ExponentialMovingAverage"  # where tf.train.ExponentialMovingAverage saves its shadows
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"  # in every TF2 object-based checkpoint, in no Saver one

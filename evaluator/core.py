@@ -14,9 +14,8 @@ from common import checkpoints, datasets, loader
 from common.checkpoints import CheckpointError
 from common.evaluation import Evaluation
 from common.runconfig import RunSpec
-from common.workdir import EVAL_DIR
+from common.storage import Gone, open_storage
 from evaluator.ledger import FAILED, FINGERPRINT, Record
-from evaluator.snapshot import Gone, snapshot
 
 WEIGHT_CHOICES = {"ema": ("ema",), "raw": ("raw",), "both": ("ema", "raw")}
 
@@ -59,7 +58,7 @@ class SnapshotEvaluator:
         if not checkpoints.inside(self.workdir, name):
             return self.unread(name, committed=committed, detected=detected)
         try:
-            with snapshot(checkpoints.resolve(self.workdir, name), self.workdir / EVAL_DIR) as private:
+            with open_storage(self.workdir).pin(Path(name).name) as private:  # inside: a key at the root
                 base[FINGERPRINT] = checkpoints.index_fingerprint(private)
                 try:
                     results = [self._evaluate_weights(private, kind) for kind in self.weights]

@@ -82,7 +82,7 @@ def run_watch(cfg: EvalConfig, display: Display, stop: StopRequest) -> None:
                     session.record_unread(todo)
                 continue
             session.sync_best()
-            if cfg.exit_when_done and session.problem == "" and (cfg.workdir / DONE_FILE).exists():
+            if cfg.exit_when_done and session.problem == "" and session.storage.stat(DONE_FILE):
                 show(_finished_state(session), 0)
                 return
             show("waiting for the trainer" if session.problem else "watching", 0)

@@ -9,7 +9,6 @@ names without files are recorded in one batch at the end.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from common import checkpoints, models
 from common.errors import UsageError
 from common.runconfig import RunSpec, read_run
+from common.storage import open_storage
 from common.workdir import TB_DIR
 from evaluator import foreign, tf1core
 from evaluator.best import BestKeeper, clean_stale
@@ -56,6 +56,7 @@ class Session:
     def __init__(self, cfg: EvalConfig) -> None:
         self.cfg = cfg
         self.ledger = Ledger(cfg.workdir)
+        self.storage = open_storage(cfg.workdir)
         self.weights = WEIGHT_CHOICES[cfg.weights]
         self.core: SnapshotEvaluator | None = None
         self.spec: RunSpec | None = None
@@ -68,7 +69,7 @@ class Session:
         self.data_warnings: list[str] = []  # about where the data came from (RunSpec.load_data)
         self.best = BestKeeper(cfg.workdir, weights=self.weights[0], warn=self.note)
         self.deferred: set[Candidate] = set()  # failed in this scan cycle: retried in the next one
-        self._fingerprints: dict[Path, tuple[tuple[int, int, int], str | None]] = {}
+        self._fingerprints: dict[Path, tuple[str, str | None]] = {}  # prefix -> (Stat.token, fingerprint)
 
     def prepare(self) -> SnapshotEvaluator:
         """Build the model from run.json (or import a TF1 Saver's graph, with --tf1-graph) and load the split (once)."""
@@ -105,20 +106,22 @@ class Session:
         found = []
         for name in names:
             prefix = checkpoints.resolve(self.cfg.workdir, name)
-            fingerprint = self._fingerprint(prefix) if checkpoints.inside(self.cfg.workdir, name) else None
+            fingerprint = self._fingerprint(name, prefix) if checkpoints.inside(self.cfg.workdir, name) else None
             found.append(Candidate(name, stamps.get(name) or _index_mtime(prefix), fingerprint))
         now = time.time()
         for cand in found:
             self.first_seen.setdefault(cand, now)
         return sorted(found, key=lambda c: (c.committed, c.step or 0))
 
-    def _fingerprint(self, prefix: Path) -> str | None:
-        """The .index fingerprint, read again only when the file's size, mtime or inode changed."""
+    def _fingerprint(self, name: str, prefix: Path) -> str | None:
+        """The .index fingerprint, read again only when the file changed (its `Stat.token`)."""
         try:
-            st = os.stat(f"{prefix}.index")
+            stat = self.storage.stat(f"{Path(name).name}.index")
         except OSError:
             return None
-        stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+        if stat is None:
+            return None
+        stamp = stat.token
         cached = self._fingerprints.get(prefix)
         if cached is None or cached[0] != stamp:
             cached = self._fingerprints[prefix] = (stamp, checkpoints.index_fingerprint(prefix))

@@ -15,7 +15,7 @@ from common.inputspec import InputSpec
 from common.loader import load_model
 from common.locate import BEST_ELSE_LATEST, NoCheckpoint, Unreadable, locate
 from common.runconfig import read_run
-from common.workdir import read_json
+from common.storage import open_storage, read_json
 from evaluator.serving.export import LABELS_FILE, MARKER_FILE
 from evaluator.serving.images import ImageError, plain_resize, preprocess, read_gray
 from evaluator.serving.labels import read_labels
@@ -95,7 +95,7 @@ def _from_export(path: Path, do_preprocess: bool) -> tuple[Classifier, list[str]
     # Exports of this project carry run.json, those of a TF1 graph name their dataset in export.json;
     # others are prepared MNIST-style.
     spec = read_run(path)
-    marker = read_json(path / MARKER_FILE) or {}
+    marker = read_json(open_storage(path), MARKER_FILE) or {}
     dataset = spec.dataset if spec is not None else str(marker.get("dataset") or "mnist")
     input_spec = spec.input if spec is not None else datasets.get_info(dataset).input_spec
     num_classes = serve.structured_outputs["probabilities"].shape[-1] or len(names)
