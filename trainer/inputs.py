@@ -20,9 +20,16 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return num_examples // batch_size
 
 
-def train_dataset(split: Split, *, batch_size: int, seed: int, start_step: int) -> tf.data.Dataset:
-    """Endless batches of (images float32 [B, 28, 28], labels int64 [B]) from `start_step` on."""
+def train_dataset(split: Split, *, batch_size: int, seed: int, start_step: int, replicas: int = 1,
+                  first_replica: int = 0, local_replicas: int = 1) -> tf.data.Dataset:
+    """Endless batches of (images float32 [B, 28, 28], labels int64 [B]) from `start_step` on.
+
+    Under a `tf.distribute` strategy each global batch of `batch_size` is cut into `replicas` equal
+    slices, and this pipeline yields the slices `first_replica` to `first_replica + local_replicas - 1`
+    of every global batch, in that order (B = batch_size / replicas).
+    """
     n = len(split)
+    per_replica = batch_size // replicas
     per_epoch = steps_per_epoch(n, batch_size)
     images = tf.constant(split.images)
     labels = tf.constant(split.labels)
@@ -32,7 +39,9 @@ def train_dataset(split: Split, *, batch_size: int, seed: int, start_step: int) 
         order = tf.random.experimental.stateless_shuffle(
             tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
         )
-        return tf.data.Dataset.from_tensor_slices(tf.reshape(order[: per_epoch * batch_size], [per_epoch, batch_size]))
+        batches = tf.reshape(order[: per_epoch * batch_size], [per_epoch, replicas, per_replica])
+        mine = batches[:, first_replica:first_replica + local_replicas]
+        return tf.data.Dataset.from_tensor_slices(tf.reshape(mine, [per_epoch * local_replicas, per_replica]))
 
     def gather(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         return tf.cast(tf.gather(images, index), tf.float32) / 255.0, tf.gather(labels, index)
@@ -40,7 +49,7 @@ def train_dataset(split: Split, *, batch_size: int, seed: int, start_step: int) 
     return (
         tf.data.Dataset.range(first_epoch, 2**62)
         .flat_map(epoch_batches)
-        .skip(skip)
+        .skip(skip * local_replicas)
         .map(gather, num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )
