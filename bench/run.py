@@ -1,4 +1,4 @@
-"""`make bench`: figures B1-B9 side by side in one run; a Rich table, bench/results.json and bench/RESULTS.md.
+"""`make bench`: figures B1-B10 side by side in one run; a Rich table, bench/results.json and bench/RESULTS.md.
 
     python -m bench.run [--quick | --plan gpu] [--only B1,B8] [--device {auto,cpu,gpu}] [--data-dir DIR] [--out DIR]
 
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-ALL_FIGURES = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8")  # B9 comes with B1, from the same process
+ALL_FIGURES = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B10")  # B9 comes with B1, from the same process
 VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
 
 # Sizes of each measurement. full: `make bench` (about 15 minutes on 2 cores). quick: about two minutes,
@@ -34,11 +34,11 @@ PLANS: dict[str, dict[str, Any]] = {
     "full": {"train_steps": 800, "repeats": 3, "experiment_repeats": 1, "b2_steps": 1000, "b3_steps": 2500,
              "b3_every": 100, "eval_repeats": 5, "b5_target": 0.91, "b5_steps": 15000, "b5_every": 500,
              "b5_epochs": 15, "b6_count": 100, "b7_repeats": 5, "b8_args": [], "matmul_size": 2048,
-             "matmul_repeats": 5},
+             "matmul_repeats": 5, "b10_steps": 600, "b10_saves": 30},
     "quick": {"train_steps": 60, "repeats": 1, "experiment_repeats": 0, "b2_steps": 200, "b3_steps": 120,
               "b3_every": 20, "eval_repeats": 2, "b5_target": 0.3, "b5_steps": 200, "b5_every": 50, "b5_epochs": 3,
               "b6_count": 5, "b7_repeats": 1, "b8_args": ["--steps", "100", "--save-every", "25"],
-              "matmul_size": 1024, "matmul_repeats": 5},
+              "matmul_size": 1024, "matmul_repeats": 5, "b10_steps": 120, "b10_saves": 6},
     # On a GPU, oneDNN (a CPU library) does not change B1, so its second process is left out.
     "gpu": {"figures": ("B1", "B4", "B8"), "train_steps": 1000, "repeats": 2, "experiment_repeats": 0,
             "b1_as_shipped": False, "eval_repeats": 5, "b8_args": [], "matmul_size": 8192, "matmul_repeats": 5},
@@ -294,8 +294,25 @@ def b8(ctx: Context) -> dict[str, Any]:
                    "onednn": ctx.onednn}}
 
 
+def b10(ctx: Context) -> dict[str, Any]:
+    from bench import distributed
+
+    data = ["--data-dir", ctx.data_dir] if ctx.data_dir else []
+    with tempfile.TemporaryDirectory() as tmp:
+        got = distributed.figure(Path(tmp), steps=ctx.plan["b10_steps"], saves=ctx.plan["b10_saves"], extra=data)
+    batch = distributed.GLOBAL_BATCH
+    two = summary([s * batch for s in got["two_steps_per_sec"]], missing="no progress line after the first")
+    one = summary([s * batch for s in got["one_steps_per_sec"]], missing="no progress line after the first")
+    return {"B10": {"name": "training images/s of 2 local workers (trainer --workers 2), cnn, global batch 64",
+                    "ours": two, "one_process": one, "ratio": ratio(two, one),
+                    "save_ms_two": summary([1000 * s for s in got["two_save_s"]], missing="no save"),
+                    "save_ms_one": summary([1000 * s for s in got["one_save_s"]], missing="no save"),
+                    "note": "two workers share this machine's cores", "target": "reported",
+                    "onednn": ctx.onednn}}
+
+
 FIGURES: dict[str, Callable[[Context], dict[str, Any]]] = {
-    "B1": b1, "B2": b2, "B3": b3, "B4": b4, "B5": b5, "B6": b6_b7, "B7": b6_b7, "B8": b8}
+    "B1": b1, "B2": b2, "B3": b3, "B4": b4, "B5": b5, "B6": b6_b7, "B7": b6_b7, "B8": b8, "B10": b10}
 
 
 def problems(results: dict[str, Any]) -> list[str]:
@@ -394,6 +411,10 @@ def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
             extra = (f"{fig['evaluated']} of {fig['checkpoints']} checkpoints evaluated, lag commit -> result "
                      f"p50 {_text(value(fig['lag_s']), fmt)} s, max {_text(fig['lag_max_s'], fmt)} s; trainer alone ")
             theirs = fig["alone_s"]
+        elif key == "B10":
+            theirs = fig["one_process"]
+            extra = (f"one save {_text(value(fig['save_ms_two']), '{:,.1f}')} ms against "
+                     f"{_text(value(fig['save_ms_one']), '{:,.1f}')} ms; one process ")
         elif key == "B9":
             theirs = fig["matmul_peak"]
             runs = fig.get("matmul_runs")
