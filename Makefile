@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 STEPS_FLAG := $(if $(STEPS),--steps $(STEPS),)
 STAMP := $(VENV)/.installed
 
-.PHONY: install data train train-multiworker eval-watch eval-once test lint clean predict export soak bench gpu-check
+.PHONY: install data train train-multiworker eval-watch eval-once test lint clean predict export soak bench gpu-check demo-folder
 
 install: $(STAMP)
 
@@ -67,6 +67,11 @@ soak: data
 # Benchmarks B1-B10 against Keras fit/evaluate, tf.train.checkpoints_iterator, the trainer alone and one process (about 15 minutes).
 bench: data
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# Fashion-MNIST as a folder of 32x32 RGB PNGs, a Keras model of one's own, the pair, export and predict;
+# then the built-in path on the same images (a few minutes on 2 cores).
+demo-folder: data
+	$(BIN)/python -m bench.demo_folder
 
 # On a machine with one GPU: training, the pair and evaluation on the GPU (under 5 minutes); figures in bench/gpu/.
 gpu-check: data

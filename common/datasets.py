@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -103,6 +104,19 @@ class Dataset:
         return getattr(self, name)
 
 
+def take(split: Split, index: Any) -> Split:
+    """The images and labels at `index` (a slice, indices or a mask); images left in their files stay there."""
+    select = getattr(split.images, "select", None)  # common.userdata.FileImages
+    return Split(select(index) if select else split.images[index], split.labels[index])
+
+
+def content(array: Any) -> Any:
+    """What identifies an array's content for a fingerprint: its bytes, or for images left in their files
+    (common.userdata.FileImages) a digest of the files' names, sizes and times."""
+    file_digest = getattr(array, "file_digest", None)
+    return file_digest() if file_digest else np.ascontiguousarray(array).data
+
+
 def subset(data: Dataset, classes: tuple[int, ...], *, train_examples: int = 0) -> Dataset:
     """Keep the images of `classes` (relabelled 0..k-1 in that order); optionally the first N training images.
 
@@ -113,8 +127,9 @@ def subset(data: Dataset, classes: tuple[int, ...], *, train_examples: int = 0) 
             keep = np.isin(split.labels, classes)
             lookup = np.full(data.info.num_classes, -1, dtype=np.int64)
             lookup[list(classes)] = np.arange(len(classes))
-            split = Split(split.images[keep], lookup[split.labels[keep]])
-        return Split(split.images[:limit], split.labels[:limit]) if limit else split
+            kept = take(split, keep)
+            split = Split(kept.images, lookup[kept.labels])
+        return take(split, slice(0, limit)) if limit else split
 
     return Dataset(data.info, pick(data.train, train_examples), pick(data.validation), pick(data.test), data.source)
 
@@ -129,7 +144,7 @@ def fingerprint(data: Dataset) -> str:
     for split in (data.train, data.validation, data.test):
         for array in (split.images, split.labels):
             digest.update(f"{array.dtype}{array.shape}".encode())
-            digest.update(np.ascontiguousarray(array).data)
+            digest.update(content(array))
     return digest.hexdigest()[:16]
 
 

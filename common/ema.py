@@ -34,6 +34,8 @@ class MovingAverage:
             self.pairs.append((var, shadow))
         self.shadows = shadows
         self._vars = {path: var for path, var in model.named_variables().items() if path in shadows}
+        # Variables without a shadow (batch norm's moving statistics) travel as they are.
+        self._unshadowed = {path: var for path, var in model.named_variables().items() if path not in shadows}
         # What `tf.train.Checkpoint(ema=...)` tracks: {"conv1": {"kernel": shadow, ...}, ...}.
         self.tree = as_tree(shadows)
 
@@ -57,10 +59,12 @@ class MovingAverage:
             shadow.assign(var)
 
     def copy_to(self, model: Classifier) -> None:
-        """Assign the shadows to `model`'s variables (a model of the same architecture)."""
+        """Assign the shadows (and the variables without one) to `model`'s variables (same architecture)."""
         targets = model.named_variables()
         for path, shadow in self.shadows.items():
             targets[path].assign(shadow)
+        for path, var in self._unshadowed.items():
+            targets[path].assign(var)
 
 
 def variables_to_restore(model: Classifier) -> dict[str, tf.Variable]:
@@ -70,8 +74,9 @@ def variables_to_restore(model: Classifier) -> dict[str, tf.Variable]:
     keys into these variables and the model evaluates with the averaged weights. Keys are object
     paths such as `ema/conv1/kernel`; `common.checkpoints.restore_variables` reads them.
     """
+    # Like TF1's, it maps a variable without a shadow (batch norm's moving statistics) to its raw key.
     return {
-        f"{EMA_KEY}/{path}": var for path, var in model.named_variables().items() if var.trainable
+        f"{EMA_KEY if var.trainable else MODEL_KEY}/{path}": var for path, var in model.named_variables().items()
     }
 
 

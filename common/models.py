@@ -139,7 +139,8 @@ class Classifier(tf.Module):
         return {f"{layer_name}/{path}": var for layer_name in self.layer_names
                 for path, var in module_variables(self.layer(layer_name)).items()}
 
-    def __call__(self, images: tf.Tensor) -> tf.Tensor:
+    def __call__(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """Logits for `images`; `training` is for models whose layers behave differently then (batch norm)."""
         x = images
         for layer_name in self.layer_names:
             if layer_name == self.flatten_before:
@@ -199,7 +200,14 @@ def cnn(num_classes: int, input_shape: tuple[int, int, int], seed: int) -> Class
 
 
 def build(name: str, *, num_classes: int, input_shape: tuple[int, int, int], seed: int = 0) -> Classifier:
-    """Build model `name` for `num_classes` classes and images of `input_shape` (H, W, C), with seeded weights."""
+    """Build model `name` for `num_classes` classes and images of `input_shape` (H, W, C), with seeded weights.
+
+    `name` is a registered name, or `module.path:function` for a user's model (common.usermodel).
+    """
+    from common import usermodel
+
+    if usermodel.is_reference(name):
+        return usermodel.build(name, num_classes=num_classes, input_shape=input_shape, seed=seed)
     try:
         fn = MODELS[name]
     except KeyError:

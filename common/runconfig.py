@@ -68,13 +68,7 @@ class RunSpec:
     def __post_init__(self) -> None:
         self._check_types()
         self._check_names()
-        from common import datasets
-
-        info = datasets.get_info(self.dataset)
-        if self.input_spec is None:
-            object.__setattr__(self, "input_spec", info.input_spec)
-        if self.preprocessing is None:
-            object.__setattr__(self, "preprocessing", info.preprocessing)
+        self._default_input()
         checks = [
             (self.batch_size > 0, "batch_size", "a positive integer"),
             (self.lr > 0, "lr", "positive"),
@@ -113,17 +107,38 @@ class RunSpec:
                 raise UsageError(f"{name} ({_short(value)}) must be a list of {kind.__name__}s")
 
     def _check_names(self) -> None:
-        """Refuse an unknown dataset or model by name, whatever wrote it."""
-        from common import datasets, models
+        """Refuse an unknown dataset or model by name, whatever wrote it (a user's data or model is not imported)."""
+        from common import datasets, models, userdata, usermodel
 
-        datasets.get_info(self.dataset)
-        if self.model not in models.MODELS:
+        if not userdata.is_reference(self.dataset):
+            datasets.get_info(self.dataset)
+        if self.model not in models.MODELS and not usermodel.is_reference(self.model):
             raise UsageError(f"unknown model {self.model!r} (choose one of: {', '.join(sorted(models.MODELS))})")
+
+    def _default_input(self) -> None:
+        """A built-in dataset's input spec and preprocessing where none is recorded; a user's data must record them."""
+        from common import datasets, userdata
+
+        if userdata.is_reference(self.dataset):
+            if self.input_spec is None or self.preprocessing is None:
+                raise UsageError(f"dataset {self.dataset}: input_spec and preprocessing must be recorded")
+            return
+        info = datasets.get_info(self.dataset)
+        if self.input_spec is None:
+            object.__setattr__(self, "input_spec", info.input_spec)
+        if self.preprocessing is None:
+            object.__setattr__(self, "preprocessing", info.preprocessing)
 
     def _check_classes(self) -> None:
         """Classes must exist in the dataset, differ, and match the class names one to one."""
-        from common import datasets
+        from common import datasets, userdata
 
+        if userdata.is_reference(self.dataset):
+            if self.classes:
+                raise UsageError(f"--classes goes with the built-in datasets, not {self.dataset}")
+            if len(self.class_names) < 2:
+                raise UsageError(f"class_names ({list(self.class_names)}) must name at least two classes")
+            return
         size = len(datasets.get_info(self.dataset).class_names)
         bad = [c for c in self.classes if not 0 <= c < size]
         if bad:
@@ -175,12 +190,14 @@ class RunSpec:
         longer holds the dataset. Both that fall-back and data that differ from the recorded
         fingerprint are returned as warnings for the caller to show.
         """
-        from common import datasets
+        from common import datasets, userdata
         from common.errors import DataNotFoundError
 
-        warnings = []
+        warnings: list[str] = []
         data = None
-        if data_dir is None and self.data_source:
+        if userdata.is_reference(self.dataset):
+            data, warnings = self._load_user_data(data_dir)
+        elif data_dir is None and self.data_source:
             try:
                 data = datasets.load(self.dataset, self.data_source)
             except DataNotFoundError:
@@ -192,10 +209,26 @@ class RunSpec:
         if self.data_fingerprint and fingerprint != self.data_fingerprint:
             warnings.append(f"the data loaded from {data.source} (fingerprint {fingerprint}) differ from the data "
                             f"this run was trained on (fingerprint {self.data_fingerprint})")
-        source = str(Path(data.source).resolve())
+        # A dataset function's source is its import path, not a file.
+        source = str(Path(data.source).resolve()) if Path(data.source).exists() else data.source
         if self.classes or self.train_examples:
             data = datasets.subset(data, self.classes, train_examples=self.train_examples)
         return RunData(data, source, fingerprint, tuple(warnings))
+
+    def _load_user_data(self, data_dir: str | None) -> tuple[Dataset, list[str]]:
+        """A user's data (common.userdata), which must still have this run's classes and image spec."""
+        from common import userdata
+
+        if data_dir is not None:
+            raise UsageError(f"--data-dir goes with the built-in datasets; this run reads {self.dataset}")
+        data, warnings = userdata.load(self.dataset, self.input)
+        if data.info.class_names != self.class_names:
+            raise UsageError(f"{self.dataset} now has the classes {list(data.info.class_names)}, but this run was "
+                             f"trained on {list(self.class_names)}")
+        if data.info.input_spec != self.input or data.info.preprocessing != self.prep:
+            raise UsageError(f"{self.dataset} now holds {data.info.input_spec.describe()} images, but this run "
+                             f"was trained on {self.input.describe()}")
+        return data, warnings
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from common import checkpoints, datasets, models
+from common import checkpoints, datasets, models, userdata
 from common.checkpoints import READ_ERRORS, CheckpointError
 from common.errors import UsageError
 from common.evaluation import Evaluation
@@ -33,16 +33,32 @@ STEP_KEYS = ("global_step", "step")  # a loop's step variable, under the names T
 class ForeignFlags:
     """What `--model` workdirs need from the flags, since they have no run.json."""
 
-    model: str  # the model to build (a registered name)
-    dataset: str  # the data to evaluate on; also gives the input shape and the class count
+    model: str  # the model to build: a model name or `module.path:function`
+    dataset: str  # the data to evaluate on (a dataset name, or `folder:`, `npz:`, `module.path:function`)
     restore_maps: tuple[KeyMap, ...] = ()  # --restore-map: where the raw weights are
     ema_maps: tuple[KeyMap, ...] = ()  # --ema-map: where the moving averages are
 
     def __post_init__(self) -> None:
-        datasets.get_info(self.dataset)
+        if not userdata.is_reference(self.dataset):
+            datasets.get_info(self.dataset)
 
-    def build(self) -> models.Classifier:
-        info = datasets.get_info(self.dataset)
+    def info(self) -> datasets.DatasetInfo:
+        """The dataset's class names, input spec and preprocessing (a folder's images at its default size)."""
+        if userdata.is_reference(self.dataset):
+            return userdata.describe(self.dataset)
+        return datasets.get_info(self.dataset)
+
+    def load(self, data_dir: str | None) -> tuple[datasets.Dataset, datasets.DatasetInfo]:
+        """The dataset and its description."""
+        info = self.info()
+        if userdata.is_reference(self.dataset):
+            data, warnings = userdata.load(self.dataset, info.input_spec)
+            for text in warnings:
+                print(f"evaluator: warning: {text}", file=sys.stderr)
+            return data, info
+        return datasets.load(self.dataset, data_dir), info
+
+    def build(self, info: datasets.DatasetInfo) -> models.Classifier:
         return models.build(self.model, num_classes=info.num_classes, input_shape=info.input_spec.shape)
 
 
@@ -115,12 +131,11 @@ def _check(kind: str, flag: str, assign: dict[str, str], targets: dict[str, tf.V
 class ForeignEvaluator(SnapshotEvaluator):
     """Evaluate another training loop's checkpoints with the flags' model, through the planned key mapping."""
 
-    def __init__(self, workdir: Path, flags: ForeignFlags, split: datasets.Split, *, split_name: str,
-                 weights: str) -> None:
+    def __init__(self, workdir: Path, flags: ForeignFlags, info: datasets.DatasetInfo, split: datasets.Split, *,
+                 split_name: str, weights: str) -> None:
         super().__init__(workdir, split, split_name=split_name, weights=weights)
-        info = datasets.get_info(flags.dataset)
         self.flags = flags
-        self.model = flags.build()
+        self.model = flags.build(info)
         self.evaluate_model = Evaluation(self.model, lambda x: info.preprocessing.apply(x, info.input_spec))
         self.plan: KeyPlan | None = None
 
@@ -159,8 +174,8 @@ def prepare(workdir: Path, flags: ForeignFlags, *, split_name: str, weights: str
       UsageError: maps or variables that do not fit the checkpoint.
       DataNotFoundError, DataFormatError: the dataset.
     """
-    data = datasets.load(flags.dataset, data_dir)
-    core = ForeignEvaluator(workdir, flags, data.split(split_name), split_name=split_name, weights=weights)
+    data, info = flags.load(data_dir)
+    core = ForeignEvaluator(workdir, flags, info, data.split(split_name), split_name=split_name, weights=weights)
     if newest is not None:
         core.check(newest)
     return core

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import checkpoints, models
+from common import checkpoints, models, usermodel
 from common.errors import UsageError
 from common.runconfig import RunSpec, read_run
 from common.storage import open_storage
@@ -85,7 +85,7 @@ class Session:
             if spec is None:
                 tf1core.check_kind(self.cfg.workdir, tf1=False)
                 raise UsageError(f"{self.cfg.workdir}: no run.json (not a trainer workdir, or no trainer started yet)")
-            if spec.model not in models.MODELS:
+            if spec.model not in models.MODELS and not usermodel.is_reference(spec.model):
                 raise UsageError(f"{self.cfg.workdir}/run.json: unknown model {spec.model!r}")
             loaded = spec.load_data(self.cfg.data_dir)
             for text in loaded.warnings:

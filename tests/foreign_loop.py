@@ -1,11 +1,13 @@
 """A TF2 training loop that is not this project's: its own model, optimizer, moving averages and keys.
 
 Nothing here uses the project. It keeps a `tf.train.Checkpoint(net=..., optimizer=..., averages=...,
-step=...)` under a `tf.train.CheckpointManager` with `max_to_keep=2`, and after every save writes
-the accuracy of that checkpoint's averaged and raw weights on the validation split to a JSON-lines
-file: the reference the evaluator's numbers are compared with.
+step=...)` of a plain `tf.Module` (or, with `--keras`, `tf.train.Checkpoint(model=..., optimizer=...,
+ema=..., step=...)` of a Keras 3 model and optimizer) under a `tf.train.CheckpointManager` with
+`max_to_keep=2`, and after every save writes the accuracy of that checkpoint's averaged and raw
+weights on the validation split to a JSON-lines file: the reference the evaluator's numbers are
+compared with.
 
-    python -m tests.foreign_loop WORKDIR VALIDATION.npz TRAIN.npz REFS.jsonl [--steps N] [--save-every K]
+    python -m tests.foreign_loop WORKDIR VALIDATION.npz TRAIN.npz REFS.jsonl [--steps N] [--save-every K] [--keras]
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -63,40 +66,64 @@ def accuracy(weights: dict[str, np.ndarray], images: np.ndarray, labels: np.ndar
     return float(np.mean(np.argmax(logits.numpy(), axis=1) == labels))
 
 
+def plain_loop() -> tuple[Any, dict[str, tf.Variable], dict[str, tf.Variable], Any, dict[str, Any]]:
+    """The tf.Module net, its weights and their averages by name, an optimizer step, and the checkpoint's parts."""
+    net = Net()
+    names = {"fc1/kernel": net.fc1.kernel, "fc1/bias": net.fc1.bias, "fc2/kernel": net.fc2.kernel,
+             "fc2/bias": net.fc2.bias}
+    averages = {layer: {attr: tf.Variable(getattr(getattr(net, layer), attr)) for attr in ("kernel", "bias")}
+                for layer in ("fc1", "fc2")}
+    shadows = {f"{layer}/{attr}": v for layer, d in averages.items() for attr, v in d.items()}
+    optimizer = Momentum(names)
+    return net, names, shadows, lambda grads: optimizer.apply(grads, names), {
+        "net": net, "optimizer": optimizer, "averages": averages}
+
+
+def keras_loop() -> tuple[Any, dict[str, tf.Variable], dict[str, tf.Variable], Any, dict[str, Any]]:
+    """The same with a Keras 3 model and optimizer; the averages are a dict keyed `fc1_kernel`, ..."""
+    import keras
+
+    from tests.byo_models import keras_mlp
+
+    keras.utils.set_random_seed(0)
+    model = keras_mlp(CLASSES, (28, 28, 1))
+    names = {v.path: v for v in model.trainable_variables}
+    averages = {k.replace("/", "_"): tf.Variable(v.numpy()) for k, v in names.items()}
+    shadows = {k: averages[k.replace("/", "_")] for k in names}
+    optimizer = keras.optimizers.Adam(1e-3)
+    apply = lambda grads: optimizer.apply_gradients(zip(grads, list(names.values()), strict=True))  # noqa: E731
+    return model, names, shadows, apply, {"model": model, "optimizer": optimizer, "ema": averages}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     for name in ("workdir", "validation", "train", "refs"):
         p.add_argument(name, type=Path)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--save-every", type=int, default=10)
+    p.add_argument("--keras", action="store_true")
     args = p.parse_args()
     train, val = np.load(args.train), np.load(args.validation)
-    net = Net()
-    names = {"fc1/kernel": net.fc1.kernel, "fc1/bias": net.fc1.bias, "fc2/kernel": net.fc2.kernel,
-             "fc2/bias": net.fc2.bias}
-    averages = {layer: {attr: tf.Variable(getattr(getattr(net, layer), attr)) for attr in ("kernel", "bias")}
-                for layer in ("fc1", "fc2")}
-    optimizer = Momentum(names)
+    net, names, shadows, apply, parts = keras_loop() if args.keras else plain_loop()
     step = tf.Variable(0, dtype=tf.int64)
-    ckpt = tf.train.Checkpoint(net=net, optimizer=optimizer, averages=averages, step=step)
+    ckpt = tf.train.Checkpoint(**parts, step=step)
     manager = tf.train.CheckpointManager(ckpt, str(args.workdir), max_to_keep=2)
     rng = np.random.default_rng(0)
     with args.refs.open("w") as refs:
         for _ in range(args.steps):
             batch = rng.choice(len(train["labels"]), 32, replace=False)
-            x = tf.cast(train["images"][batch], tf.float32) / 255.0
+            x = tf.cast(train["images"][batch][..., None], tf.float32) / 255.0
             with tf.GradientTape() as tape:
                 loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
                     train["labels"][batch], net(x)))
-            optimizer.apply(tape.gradient(loss, list(names.values())), names)
+            apply(tape.gradient(loss, list(names.values())))
             for key, var in names.items():
-                layer, attr = key.split("/")
-                averages[layer][attr].assign(DECAY * averages[layer][attr] + (1 - DECAY) * var)
+                shadows[key].assign(DECAY * shadows[key] + (1 - DECAY) * var)
             step.assign_add(1)
             if int(step) % args.save_every == 0:
                 path = manager.save(checkpoint_number=int(step))
                 raw = {k: v.numpy() for k, v in names.items()}
-                ema = {f"{layer}/{attr}": v.numpy() for layer, d in averages.items() for attr, v in d.items()}
+                ema = {k: v.numpy() for k, v in shadows.items()}
                 refs.write(json.dumps({"checkpoint": Path(path).name, "step": int(step),
                                        "ema": accuracy(ema, val["images"], val["labels"]),
                                        "raw": accuracy(raw, val["images"], val["labels"])}) + "\n")

@@ -25,6 +25,14 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY = 60, 10  # 6 saves; the manager's max_to_keep=2 deletes the 4 oldest
 MAPS = ("net/*=model/*", "averages/*=model/*")
 FLAGS = ["--model", "mlp", "--dataset", "mnist", "--restore-map", MAPS[0], "--ema-map", MAPS[1]]
+# A Keras loop's checkpoint names the model's weights by the first path to them, the optimizer's list.
+KERAS = ForeignFlags(
+    model="tests.byo_models:keras_mlp", dataset="mnist",
+    restore_maps=tuple((f"optimizer/_trainable_variables/{i}", f"model/{key}")
+                       for i, key in enumerate(("fc1/kernel", "fc1/bias", "fc2/kernel", "fc2/bias"))),
+    ema_maps=(("ema/fc1_*", "model/fc1/*"), ("ema/fc2_*", "model/fc2/*")))
+PLAIN = ForeignFlags(model="mlp", dataset="mnist", restore_maps=(("net/*", "model/*"),),
+                     ema_maps=(("averages/*", "model/*"),))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,12 +40,23 @@ class Watched:
     workdir: Path
     data: Path
     refs: dict[str, dict[str, float]]  # checkpoint -> {"ema": accuracy, "raw": accuracy} from the loop itself
+    keras: bool  # the loop trained a Keras model (else a plain tf.Module)
 
 
 @pytest.fixture(scope="module")
 def watched(tmp_path_factory: pytest.TempPathFactory) -> Watched:
+    """The foreign loop with a plain tf.Module, watched."""
+    return watch_loop(tmp_path_factory.mktemp("foreign"), keras=False)
+
+
+@pytest.fixture(scope="module")
+def watched_keras(tmp_path_factory: pytest.TempPathFactory) -> Watched:
+    """The foreign loop with a Keras 3 model and optimizer, watched."""
+    return watch_loop(tmp_path_factory.mktemp("foreign-keras"), keras=True)
+
+
+def watch_loop(root: Path, *, keras: bool) -> Watched:
     """The foreign loop run in a subprocess while the evaluator's watch loop (--weights both) runs here."""
-    root = tmp_path_factory.mktemp("foreign")
     data = write_dataset(root / "data", n_train=1200, n_test=200)
     loaded = datasets.load("mnist", str(data))
     np.savez(root / "validation.npz", images=loaded.validation.images, labels=loaded.validation.labels)
@@ -45,7 +64,8 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> Watched:
     workdir = root / "run"
     loop = subprocess.Popen(
         [sys.executable, "-m", "tests.foreign_loop", str(workdir), str(root / "validation.npz"),
-         str(root / "train.npz"), str(root / "refs.jsonl"), "--steps", str(STEPS), "--save-every", str(SAVE_EVERY)],
+         str(root / "train.npz"), str(root / "refs.jsonl"), "--steps", str(STEPS), "--save-every", str(SAVE_EVERY),
+         *(["--keras"] if keras else [])],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     last = f"ckpt-{STEPS}"
     stop = StopRequest()
@@ -53,8 +73,7 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> Watched:
     guard = threading.Timer(150, stop.set, args=("timeout",))
     guard.daemon = True
     guard.start()
-    flags = ForeignFlags(model="mlp", dataset="mnist", restore_maps=(("net/*", "model/*"),),
-                         ema_maps=(("averages/*", "model/*"),))
+    flags = KERAS if keras else PLAIN
     try:
         run_watch(EvalConfig(workdir=workdir, data_dir=str(data), weights="both", foreign=flags), spy, stop)
     finally:
@@ -63,10 +82,12 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> Watched:
     assert loop.returncode == 0, err[-2000:]
     assert stop.reason == "test", "the watch loop never evaluated the last checkpoint"
     rows = [json.loads(line) for line in (root / "refs.jsonl").read_text().splitlines()]
-    return Watched(workdir, data, {r["checkpoint"]: r for r in rows})
+    return Watched(workdir, data, {r["checkpoint"]: r for r in rows}, keras)
 
 
-def test_every_checkpoint_matches_the_loops_own_evaluation(watched: Watched) -> None:
+@pytest.mark.parametrize("run", ["watched", "watched_keras"])
+def test_every_checkpoint_matches_the_loops_own_evaluation(run: str, request: pytest.FixtureRequest) -> None:
+    watched: Watched = request.getfixturevalue(run)
     records = Ledger(watched.workdir).read()
     assert {r["status"] for r in records} <= {"ok", "gone"}, [r.get("reason") for r in records]
     ok = {(r["checkpoint"], r["weights"]): r for r in records if r["status"] == "ok"}

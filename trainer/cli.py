@@ -22,12 +22,16 @@ RUN_DEFAULTS: dict[str, Any] = {
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="trainer", description="Train an MNIST-family classifier into a workdir of crash-safe checkpoints.",
+        prog="trainer", description="Train an image classifier into a workdir of crash-safe checkpoints.",
         epilog="Exit codes: 0 done or stopped by a signal, 2 bad input, 3 diverged, 4 no data, 5 write failed, "
                "6 a worker of a multi-worker job was lost.")
     p.add_argument("--workdir", type=local_path("--workdir"), help="checkpoint folder (default runs/<dataset>-<model>)")
-    p.add_argument("--dataset", help=f"fashion-mnist or mnist (default {RUN_DEFAULTS['dataset']})")
-    p.add_argument("--model", help=f"softmax, mlp or cnn (default {RUN_DEFAULTS['model']})")
+    p.add_argument("--dataset", help=f"fashion-mnist, mnist, folder:PATH, npz:PATH or module.path:function "
+                   f"(default {RUN_DEFAULTS['dataset']})")
+    p.add_argument("--model", help=f"softmax, mlp, cnn or module.path:function (default {RUN_DEFAULTS['model']})")
+    p.add_argument("--image-size", metavar="HxW", help="folder: datasets: resize images to this, e.g. 32x32 "
+                   "(default 256x256)")
+    p.add_argument("--channels", type=int, choices=[1, 3], help="folder: datasets: 1 grey or 3 RGB (default 3)")
     p.add_argument("--steps", type=int, help="train until this global step (default 10000)")
     p.add_argument("--batch-size", type=int, help="images per step (default 64)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 0.001)")
@@ -48,6 +52,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", default="auto", choices=["auto", "rich", "plain"], help="display (default auto)")
     p.add_argument("--threads", default="auto", metavar="INTRA[,INTER]",
                    help="TensorFlow thread pools: threads per op and ops at once (default auto: TF's choice)")
+    _distribution_flags(p)
+    _transfer_flags(p)
+    return p
+
+
+def _distribution_flags(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("several devices and workers (tf.distribute)")
     d.add_argument("--strategy", choices=["auto", "default", "mirrored", "multi-worker"],
                    help="auto (mirrored when several GPUs are visible), default, mirrored (all GPUs, or --devices "
@@ -57,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
                    help="run N local worker processes as one multi-worker job (default 0: this process only)")
     d.add_argument("--collective-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="multi-worker: a worker that waits this long for another ends the job (default 300)")
+
+
+def _transfer_flags(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("subsets, warm start and transfer")
     t.add_argument("--classes", help="train on these classes only, relabelled in this order: 5,6,7 or Sandal,Shirt")
     t.add_argument("--train-examples", type=int, help="use only the first N training images (default all)")
@@ -71,34 +84,35 @@ def parser() -> argparse.ArgumentParser:
                    help="do not train variables matching this, e.g. 'model/conv*'")
     t.add_argument("--unfreeze-at", type=int, help="from this step every variable trains at --finetune-lr")
     t.add_argument("--finetune-lr", type=float, help="learning rate after --unfreeze-at")
-    return p
 
 
 def build_config(args: argparse.Namespace) -> Any:
     """Merge flags with the defaults, or with the workdir's run.json when resuming."""
-    from common import datasets, models
+    from common import datasets, models, userdata, usermodel
     from common.runconfig import RunSpec, read_run
     from trainer.config import DEFAULT_STEPS, TrainConfig
 
     given = {k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k) is not None}
-    for name, registry in (("dataset", datasets.DATASETS), ("model", models.MODELS)):
-        if name in given and given[name] not in registry:
-            raise UsageError(
-                f"unknown {name} {given[name]!r} (choose one of: {', '.join(sorted(registry))})")
+    if "dataset" in given:
+        given["dataset"] = userdata.absolute(given["dataset"])
+    for name, registry, is_reference in (("dataset", datasets.DATASETS, userdata.is_reference),
+                                         ("model", models.MODELS, usermodel.is_reference)):
+        if name in given and given[name] not in registry and not is_reference(given[name]):
+            raise UsageError(f"unknown {name} {given[name]!r} (choose one of: {', '.join(sorted(registry))}, "
+                             f"or {'folder:PATH, npz:PATH or ' if name == 'dataset' else ''}module.path:function)")
     if "freeze" in given:
         given["freeze"] = tuple(given["freeze"])
     dataset = given.get("dataset", RUN_DEFAULTS["dataset"])
     model = given.get("model", RUN_DEFAULTS["model"])
-    info = datasets.get_info(dataset)
     if "classes" in given:
-        given["classes"] = datasets.parse_classes(given["classes"], info)
-    workdir = args.workdir or Path("runs") / f"{dataset}-{model}"
+        if userdata.is_reference(dataset):
+            raise UsageError(f"--classes goes with the built-in datasets, not {dataset}")
+        given["classes"] = datasets.parse_classes(given["classes"], datasets.get_info(dataset))
+    workdir = args.workdir or Path("runs") / f"{userdata.short_name(dataset)}-{userdata.short_name(model)}"
     existing = read_run(workdir)
     base = {k: getattr(existing, k) for k in RUN_DEFAULTS} if existing else dict(RUN_DEFAULTS)
     settings = base | given
-    all_names = datasets.get_info(settings["dataset"]).class_names
-    names = tuple(all_names[i] for i in settings["classes"]) if settings["classes"] else all_names
-    spec = RunSpec(**settings, class_names=names)
+    spec = RunSpec(**settings, **_data_fields(settings, existing, args))
     init = None
     if args.init_from is not None:
         from trainer.warmstart import InitSpec
@@ -114,6 +128,24 @@ def build_config(args: argparse.Namespace) -> Any:
         data_dir=args.data_dir, resume_from=args.resume_from, steps_per_loop=args.steps_per_loop,
         log_every=args.log_every, progress=args.progress, init=init,
     )
+
+
+def _data_fields(settings: dict[str, Any], existing: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The class names, and for a user's data its input spec and preprocessing (a resume keeps run.json's)."""
+    from common import datasets, userdata
+
+    dataset = settings["dataset"]
+    image_size = None if args.image_size is None else userdata.parse_image_size(args.image_size)
+    if not userdata.is_reference(dataset):
+        if image_size is not None or args.channels is not None:
+            raise UsageError(f"--image-size and --channels go with folder: datasets; {dataset} is "
+                             f"{datasets.get_info(dataset).input_spec.describe()}")
+        all_names = datasets.get_info(dataset).class_names
+        return {"class_names": tuple(all_names[i] for i in settings["classes"]) if settings["classes"] else all_names}
+    if existing is not None and existing.dataset == dataset and image_size is None and args.channels is None:
+        return {"class_names": existing.class_names, "input_spec": existing.input, "preprocessing": existing.prep}
+    info = userdata.describe(dataset, image_size=image_size, channels=args.channels)
+    return {"class_names": info.class_names, "input_spec": info.input_spec, "preprocessing": info.preprocessing}
 
 
 def main(argv: list[str] | None = None) -> int:

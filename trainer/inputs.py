@@ -2,14 +2,15 @@
 
 Each epoch is a stateless shuffle of the indices seeded by (seed, epoch), cut into full batches;
 resuming at step s starts at epoch s // steps_per_epoch and skips the batches already seen.
-Batches are gathered from the in-memory array and turned into model inputs on the fly, by the
-dataset's own preprocessing.
+Batches are gathered from the in-memory array (or, for a folder too large for memory, decoded from
+its files) and turned into model inputs on the fly, by the dataset's own preprocessing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import tensorflow as tf
 
 from common.datasets import Split
@@ -36,7 +37,7 @@ def train_dataset(split: Split, *, batch_size: int, seed: int, start_step: int,
     n = len(split)
     per_replica = batch_size // replicas
     per_epoch = steps_per_epoch(n, batch_size)
-    images = tf.constant(split.images)
+    load = _loader(split)
     labels = tf.constant(split.labels)
     first_epoch, skip = divmod(start_step, per_epoch)
 
@@ -49,7 +50,7 @@ def train_dataset(split: Split, *, batch_size: int, seed: int, start_step: int,
         return tf.data.Dataset.from_tensor_slices(tf.reshape(mine, [per_epoch * local_replicas, per_replica]))
 
     def gather(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        return prepare(tf.gather(images, index)), tf.gather(labels, index)
+        return prepare(load(index)), tf.gather(labels, index)
 
     return (
         tf.data.Dataset.range(first_epoch, 2**62)
@@ -58,3 +59,17 @@ def train_dataset(split: Split, *, batch_size: int, seed: int, start_step: int,
         .map(gather, num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )
+
+
+def _loader(split: Split) -> Callable[[tf.Tensor], tf.Tensor]:
+    """`load(indices) -> stored images`: gathered from memory, or decoded from the files of a too large folder."""
+    if isinstance(split.images, np.ndarray):
+        images = tf.constant(split.images)
+        return lambda index: tf.gather(images, index)
+    shape = [None, *split.images.shape[1:]]  # common.userdata.FileImages
+
+    def decode(index: tf.Tensor) -> tf.Tensor:
+        batch = tf.numpy_function(split.images.__getitem__, [index], tf.uint8, stateful=False)
+        return tf.ensure_shape(batch, shape)
+
+    return decode

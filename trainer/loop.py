@@ -95,14 +95,14 @@ def check_inputs(cfg: TrainConfig, topo: Topology | None = None) -> Checked:
     existing = check_workdir(cfg)
     if topo is not None:
         distribute.check_batch(cfg.spec.batch_size, topo)
+    template = build_model(cfg.spec)  # before the data: a user's model function may fail at once
+    frozen_keys(template.named_variables(), cfg.spec.freeze)
     # A resume without --data-dir reads the data from where run.json says the first start found them.
     loaded = (existing or cfg.spec).load_data(cfg.data_dir)
     for text in loaded.warnings:
         warn(text)
     data = loaded.data
     steps_per_epoch(len(data.train), cfg.spec.batch_size)
-    template = build_model(cfg.spec)
-    frozen_keys(template.named_variables(), cfg.spec.freeze)
     if cfg.resume_from is not None:
         from_prefix(cfg)
     init_plan = None

@@ -101,14 +101,15 @@ def make_train_loop(state: TrainState, global_batch_size: int, *, use_ema: bool 
     what the EMA costs and what XLA would give; training always keeps the EMA.
     """
     named = state.model.named_variables()
-    paths = [k for k in named if finetune or k not in state.frozen]
+    # Non-trainable variables (batch norm's moving statistics) change in the forward pass, not here.
+    paths = [k for k, v in named.items() if v.trainable and (finetune or k not in state.frozen)]
     variables = [named[k] for k in paths]
     kernels = [v for k, v in named.items() if k.endswith("/kernel")]
     strategy = state.strategy
 
     def replica_step(images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:
-            logits = state.model(images)
+            logits = state.model(images, training=True)
             per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
             if state.spec.l2 > 0:

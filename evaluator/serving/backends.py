@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from common import datasets
+from common import datasets, userdata
 from common.errors import UsageError
 from common.inputspec import InputSpec
 from common.loader import load_model
@@ -17,7 +17,7 @@ from common.locate import BEST_ELSE_LATEST, NoCheckpoint, Unreadable, locate
 from common.runconfig import read_run
 from common.storage import open_storage, read_json
 from evaluator.serving.export import LABELS_FILE, MARKER_FILE
-from evaluator.serving.images import ImageError, plain_resize, preprocess, read_gray
+from evaluator.serving.images import ImageError, plain_resize, preprocess, read_as_trained, read_gray
 from evaluator.serving.labels import read_labels
 
 Classifier = Callable[[list[Path]], list[np.ndarray | str]]  # one probability vector (or an error) per file
@@ -26,19 +26,30 @@ Classifier = Callable[[list[Path]], list[np.ndarray | str]]  # one probability v
 def _batch(files: list[Path], spec: InputSpec, dataset: str,
            do_preprocess: bool) -> tuple[list[int], np.ndarray, list[str | None]]:
     """Decode every file; return the indices that worked, their images as `spec` stores them, and each file's error."""
+    if spec.dtype != "uint8":
+        raise UsageError(f"this run's images are {spec.describe()} arrays (from {dataset}); image files give "
+                         "uint8 pixels, so call the export's serving_default with arrays like the training ones")
     ok: list[int] = []
     images: list[np.ndarray] = []
     errors: list[str | None] = []
     for i, path in enumerate(files):
         try:
-            gray = read_gray(path)
+            image = _read(path, spec, dataset, do_preprocess)
         except ImageError as e:
             errors.append(str(e))
             continue
         errors.append(None)
         ok.append(i)
-        images.append(preprocess(gray, spec, dataset) if do_preprocess else plain_resize(gray, spec))
+        images.append(image)
     return ok, np.stack(images) if images else np.zeros((0, *spec.stored_shape), np.uint8), errors
+
+
+def _read(path: Path, spec: InputSpec, dataset: str, do_preprocess: bool) -> np.ndarray:
+    """One file as `spec` stores images: a user's data as the trainer read them, else made like the dataset."""
+    if userdata.is_reference(dataset):
+        return read_as_trained(path, spec)
+    gray = read_gray(path)
+    return preprocess(gray, spec, dataset) if do_preprocess else plain_resize(gray, spec)
 
 
 def _merge(n: int, ok: list[int], probs: np.ndarray, errors: list[str | None]) -> list[np.ndarray | str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from common import userdata
 from common.inputspec import InputSpec
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
@@ -107,6 +108,16 @@ def plain_resize(gray: np.ndarray, spec: InputSpec) -> np.ndarray:
     size = (spec.width, spec.height)
     image = Image.fromarray((gray * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS)
     return _channels(np.asarray(image, dtype=np.uint8), spec)
+
+
+def read_as_trained(path: Path, spec: InputSpec) -> np.ndarray:
+    """A file of a user's folder dataset, decoded and resized exactly as the trainer read its images.
+
+    Raises:
+      ImageError: as `read_gray`.
+    """
+    read_gray(path)  # refuses what is not a usable image (missing, foreign, damaged, too large), with the reason
+    return userdata.read_image(path, spec)
 
 
 def _channels(image: np.ndarray, spec: InputSpec) -> np.ndarray:
