@@ -1,0 +1,251 @@
+"""The object-store workdir's primitives, against a real S3 server (moto) and a GCS emulator (fake-gcs-server).
+
+Each test runs on a fresh bucket of each store (`bucket_workdir`). Faults are made by the servers
+(a proxy that answers 503) or by the store's own client (a library call that deletes an object
+first); nothing of `common/storage_object.py` is replaced.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.bucket import Bucket, BucketURL, filesystem
+from common.errors import UsageError
+from common.storage import Gone, Locked
+from common.storage_object import FOLD_AT, Holder, ObjectStorage
+from tests.cloud import FlakyProxy, Servers
+
+pytestmark = pytest.mark.cloud
+INDEX, DATA = "model-5.index", "model-5.data-00000-of-00001"
+
+
+@pytest.fixture
+def store(bucket_workdir: str) -> ObjectStorage:
+    return ObjectStorage(bucket_workdir)
+
+
+def commit(store: ObjectStorage, name: str, files: dict[str, bytes]) -> None:
+    target = store.checkpoint_target(name)
+    for suffix, data in files.items():
+        Path(f"{target}{suffix}").write_bytes(data)
+    store.commit_checkpoint(name, state_key="checkpoint", state=f'model_checkpoint_path: "{name}"\n'.encode())
+
+
+def test_commit_uploads_verifies_then_writes_the_state_file(store: ObjectStorage) -> None:
+    commit(store, "model-5", {".index": b"index-bytes", ".data-00000-of-00001": os.urandom(3 << 20)})
+    assert store.names() == ["checkpoint", DATA, INDEX]  # the layout of a local workdir, nothing else
+    assert store.read("checkpoint") == b'model_checkpoint_path: "model-5"\n'
+    assert store.checkpoint_files("model-5") == [DATA, INDEX]
+    staged = Path(store.checkpoint_target("model-5")).parent
+    assert list(staged.iterdir()) == []  # the staged copy went once committed
+    with store.pin("model-5") as private:  # a streamed download of a 3 MiB object, then a ranged read
+        assert Path(f"{private}.data-00000-of-00001").stat().st_size == 3 << 20
+        data = Path(f"{private}.data-00000-of-00001").read_bytes()
+    read = store.read_from(DATA, 1000)
+    assert read is not None and read[1] == data[1000:] and read[0].size == 3 << 20
+
+
+def test_a_commit_without_its_index_writes_no_state_file(store: ObjectStorage) -> None:
+    Path(f"{store.checkpoint_target('model-5')}.data-00000-of-00001").write_bytes(b"data")
+    with pytest.raises(OSError, match="no checkpoint was written"):
+        store.commit_checkpoint("model-5", state_key="checkpoint", state=b"x")
+    assert store.read("checkpoint") is None
+
+
+def test_a_missing_bucket_is_a_one_line_usage_error(cloud: Servers) -> None:
+    for url in ("s3://no-such-bucket-here/run", "gs://no-such-bucket-here/run"):
+        with pytest.raises(UsageError, match=r"the bucket 'no-such-bucket-here' does not exist \(create it first\)"):
+            Bucket(BucketURL.parse(url)).check_bucket()
+
+
+def test_listing_sees_every_write_and_delete_at_once(store: ObjectStorage) -> None:
+    for i in range(12):
+        store.write(f"eval/x-{i:02d}", b"x")
+        assert len(store.names("eval")) == i + 1
+    store.delete("eval")
+    assert store.names("eval") == [] and store.names() == []
+
+
+def test_the_token_changes_with_every_write_and_nothing_else(store: ObjectStorage) -> None:
+    tokens = []
+    for i in range(3):
+        store.write("checkpoint", f'model_checkpoint_path: "model-{i}"\n'.encode())
+        stat = store.stat("checkpoint")
+        assert stat is not None and stat == store.stat("checkpoint")  # a poll that finds no change
+        tokens.append(stat.token)
+    assert len(set(tokens)) == 3
+
+
+def test_appends_are_one_object_each_and_two_writers_lose_nothing(store: ObjectStorage) -> None:
+    """Two threads append 20 lines each, concurrently: every line is there exactly once, whole."""
+
+    def writer(tag: str) -> None:
+        other = ObjectStorage(store.root)  # its own connection, as another evaluator would have
+        for i in range(20):
+            other.append("eval/results.jsonl", json.dumps({"w": tag, "i": i}).encode() + b"\n")
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    data = store.read("eval/results.jsonl")
+    assert data is not None
+    rows = [json.loads(line) for line in data.splitlines()]
+    assert sorted((r["w"], r["i"]) for r in rows) == [(w, i) for w in "ab" for i in range(20)]
+    assert store.names("eval") == ["results.jsonl"]  # the parts folder is not a workdir entry
+
+
+def test_a_reader_folds_many_parts_and_other_readers_see_the_same_bytes(store: ObjectStorage) -> None:
+    for i in range(FOLD_AT + 3):
+        store.append("eval/results.jsonl", f"{i}\n".encode())
+    before = store.read_from("eval/results.jsonl", 0)  # this read folds
+    parts = store.names(".", "*", hidden=True) if False else store.names("eval/.results.jsonl.parts", hidden=True)
+    assert len(parts) < FOLD_AT and any(p.endswith(".folded") for p in parts)
+    after = store.read_from("eval/results.jsonl", 0)
+    expected = b"".join(f"{i}\n".encode() for i in range(FOLD_AT + 3))
+    assert before is not None and after is not None
+    assert before[1] == after[1] == expected and before[0].origin == after[0].origin
+    store.append("eval/results.jsonl", b"last\n")
+    tail = store.read_from("eval/results.jsonl", len(expected))
+    assert tail is not None and tail[1] == b"last\n"
+
+
+def test_a_pointer_is_followed_by_read(store: ObjectStorage) -> None:
+    store.write("eval/best-5-a/best.json", b'{"step": 5}\n')
+    store.write("eval/best-9-b/best.json", b'{"step": 9}\n')
+    store.point("eval/best", "best-5-a")
+    store.point("eval/best.json", "best/best.json")
+    assert store.read("eval/best.json") == b'{"step": 5}\n'
+    store.point("eval/best", "best-9-b")
+    assert store.read("eval/best.json") == b'{"step": 9}\n' and store.pointer("eval/best") == "best-9-b"
+
+
+def test_pin_of_an_object_deleted_during_the_download_is_gone(store: ObjectStorage,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    commit(store, "model-5", {".index": b"index-bytes", ".data-00000-of-00001": b"data" * 1000})
+    real_get = store.fs.get_file
+
+    def retention_first(rpath: str, lpath: str, **kwargs: object) -> None:
+        if rpath.endswith(".index"):
+            store.fs.rm_file(rpath)  # the trainer's retention, between the listing and the download
+        real_get(rpath, lpath, **kwargs)
+
+    monkeypatch.setattr(store.fs, "get_file", retention_first)
+    with pytest.raises(Gone, match=r"model-5\.index was deleted while being read"), store.pin("model-5"):
+        pass
+
+
+def test_pin_of_an_object_replaced_during_the_download_is_gone(store: ObjectStorage,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    commit(store, "model-5", {".index": b"index-bytes", ".data-00000-of-00001": b"data" * 1000})
+    real_get = store.fs.get_file
+
+    def rewrite_after(rpath: str, lpath: str, **kwargs: object) -> None:
+        real_get(rpath, lpath, **kwargs)
+        if rpath.endswith(".index"):
+            store.fs.pipe_file(rpath, b"another version")
+
+    monkeypatch.setattr(store.fs, "get_file", rewrite_after)
+    with pytest.raises(Gone, match=r"model-5\.index was replaced while being read"), store.pin("model-5"):
+        pass
+
+
+@pytest.fixture
+def holder_elsewhere(store: ObjectStorage) -> Iterator[callable]:  # type: ignore[valid-type]
+    def write(key: str, expires_in: float) -> None:
+        holder = Holder("other-host", 4242, "someone-else", time.time() + expires_in, "trainer on other-host pid 4242")
+        store.write(key, holder.encode())
+
+    yield write
+
+
+def test_a_lock_held_elsewhere_is_refused_until_it_expires(store: ObjectStorage, holder_elsewhere, caplog) -> None:  # type: ignore[no-untyped-def]
+    holder_elsewhere("trainer.lock", 60)
+    with pytest.raises(Locked, match="trainer on other-host pid 4242"), store.lock("trainer.lock", wait=False):
+        pass
+    holder_elsewhere("trainer.lock", -1)  # it stopped renewing a second ago
+    with caplog.at_level(logging.WARNING, "ckpt_watch.bucket"), store.lock("trainer.lock", wait=False, note="ours"):
+        held = Holder.parse(store.read("trainer.lock"))
+        assert held is not None and held.note == "ours" and held.pid == os.getpid()
+    assert "taking over" in caplog.text and "process 4242 on other-host (it ran out of time)" in caplog.text
+    assert store.read("trainer.lock") is None  # released
+
+
+def test_a_lock_is_renewed_while_held(bucket_workdir: str) -> None:
+    store = ObjectStorage(bucket_workdir, lock_ttl=0.6)
+    with store.lock("trainer.lock", wait=False, note="ours"):
+        first = Holder.parse(store.read("trainer.lock"))
+        time.sleep(1.0)
+        later = Holder.parse(store.read("trainer.lock"))
+        assert first is not None and later is not None and later.expires > first.expires
+        assert later.owner == first.owner
+
+
+def test_a_lock_is_exclusive_between_processes(store: ObjectStorage) -> None:
+    code = ("import sys\nfrom common.storage_object import ObjectStorage\n"
+            "with ObjectStorage(sys.argv[1]).lock('trainer.lock', wait=False, note='held by the child'):\n"
+            "    print('held', flush=True)\n    sys.stdin.readline()\n")
+    child = subprocess.Popen([sys.executable, "-c", code, store.root], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    with child:
+        assert child.stdout is not None and child.stdout.readline() == "held\n"
+        with pytest.raises(Locked, match="held by the child"), store.lock("trainer.lock", wait=False):
+            pass
+        child.kill()
+        child.wait()
+    with store.lock("trainer.lock", wait=False, note="ours"):  # a dead pid on this host frees it at once
+        pass
+
+
+def test_leases_count_until_they_expire(store: ObjectStorage, holder_elsewhere) -> None:  # type: ignore[no-untyped-def]
+    holder_elsewhere("eval/leases/model-5@4242-abc", 60)
+    holder_elsewhere("eval/leases/model-7@4242-def", -1)
+    with store.lease("model-9"):
+        assert store.leased() == {"model-5", "model-9"}
+    assert store.leased() == {"model-5"}
+    assert store.clean_readers() == []
+    assert store.names("eval/leases") == ["model-5@4242-abc"]  # the expired one was removed
+
+
+def test_the_poller_fires_once_per_change(store: ObjectStorage) -> None:
+    changes = []
+    with store.watch({"checkpoint"}, lambda: changes.append(1), on_lost=lambda: None, poll=True, poll_secs=0.05):
+        commit(store, "model-5", {".index": b"i", ".data-00000-of-00001": b"d"})
+        deadline = time.monotonic() + 30
+        while not changes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # more polls, no more changes
+    assert changes == [1]
+
+
+def test_transient_errors_are_retried_and_logged(cloud: Servers, caplog: pytest.LogCaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    name = cloud.new_bucket("s3")
+    with FlakyProxy(cloud.s3, failures=2) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        url = BucketURL.parse(f"s3://{name}/run")
+        store = ObjectStorage(url.url(), bucket=Bucket(url, filesystem(url)))
+        with caplog.at_level(logging.WARNING, "ckpt_watch.bucket"):
+            store.write("checkpoint", b"state")
+        # Each 503 is retried once, by us (logged) or by the client library before us (not logged).
+        assert store.bucket.retries >= 1 and caplog.text.count("retrying in") == store.bucket.retries
+        assert store.read("checkpoint") == b"state"
+        proxy.failures = proxy.seen + 100
+        failing = ObjectStorage(url.url(), bucket=Bucket(url, filesystem(url), attempts=2))
+        with pytest.raises(OSError, match="failed 2 times") as raised:
+            failing.write("checkpoint", b"never")
+        assert raised.value.errno == errno.EIO
+    monkeypatch.undo()
+    assert ObjectStorage(url.url()).read("checkpoint") == b"state"  # nothing was lost
