@@ -52,9 +52,10 @@ predict: install
 export: install
 	$(BIN)/evaluator export --workdir $(WORKDIR) --frozen
 
-# 300 SIGKILLs of a real trainer with an evaluator watching; ends with one line of figures.
-soak: install
+# 300 SIGKILLs of a real trainer with an evaluator watching (one line of figures), then the long test variants.
+soak: data
 	$(BIN)/python -m tests.fault.storm --kills 300
+	$(BIN)/python -m pytest -q -m soak $(PYTEST_ARGS)
 
 # Benchmarks B1-B9 against Keras fit/evaluate, tf.train.checkpoints_iterator and the trainer alone (about 15 minutes).
 bench: data

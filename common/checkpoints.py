@@ -25,10 +25,11 @@ from google.protobuf import text_format
 from tensorflow.python.training import checkpoint_state_pb2
 
 from common.errors import ProjectError
-from common.fileio import atomic_write_text
+from common.storage import Storage, as_storage, open_storage
+from common.workdir import CHECKPOINT_PREFIX
 
 STATE_FILE = "checkpoint"
-PREFIX = "model"
+PREFIX = CHECKPOINT_PREFIX
 STEP_KEY = "global_step"
 MODEL_KEY = "model"
 EMA_KEY = "ema"
@@ -38,6 +39,7 @@ VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 # codes onto several Python types: DataLossError, "Read less bytes than requested" IndexError, ...).
 READ_ERRORS = (tf.errors.OpError, ValueError, IndexError, RuntimeError)
 _NAME_RE = re.compile(rf"^{PREFIX}-(\d+)$")
+_SAVER_STEP_RE = re.compile(r"-(\d+)$")
 # A state file that TF or this trainer writes stays far below these (about 60 bytes per entry);
 # anything larger is refused before it is parsed, so a hostile file cannot exhaust memory.
 MAX_STATE_BYTES = 16 * 2**20
@@ -58,6 +60,15 @@ def name_for(step: int) -> str:
 def step_of(path: str | Path) -> int | None:
     """The step in a checkpoint name or path (`.../model-1000` -> 1000), or None."""
     match = _NAME_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def saver_step(path: str | Path) -> int | None:
+    """The number after the last `-` of any checkpoint name (`.../mnist.ckpt-1001` -> 1001), or None.
+
+    TF1's `Saver.save(..., global_step=N)` appends `-N` to whatever name it was given.
+    """
+    match = _SAVER_STEP_RE.search(Path(path).name)
     return int(match.group(1)) if match else None
 
 
@@ -91,20 +102,20 @@ def state_path(workdir: str | Path) -> Path:
     return Path(workdir) / STATE_FILE
 
 
-def read_state(workdir: str | Path) -> State | None:
+def read_state(workdir: str | Path | Storage) -> State | None:
     """Parse the state file; None when there is none.
 
     Raises:
       CheckpointError: the file exists but cannot be parsed. Unlike `tf.train.get_checkpoint_state`,
         which logs and returns None, this never lets a broken file pass for "no checkpoint".
     """
-    path = state_path(workdir)
+    storage = as_storage(workdir)
+    path = storage.describe(STATE_FILE)
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_STATE_BYTES + 1)
+        data = storage.read(STATE_FILE, limit=MAX_STATE_BYTES + 1)
+        if data is None:
+            return None
         text = data.decode("utf-8")
-    except FileNotFoundError:
-        return None
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable state file ({e})") from e
     if len(data) > MAX_STATE_BYTES:
@@ -127,21 +138,39 @@ def read_state(workdir: str | Path) -> State | None:
     )
 
 
-def write_state(workdir: str | Path, state: State) -> None:
-    """Write the state file atomically (temp file, fsync, rename)."""
+def state_bytes(state: State) -> bytes:
+    """The state file's content for `state` (a text `CheckpointState` proto)."""
     proto = checkpoint_state_pb2.CheckpointState(
         model_checkpoint_path=state.latest or "",
         all_model_checkpoint_paths=state.paths,
         all_model_checkpoint_timestamps=state.timestamps,
         last_preserved_timestamp=state.last_preserved_timestamp,
     )
-    atomic_write_text(state_path(workdir), text_format.MessageToString(proto))
+    return text_format.MessageToString(proto).encode("utf-8")
+
+
+def write_state(workdir: str | Path | Storage, state: State) -> None:
+    """Write the state file atomically (see `Storage.write`)."""
+    as_storage(workdir).write(STATE_FILE, state_bytes(state))
 
 
 def resolve(workdir: str | Path, path: str) -> Path:
-    """Resolve a checkpoint path from the state file (relative to the workdir, as TF writes it)."""
+    """Resolve a checkpoint path from the state file (relative to the workdir, as TF writes it).
+
+    A TF1 Saver writes absolute paths: one into the workdir by another spelling (a symlink) is the
+    workdir's; so is one that names no checkpoint where it points, when the workdir holds one of that
+    file name (the workdir was moved).
+    """
     p = Path(path)
-    return p if p.is_absolute() else Path(workdir) / p
+    named = p if p.is_absolute() else Path(workdir) / p
+    if named.parent == Path(workdir):
+        return named
+    mine = Path(workdir) / p.name
+    if os.path.realpath(named.parent) == os.path.realpath(workdir):
+        return mine
+    if not Path(f"{named}.index").exists() and Path(f"{mine}.index").exists():
+        return mine
+    return named
 
 
 def inside(workdir: str | Path, path: str) -> bool:
@@ -152,12 +181,9 @@ def inside(workdir: str | Path, path: str) -> bool:
 
 
 def files_of(prefix: str | Path) -> list[Path]:
-    """The files that make up checkpoint `prefix`: its `.index` and `.data-*` shards."""
+    """The files that make up checkpoint `prefix`: its `.index`, `.data-*` shards and a TF1 Saver's `.meta`."""
     prefix = Path(prefix)
-    if not prefix.parent.is_dir():
-        return []
-    return sorted(p for p in prefix.parent.glob(prefix.name + ".*") if p.name == prefix.name + ".index"
-                  or p.name.startswith(prefix.name + ".data-"))
+    return [prefix.parent / key for key in open_storage(prefix.parent).checkpoint_files(prefix.name)]
 
 
 def index_fingerprint(prefix: str | Path) -> str | None:
@@ -176,12 +202,10 @@ def index_fingerprint(prefix: str | Path) -> str | None:
     return f"{size}:{crc:08x}"
 
 
-def on_disk(workdir: str | Path) -> list[int]:
+def on_disk(workdir: str | Path | Storage) -> list[int]:
     """Steps of the `model-<step>` checkpoints whose index file exists, ascending."""
-    root = Path(workdir)
-    if not root.is_dir():
-        return []
-    steps = (step_of(p.name[: -len(".index")]) for p in root.glob(f"{PREFIX}-*.index"))
+    names = as_storage(workdir).names("", f"{PREFIX}-*.index")
+    steps = (step_of(name[: -len(".index")]) for name in names)
     return sorted(s for s in steps if s is not None)
 
 

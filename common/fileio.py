@@ -1,4 +1,8 @@
-"""Crash-safe file writes: a temp file in the same folder, fsync, then an atomic rename."""
+"""Crash-safe local file writes: a temp file in the same folder, fsync, then an atomic rename.
+
+A workdir is written through `common.storage`; these are what its local implementation uses, and
+what writes to other local folders (an export) use directly.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import contextlib
 import json
 import os
 import secrets
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +43,6 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     fsync_path(target.parent)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write UTF-8 text atomically (see `atomic_write_bytes`)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write `obj` as indented JSON atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def leftover_temp_files(folder: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield temp files that an interrupted atomic write left in `folder`."""
-    root = Path(folder)
-    if root.is_dir():
-        yield from (p for p in root.iterdir() if TMP_MARK in p.name and p.is_file())
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))

@@ -99,6 +99,13 @@ class Preprocessing:
             x = x / self.std
         return x
 
+    def apply_numpy(self, images: Any) -> Any:
+        """`apply` on a NumPy array, for graphs fed through a session: float32, in the stored shape."""
+        import numpy as np
+
+        x = np.asarray(images, dtype=np.float32) / np.float32(1.0 / self.scale)
+        return (x - np.float32(self.mean)) / np.float32(self.std)
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

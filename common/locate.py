@@ -84,10 +84,22 @@ def locate(source: Path, which: Which = BEST_ELSE_LATEST, *, check: bool = True)
     return prefix
 
 
+def _by_step(workdir: Path, step: int) -> Path:
+    """`model-<step>`, else the listed checkpoint of that step (a TF1 Saver's `<name>-<step>`)."""
+    own = workdir / checkpoints.name_for(step)
+    if Path(f"{own}.index").exists():
+        return own
+    state = checkpoints.read_state(workdir)
+    for name in state.paths if state is not None else []:
+        if checkpoints.saver_step(name) == step and checkpoints.inside(workdir, name):
+            return checkpoints.resolve(workdir, name)
+    return own
+
+
 def _in_workdir(workdir: Path, which: Which) -> Path:
     """The prefix `which` names in `workdir`, before any check that it can be read."""
     if isinstance(which, int):
-        return workdir / checkpoints.name_for(which)
+        return _by_step(workdir, which)
     if which not in (BEST, LATEST, BEST_ELSE_LATEST):
         raise ValueError(f"`which` ({which!r}) must be {BEST!r}, {LATEST!r}, {BEST_ELSE_LATEST!r} or a step number")
     best = best_prefix(workdir) if which != LATEST else None

@@ -9,8 +9,8 @@
 Reads are tolerant, as reads of files another process (perhaps an older version) wrote must be:
 an absent or unreadable file, or one whose known fields hold values of the wrong type, reads as
 None; fields an older version did not write take their defaults; fields this version does not
-know are kept in `extra` and written back. Writes are atomic (temp file, fsync, rename), so a
-reader never sees half a file, and raise OSError as `common.fileio` does.
+know are kept in `extra` and written back. Writes are atomic (`Storage.write`), so a reader never
+sees half a file, and raise OSError.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from common.fileio import atomic_write_json
-from common.workdir import BEST_JSON, DONE_FILE, EVAL_DIR, HEARTBEAT_FILE, STOP_REQUEST_FILE, read_json
+from common.storage import open_storage, read_json, write_json
+from common.workdir import BEST_JSON, DONE_FILE, EVAL_DIR, HEARTBEAT_FILE, STOP_REQUEST_FILE
 
 SPENT_KEY = "spent_stop_request"  # in done.json and heartbeat.json: the stop request already honoured
 FINGERPRINT = "index_fingerprint"  # ledger rows: what identifies a checkpoint's content (its `.index`)
@@ -99,10 +99,10 @@ class EarlyStopRequest:
     @classmethod
     def read(cls, workdir: Path) -> EarlyStopRequest | None:
         """The workdir's stop request, or None if there is none or it cannot be read."""
-        return cls.from_json(read_json(workdir / STOP_REQUEST_FILE))
+        return cls.from_json(read_json(open_storage(workdir), STOP_REQUEST_FILE))
 
     def write(self, workdir: Path) -> None:
-        atomic_write_json(workdir / STOP_REQUEST_FILE, self.to_json())
+        write_json(open_storage(workdir), STOP_REQUEST_FILE, self.to_json())
 
 
 _BEAT_SCHEMA: Schema = {"step": _INT, "total_steps": _INT, "steps_per_sec": _NUM, "loss": _NUM, "lr": _NUM,
@@ -145,10 +145,10 @@ class TrainerHeartbeat:
 
     @classmethod
     def read(cls, workdir: Path) -> TrainerHeartbeat | None:
-        return cls.from_json(read_json(workdir / HEARTBEAT_FILE))
+        return cls.from_json(read_json(open_storage(workdir), HEARTBEAT_FILE))
 
     def write(self, workdir: Path) -> None:
-        atomic_write_json(workdir / HEARTBEAT_FILE, self.to_json())
+        write_json(open_storage(workdir), HEARTBEAT_FILE, self.to_json())
 
 
 _DONE_SCHEMA: Schema = {"step": _INT, "checkpoint": _STR, "time": _NUM, "stop_reason": _STR, "ema_metrics": _DICT,
@@ -183,10 +183,10 @@ class TrainingDone:
 
     @classmethod
     def read(cls, workdir: Path) -> TrainingDone | None:
-        return cls.from_json(read_json(workdir / DONE_FILE))
+        return cls.from_json(read_json(open_storage(workdir), DONE_FILE))
 
     def write(self, workdir: Path) -> None:
-        atomic_write_json(workdir / DONE_FILE, self.to_json())
+        write_json(open_storage(workdir), DONE_FILE, self.to_json())
 
 
 _BEST_SCHEMA: Schema = {"step": _INT, "checkpoint": _STR, "accuracy": _NUM, "loss": _NUM, "split": _STR,
@@ -220,15 +220,15 @@ class BestEntry:
     @classmethod
     def read(cls, workdir: Path) -> BestEntry | None:
         """The workdir's best checkpoint (eval/best.json), or None if there is none yet or it is unreadable."""
-        return cls.read_from(workdir / EVAL_DIR)
+        return cls.from_json(read_json(open_storage(workdir), f"{EVAL_DIR}/{BEST_JSON}"))
 
     @classmethod
     def read_from(cls, folder: Path) -> BestEntry | None:
         """The entry in `folder`/best.json (a best folder, or eval/ through its link)."""
-        return cls.from_json(read_json(folder / BEST_JSON))
+        return cls.from_json(read_json(open_storage(folder), BEST_JSON))
 
     def write_into(self, folder: Path) -> None:
-        atomic_write_json(folder / BEST_JSON, self.to_json())
+        write_json(open_storage(folder), BEST_JSON, self.to_json())
 
 
 _ROW_SCHEMA: Schema = {"checkpoint": _STR, "step": _INT, "split": _STR, "weights": _STR, "status": _STR,

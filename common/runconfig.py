@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from common import __version__
 from common.errors import UsageError
-from common.fileio import atomic_write_json
 from common.inputspec import InputSpec, Preprocessing
+from common.storage import open_storage, write_json
 from common.workdir import RUN_FILE
 
 if TYPE_CHECKING:
@@ -220,14 +220,16 @@ def read_run(workdir: str | Path) -> RunSpec | None:
       UsageError: the file is too large, not valid JSON, lacks fields or holds a bad value; the
         message names the file.
     """
-    path = Path(workdir) / RUN_FILE
+    storage = open_storage(workdir)
+    path = storage.describe(RUN_FILE)
     try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_RUN_FILE_BYTES + 1)
-    except (FileNotFoundError, NotADirectoryError):
+        raw = storage.read(RUN_FILE, limit=MAX_RUN_FILE_BYTES + 1)
+    except NotADirectoryError:
         return None
     except OSError as e:
         raise UsageError(f"{path}: unreadable run file ({e.strerror or e})") from e
+    if raw is None:
+        return None
     if len(raw) > MAX_RUN_FILE_BYTES:
         raise UsageError(f"{path}: run file larger than {MAX_RUN_FILE_BYTES:,} bytes; not a run.json of this project")
     try:
@@ -266,4 +268,4 @@ def _fields_from_json(data: dict[str, Any]) -> dict[str, Any]:
 
 def write_run(workdir: str | Path, spec: RunSpec) -> None:
     """Write `run.json` atomically."""
-    atomic_write_json(Path(workdir) / RUN_FILE, spec.to_json())
+    write_json(open_storage(workdir), RUN_FILE, spec.to_json())

@@ -9,10 +9,13 @@ import sys
 from rich.console import Console, Group
 
 from common.errors import UsageError
+from common.keymap import parse_map
 from common.protocol import BestEntry
 from common.signals import StopRequest, stop_on_signals
+from common.tf1graph import GraphFlags
 from evaluator.config import EvalConfig
 from evaluator.display import Display, LiveTable, PlainLines, header_text, per_class_tables, render_table
+from evaluator.foreign import ForeignFlags
 from evaluator.loop import json_lines, run_once, run_watch
 
 
@@ -20,7 +23,24 @@ def config_from(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(workdir=args.workdir, split=args.split, weights=args.weights, policy=args.policy,
                       data_dir=args.data_dir, rescan_secs=args.rescan_secs, poll=args.poll,
                       poll_secs=args.poll_secs, exit_when_done=args.exit_when_done, patience=args.patience,
-                      min_delta=args.min_delta, per_class=args.per_class)
+                      min_delta=args.min_delta, per_class=args.per_class, graph=graph_flags(args),
+                      foreign=foreign_flags(args))
+
+
+def foreign_flags(args: argparse.Namespace) -> ForeignFlags | None:
+    """What --model, --dataset, --restore-map and --ema-map say (cli.py checked that they go together)."""
+    if getattr(args, "model", None) is None:
+        return None
+    return ForeignFlags(model=args.model, dataset=args.dataset,
+                        restore_maps=tuple(parse_map(t, "--restore-map") for t in args.restore_map),
+                        ema_maps=tuple(parse_map(t, "--ema-map") for t in args.ema_map))
+
+
+def graph_flags(args: argparse.Namespace) -> GraphFlags | None:
+    """What --tf1-graph, --input, --output and --dataset say (cli.py checked that they go together)."""
+    if not args.tf1_graph:
+        return None
+    return GraphFlags(input=args.input, output=args.output, dataset=args.dataset)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -67,7 +87,8 @@ def show_best(args: argparse.Namespace) -> None:
 def report(args: argparse.Namespace) -> None:
     from evaluator.report import write_report
 
-    out = write_report(args.workdir, step=args.step, split_name=args.split, data_dir=args.data_dir)
+    out = write_report(args.workdir, step=args.step, split_name=args.split, data_dir=args.data_dir,
+                       graph=graph_flags(args))
     print(f"report written to {out}/")
     for path in sorted(out.iterdir()):
         print(f"  {path.name}")
@@ -88,7 +109,14 @@ def export(args: argparse.Namespace) -> None:
     from evaluator.serving.export import FROZEN_FILE, FROZEN_INPUT, FROZEN_OUTPUTS
     from evaluator.serving.export import export as write_export
 
-    out = write_export(args.workdir, step=args.step, weights=args.weights, out=args.out, frozen=args.frozen)
+    graph = graph_flags(args)
+    if graph is not None:
+        from evaluator.serving.tf1export import export_graph
+
+        out = export_graph(args.workdir, graph, step=args.step, weights=args.weights, out=args.out,
+                           frozen=args.frozen)
+    else:
+        out = write_export(args.workdir, step=args.step, weights=args.weights, out=args.out, frozen=args.frozen)
     print(f"SavedModel written to {out}/ ({args.weights} weights)")
     if args.frozen:
         outputs = ", ".join(f"{name}:0" for name in FROZEN_OUTPUTS)

@@ -6,9 +6,11 @@ and `best.json`; `eval/best.json` is a symlink to `best/best.json`. Replacing th
 symlink by a rename switches files and description together, so a crash can never leave them
 disagreeing. Ties keep the earlier checkpoint.
 
-Every delete goes through `common.paths.remove`, and only folders named `best-*` directly in
-`eval/` are ever removed as old bests: a `best` link edited to point elsewhere makes nothing
-outside the workdir disappear. What is refused is passed to `warn`, never dropped.
+The switch is made through the storage seam (`Storage.adopt`, `point`, `pointer`): a symlink swap
+on a local disk. Every delete goes through `Storage.delete` (refused outside the workdir), and
+only folders named `best-*` directly in `eval/` are ever removed as old bests: a `best` link
+edited to point elsewhere makes nothing outside the workdir disappear. What is refused is passed
+to `warn`, never dropped.
 """
 
 from __future__ import annotations
@@ -23,15 +25,17 @@ from typing import Any
 
 from common import checkpoints, locate
 from common.checkpoints import State
-from common.fileio import atomic_write_bytes, fsync_path
-from common.paths import OutsideError, remove
+from common.fileio import atomic_write_bytes
+from common.paths import OutsideError
 from common.protocol import BestEntry, LedgerRow
-from common.workdir import BEST_JSON, BEST_LINK, EVAL_DIR, pid_alive, remove_dead_leases
+from common.storage import Gone, Storage, open_storage
+from common.workdir import BEST_JSON, BEST_LINK, EVAL_DIR
 from evaluator.ledger import Record
-from evaluator.snapshot import Gone, snapshot
 
 Warn = Callable[[str], None]
 _FOLDER_PREFIX = f"{BEST_LINK}-"
+_BEST = f"{EVAL_DIR}/{BEST_LINK}"  # the pointer to the best folder
+_BEST_JSON = f"{EVAL_DIR}/{BEST_JSON}"  # the pointer to its best.json
 
 
 def _to_stderr(message: str) -> None:
@@ -53,12 +57,16 @@ def improves(record: Record, best: BestEntry | Mapping[str, Any] | None) -> bool
 
 
 def promote(workdir: Path, private_prefix: Path, record: Record, *, warn: Warn = _to_stderr) -> BestEntry:
-    """Make the snapshot folder holding `private_prefix` the new best; return its best.json entry.
+    """Make the pinned folder holding `private_prefix` the new best; return its best.json entry.
+
+    The folder becomes `eval/best-<step>-<id>/` (`Storage.adopt`), then the `best` pointer is
+    switched to it (`Storage.point`: a symlink swap locally). On an object store the same two
+    steps are copies into `eval/best-<step>-<id>/`, then `eval/best.json` written last as the pointer.
 
     Raises:
       OSError: the switch could not be made (full disk, read-only); the old best is left as it was.
     """
-    eval_dir = workdir / EVAL_DIR
+    storage = open_storage(workdir)
     folder = private_prefix.parent
     name = private_prefix.name
     row = LedgerRow(record)
@@ -68,16 +76,14 @@ def promote(workdir: Path, private_prefix: Path, record: Record, *, warn: Warn =
     adopt_copied_best(workdir, warn=warn)
     checkpoints.write_state(folder, State(latest=name, paths=[name], timestamps=[row.committed or 0.0]))
     entry.write_into(folder)
-    target = eval_dir / f"{_FOLDER_PREFIX}{row.step}-{secrets.token_hex(3)}"
-    os.rename(folder, target)
-    link = eval_dir / BEST_LINK
-    previous = os.readlink(link) if link.is_symlink() else None
-    _replace_symlink(link, target.name)
-    if not (eval_dir / BEST_JSON).is_symlink():
-        _replace_symlink(eval_dir / BEST_JSON, f"{BEST_LINK}/{BEST_JSON}")
-    fsync_path(eval_dir)
+    target = f"{_FOLDER_PREFIX}{row.step}-{secrets.token_hex(3)}"
+    storage.adopt(folder, f"{EVAL_DIR}/{target}")
+    previous = storage.pointer(_BEST)
+    storage.point(_BEST, target)
+    if storage.pointer(_BEST_JSON) is None:
+        storage.point(_BEST_JSON, f"{BEST_LINK}/{BEST_JSON}")
     if previous is not None:
-        _remove_previous(workdir, previous, warn)
+        _remove_previous(storage, previous, warn)
     return entry
 
 
@@ -101,7 +107,7 @@ def catch_up(workdir: Path, records: list[Record], *, weights: str, warn: Warn =
                 or checkpoints.index_fingerprint(prefix) != row.index_fingerprint):
             continue
         try:
-            with snapshot(prefix, workdir / EVAL_DIR) as private:
+            with open_storage(workdir).pin(Path(row.checkpoint).name) as private:
                 if checkpoints.index_fingerprint(private) == row.index_fingerprint:
                     return promote(workdir, private, row.to_json(), warn=warn)
         except Gone:
@@ -139,14 +145,13 @@ class BestKeeper:
         else:
             self.problem = ""
 
-def _remove_previous(workdir: Path, previous: str, warn: Warn) -> None:
-    """Delete the folder the `best` link named before, if it is one of ours."""
-    eval_dir = workdir / EVAL_DIR
+def _remove_previous(storage: Storage, previous: str, warn: Warn) -> None:
+    """Delete the folder the `best` pointer named before, if it is one of ours."""
     if _own_folder(previous) is None:
-        warn(f"{eval_dir / BEST_LINK} pointed to {previous}, which is not a best folder of this workdir: "
+        warn(f"{storage.describe(_BEST)} pointed to {previous}, which is not a best folder of this workdir: "
              "left it in place")
         return
-    _remove(eval_dir / previous, workdir, warn)
+    _remove(storage, f"{EVAL_DIR}/{previous}", warn)
 
 
 def _own_folder(target: str) -> str | None:
@@ -154,19 +159,13 @@ def _own_folder(target: str) -> str | None:
     return target if target.startswith(_FOLDER_PREFIX) and os.path.basename(target) == target else None
 
 
-def _remove(path: Path, workdir: Path, warn: Warn) -> None:
+def _remove(storage: Storage, key: str, warn: Warn) -> None:
     try:
-        remove(path, workdir)
+        storage.delete(key)
     except OutsideError as e:
         warn(str(e))
     except OSError as e:
-        warn(f"cannot delete {path}: {e.strerror or e}")
-
-
-def _replace_symlink(link: Path, target: str) -> None:
-    tmp = link.with_name(f".{link.name}.link-{secrets.token_hex(3)}")
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
+        warn(f"cannot delete {storage.describe(key)}: {e.strerror or e}")
 
 
 def adopt_copied_best(workdir: Path, *, warn: Warn = _to_stderr) -> None:
@@ -175,7 +174,11 @@ def adopt_copied_best(workdir: Path, *, warn: Warn = _to_stderr) -> None:
     The folder keeps its files and stays the best: it is renamed to `eval/best-<step>-<id>/` and
     linked, as if this evaluator had made it. Anything else at `eval/best` is moved aside to
     `eval/best.moved-<id>`, never deleted. Raises OSError when the workdir cannot be changed.
+
+    A repair of local copies only, so it looks at the local folder: copying a bucket keeps
+    `eval/best.json`, the pointer, as it is.
     """
+    storage = open_storage(workdir)
     eval_dir = workdir / EVAL_DIR
     link, described = eval_dir / BEST_LINK, eval_dir / BEST_JSON
     if link.is_symlink() or not link.exists():
@@ -188,41 +191,37 @@ def adopt_copied_best(workdir: Path, *, warn: Warn = _to_stderr) -> None:
         os.rename(link, aside)
         warn(f"{link} was not a best folder this program can use: moved it to {aside}")
         return
-    target = eval_dir / f"{_FOLDER_PREFIX}{'copied' if entry.step is None else entry.step}-{secrets.token_hex(3)}"
-    os.rename(link, target)
-    _replace_symlink(link, target.name)
-    if not described.is_symlink():
-        _replace_symlink(described, f"{BEST_LINK}/{BEST_JSON}")
-    fsync_path(eval_dir)
-    warn(f"{link} was a folder, not a link (a copied workdir?): kept it as {target.name}, linked from {link}")
+    target = f"{_FOLDER_PREFIX}{'copied' if entry.step is None else entry.step}-{secrets.token_hex(3)}"
+    storage.adopt(link, f"{EVAL_DIR}/{target}")
+    storage.point(_BEST, target)
+    if storage.pointer(_BEST_JSON) is None:
+        storage.point(_BEST_JSON, f"{BEST_LINK}/{BEST_JSON}")
+    warn(f"{link} was a folder, not a link (a copied workdir?): kept it as {target}, linked from {link}")
 
 
 def clean_stale(workdir: Path, *, warn: Warn = _to_stderr) -> None:
-    """Remove best folders the `best` link no longer points to, leftovers of interrupted switches and dead leases."""
-    eval_dir = workdir / EVAL_DIR
-    if not eval_dir.is_dir():
+    """Remove best folders the `best` pointer no longer names, leftovers of interrupted switches and dead readers."""
+    storage = open_storage(workdir)
+    if not (workdir / EVAL_DIR).is_dir():
         return
     try:
         adopt_copied_best(workdir, warn=warn)
     except OSError as e:
-        warn(f"cannot turn the folder {eval_dir / BEST_LINK} into a link: {e.strerror or e}")
-    link = eval_dir / BEST_LINK
-    current = _own_folder(os.readlink(link)) if link.is_symlink() else None
-    if link.is_symlink() and current is None:
+        warn(f"cannot turn the folder {storage.describe(_BEST)} into a link: {e.strerror or e}")
+    pointer = storage.pointer(_BEST)
+    current = _own_folder(pointer) if pointer is not None else None
+    if pointer is not None and current is None:
         # Not knowing which folder is the best, keep them all rather than delete the wrong one.
-        warn(f"{link} points to {os.readlink(link)}, not to a best folder of this workdir: "
+        warn(f"{storage.describe(_BEST)} points to {pointer}, not to a best folder of this workdir: "
              "kept every best folder; the next improvement replaces the link")
     else:
-        for path in eval_dir.glob(f"{_FOLDER_PREFIX}*"):
-            if path.name != current and (path.is_dir() or path.is_symlink()):
-                _remove(path, workdir, warn)
-    for path in eval_dir.glob(".*.link-*"):
-        _remove(path, workdir, warn)
-    for path in eval_dir.glob(".snapshot-*"):
-        pid = path.name.split("-")[1]
-        if not (pid.isdigit() and pid_alive(int(pid))):
-            _remove(path, workdir, warn)
-    for problem in remove_dead_leases(workdir):
+        for name in storage.names(EVAL_DIR, f"{_FOLDER_PREFIX}*"):
+            path = workdir / EVAL_DIR / name  # a file of that name is not ours (locally; a store has no such kinds)
+            if name != current and (path.is_dir() or path.is_symlink()):
+                _remove(storage, f"{EVAL_DIR}/{name}", warn)
+    for name in storage.names(EVAL_DIR, ".*.link-*"):
+        _remove(storage, f"{EVAL_DIR}/{name}", warn)
+    for problem in storage.clean_readers():
         warn(problem)
 
 

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.errors import ProjectError
+from common.errors import ProjectError, UsageError
 from common.paths import local_path, local_text
 
 DEFAULT_WORKDIR = Path("runs") / "fashion-mnist-cnn"
@@ -45,6 +45,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", action="store_true", help="also show per-class accuracy")
     p.add_argument("--progress", default="auto", choices=["auto", "rich", "plain"],
                    help="watch mode display: a live table on a terminal (auto), or plain lines")
+    _tf1_graph(p)
+    _foreign_loop(p)
     r = p.add_argument_group("machine")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
                    help="auto: a GPU when TensorFlow sees one (default); cpu: never; gpu: fail without one")
@@ -59,6 +61,50 @@ def parser() -> argparse.ArgumentParser:
 def _workdir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=local_path("--workdir"), default=DEFAULT_WORKDIR,
                    help=f"the trainer's workdir (default {DEFAULT_WORKDIR})")
+
+
+def _tf1_graph(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TF1 Saver workdirs (no run.json, no model code: the checkpoint's own .meta graph)")
+    g.add_argument("--tf1-graph", action="store_true",
+                   help="the workdir holds tf.compat.v1.train.Saver checkpoints (<name>-<step> with a .meta)")
+    g.add_argument("--input", help="with --tf1-graph: the images' tensor, e.g. x-input:0 ([N, 784] or [N, 28, 28, 1])")
+    g.add_argument("--output", help="with --tf1-graph: the logits' tensor, e.g. layer2/add:0 ([N, classes])")
+    g.add_argument("--dataset", help="with --tf1-graph or --model: the dataset fed to it (mnist, fashion-mnist)")
+
+
+def _foreign_loop(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TF2 checkpoints of other training loops (no run.json: any tf.train.CheckpointManager)")
+    g.add_argument("--model", help="the model to build (a model name), with --dataset")
+    g.add_argument("--restore-map", action="append", default=[], metavar="SAVED=MODEL",
+                   help="with --model: the saved key of model variables, e.g. 'net/*=model/*' (repeatable; one '*')")
+    g.add_argument("--ema-map", action="append", default=[], metavar="SAVED=MODEL",
+                   help="with --model: the saved key of their moving averages, e.g. 'averages/*=model/*'")
+
+
+def check_tf1_flags(args: argparse.Namespace, command: str) -> None:
+    """Refuse --input, --output or --dataset without --tf1-graph (or --model), and --tf1-graph without them."""
+    if getattr(args, "model", None) is not None or getattr(args, "restore_map", None) or getattr(args, "ema_map", None):
+        _check_foreign_flags(args)
+        return
+    given = [f"--{name}" for name in ("input", "output", "dataset") if getattr(args, name, None) is not None]
+    if not getattr(args, "tf1_graph", False):
+        if given:
+            raise UsageError(f"{', '.join(given)} go with --tf1-graph (a TF1 Saver workdir)")
+        return
+    needed = ("input", "output") if command == "export" else ("input", "output", "dataset")
+    missing = [f"--{name}" for name in needed if getattr(args, name) is None]
+    if missing:
+        raise UsageError(f"--tf1-graph needs {', '.join(missing)} (the workdir has no run.json to say them)")
+
+
+def _check_foreign_flags(args: argparse.Namespace) -> None:
+    """--model needs --dataset; the maps need --model; --tf1-graph's tensors do not go with it."""
+    if args.model is None:
+        raise UsageError("--restore-map and --ema-map go with --model (another training loop's checkpoints)")
+    if args.tf1_graph or args.input is not None or args.output is not None:
+        raise UsageError("--model and --tf1-graph (with --input and --output) exclude each other")
+    if args.dataset is None:
+        raise UsageError("--model needs --dataset: the workdir has no run.json to say which")
 
 
 def best_parser() -> argparse.ArgumentParser:
@@ -77,6 +123,7 @@ def report_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="validation", choices=["validation", "test"], help="default validation")
     p.add_argument("--data-dir", type=local_text("--data-dir"),
                    help="folder holding the four IDX files (default: the usual places)")
+    _tf1_graph(p)
     return p
 
 
@@ -92,6 +139,7 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=local_path("--out"), help="where to write (default <workdir>/export/<step>)")
     p.add_argument("--frozen", action="store_true",
                    help="also write frozen_graph.pb: input images:0, outputs probabilities:0 and classes:0")
+    _tf1_graph(p)
     return p
 
 
@@ -104,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     rest = argv[1:] if command != "watch" else argv
     try:
         args = SUBCOMMANDS[command]().parse_args(rest)
+        check_tf1_flags(args, command)
     except ProjectError as e:
         return _fail(str(e), e.exit_code)
     if command == "watch" and args.json and not args.once:

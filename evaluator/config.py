@@ -7,7 +7,9 @@ import math
 from pathlib import Path
 
 from common.errors import UsageError
+from common.tf1graph import GraphFlags
 from evaluator.core import WEIGHT_CHOICES
+from evaluator.foreign import ForeignFlags
 
 MAX_INTERVAL_SECS = 86400.0  # --rescan-secs, --poll-secs and --silent-secs: longer than a day is a typo
 
@@ -29,6 +31,8 @@ class EvalConfig:
     patience: int = 0  # ask the trainer to stop after this many evaluations without improvement; 0 = off
     min_delta: float = 0.0  # an improvement must beat the best accuracy by more than this
     per_class: bool = False  # show per-class accuracy under the live table
+    graph: GraphFlags | None = None  # --tf1-graph: a TF1 Saver workdir evaluated through its meta graph
+    foreign: ForeignFlags | None = None  # --model: another TF2 loop's checkpoints, through key maps
 
     def __post_init__(self) -> None:
         choices = {"split": ("validation", "test"), "weights": tuple(WEIGHT_CHOICES), "policy": ("all", "latest")}
@@ -44,6 +48,10 @@ class EvalConfig:
             raise UsageError(f"--min-delta ({self.min_delta}) must be a finite number")
         if self.patience < 0 or self.min_delta < 0:
             raise UsageError(f"--patience ({self.patience}) and --min-delta ({self.min_delta}) must not be negative")
+        if self.graph is not None and self.foreign is not None:
+            raise UsageError("--tf1-graph and --model exclude each other")
+        if self.graph is not None and self.graph.dataset is None:
+            raise UsageError("--tf1-graph needs --dataset: the workdir has no run.json to say which")
         if self.patience and self.split != "validation":
             raise UsageError("--patience watches the validation split; drop --split test")
 

@@ -14,9 +14,8 @@ from common import checkpoints, datasets, loader
 from common.checkpoints import CheckpointError
 from common.evaluation import Evaluation
 from common.runconfig import RunSpec
-from common.workdir import EVAL_DIR
+from common.storage import Gone, open_storage
 from evaluator.ledger import FAILED, FINGERPRINT, Record
-from evaluator.snapshot import Gone, snapshot
 
 WEIGHT_CHOICES = {"ema": ("ema",), "raw": ("raw",), "both": ("ema", "raw")}
 
@@ -28,20 +27,19 @@ def fingerprint(split: datasets.Split) -> str:
     return digest.hexdigest()[:16]
 
 
-class CheckpointEvaluator:
-    """Evaluate checkpoints of one run on one split, with EMA and/or raw weights."""
+class SnapshotEvaluator:
+    """Evaluate checkpoints of one workdir on one split from private snapshots (the evaluation core's contract).
 
-    def __init__(self, workdir: Path, spec: RunSpec, split: datasets.Split, *, split_name: str,
-                 weights: str) -> None:
+    Subclasses say how one kind of weights of a snapshot is evaluated (`_evaluate_weights`).
+    """
+
+    def __init__(self, workdir: Path, split: datasets.Split, *, split_name: str, weights: str) -> None:
         if weights not in WEIGHT_CHOICES:
             raise ValueError(f"`weights` ({weights!r}) must be one of {sorted(WEIGHT_CHOICES)}")
         self.workdir = workdir
-        self.spec = spec
         self.split = split
         self.split_name = split_name
         self.weights = WEIGHT_CHOICES[weights]
-        self.model = loader.build_model(spec)
-        self.evaluate_model = Evaluation(self.model, spec.prepare)
         self.data_fingerprint = fingerprint(split)
 
     def evaluate(self, name: str, *, committed: float, detected: float, fingerprint: str | None = None,
@@ -60,7 +58,7 @@ class CheckpointEvaluator:
         if not checkpoints.inside(self.workdir, name):
             return self.unread(name, committed=committed, detected=detected)
         try:
-            with snapshot(checkpoints.resolve(self.workdir, name), self.workdir / EVAL_DIR) as private:
+            with open_storage(self.workdir).pin(Path(name).name) as private:  # inside: a key at the root
                 base[FINGERPRINT] = checkpoints.index_fingerprint(private)
                 try:
                     results = [self._evaluate_weights(private, kind) for kind in self.weights]
@@ -88,9 +86,32 @@ class CheckpointEvaluator:
         return self._failed(base, "gone", f"{base['checkpoint']}.index is gone")
 
     def _base(self, name: str, *, committed: float, detected: float, fingerprint: str | None) -> Record:
-        return {"checkpoint": Path(name).name, "step": checkpoints.step_of(name), "split": self.split_name,
+        return {"checkpoint": Path(name).name, "step": checkpoints.saver_step(name), "split": self.split_name,
                 "committed": committed, "detected": detected, "started": time.time(),
                 "data_fingerprint": self.data_fingerprint, "examples": len(self.split), FINGERPRINT: fingerprint}
+
+    def close(self) -> None:
+        """Free what the evaluator holds (a session, a graph)."""
+
+    def _evaluate_weights(self, prefix: Path, kind: str) -> Record:
+        """The metrics of snapshot `prefix` with weights `kind`; CheckpointError when it cannot be used."""
+        raise NotImplementedError
+
+    def _failed(self, base: Record, status: str, reason: str) -> list[Record]:
+        finished = time.time()
+        return [base | {"weights": kind, "status": status, "reason": reason, "finished": finished,
+                        "eval_secs": finished - base["started"]} for kind in self.weights]
+
+
+class CheckpointEvaluator(SnapshotEvaluator):
+    """Evaluate checkpoints of one of this project's runs: its model, built from run.json."""
+
+    def __init__(self, workdir: Path, spec: RunSpec, split: datasets.Split, *, split_name: str,
+                 weights: str) -> None:
+        super().__init__(workdir, split, split_name=split_name, weights=weights)
+        self.spec = spec
+        self.model = loader.build_model(spec)
+        self.evaluate_model = Evaluation(self.model, spec.prepare)
 
     def _evaluate_weights(self, prefix: Path, kind: str) -> Record:
         loader.restore(self.model, prefix, kind)
@@ -98,7 +119,3 @@ class CheckpointEvaluator:
         metrics: dict[str, Any] = self.evaluate_model(self.split)
         return {"weights": kind, "step": step, **metrics}
 
-    def _failed(self, base: Record, status: str, reason: str) -> list[Record]:
-        finished = time.time()
-        return [base | {"weights": kind, "status": status, "reason": reason, "finished": finished,
-                        "eval_secs": finished - base["started"]} for kind in self.weights]

@@ -1,7 +1,8 @@
 """`eval/results.jsonl`: every evaluation ever made of a workdir, one JSON object per line.
 
-An append writes whole lines at the end of the file (`O_APPEND`) and fsyncs them, under an flock,
-so it costs the same however long the ledger is, and two evaluators never lose each other's rows.
+An append writes whole lines at the end of the file (`Storage.append`: `O_APPEND` and fsync
+locally) under the ledger's lock (`Storage.lock`: an flock locally), so it costs the same however
+long the ledger is, and two evaluators never lose each other's rows.
 A reader keeps what it has parsed and its offset, and later reads only what was appended since.
 A line that is not a ledger row (a torn write, a stray byte; see common.protocol.LedgerRow) is
 skipped and counted.
@@ -9,16 +10,13 @@ skipped and counted.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
-from collections.abc import Iterator, Set
+from collections.abc import Set
 from pathlib import Path
 from typing import Any
 
 from common.errors import WorkdirIOError
-from common.fileio import fsync_path
 from common.protocol import FINGERPRINT, LedgerRow
+from common.storage import open_storage
 from common.workdir import EVAL_DIR, LEDGER_FILE
 
 Record = dict[str, Any]  # a ledger row's JSON object (typed access: common.protocol.LedgerRow)
@@ -58,14 +56,15 @@ class Ledger:
     """Reads and appends the evaluation records of one workdir."""
 
     def __init__(self, workdir: Path) -> None:
-        self.folder = workdir / EVAL_DIR
-        self.path = self.folder / LEDGER_FILE
+        self.storage = open_storage(workdir)
+        self.key = f"{EVAL_DIR}/{LEDGER_FILE}"
+        self.path = Path(self.storage.describe(self.key))
         self.skipped = 0  # lines that could not be read (not UTF-8, not a JSON object)
         self._records: list[Record] = []
         self._done: set[tuple[Any, ...]] = set()
         self._failed: set[tuple[Any, ...]] = set()
         self._offset = 0
-        self._identity: tuple[int, int] | None = None
+        self._identity: str | None = None  # Stat.origin of the file parsed so far
         self._tail: Record | None = None  # a complete JSON object after the last newline (a hand edit)
 
     def read(self) -> list[Record]:
@@ -87,8 +86,7 @@ class Ledger:
           WorkdirIOError: the ledger cannot be written (full disk, read-only); it is left as it was.
         """
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with self._locked():
+            with self.storage.lock(f"{EVAL_DIR}/.ledger.lock", wait=True):
                 self._terminate_torn_line()
                 self._refresh()
                 new = self._new(records)
@@ -119,23 +117,21 @@ class Ledger:
 
     def _refresh(self) -> None:
         """Parse the complete lines appended since the last read (all of them if the file was replaced)."""
-        try:
-            with open(self.path, "rb") as f:
-                st = os.fstat(f.fileno())
-                if (st.st_dev, st.st_ino) != self._identity or st.st_size < self._offset:
-                    self._reset((st.st_dev, st.st_ino))
-                f.seek(self._offset)
-                data = f.read()
-        except FileNotFoundError:
+        read = self.storage.read_from(self.key, self._offset)
+        if read is not None and (read[0].origin != self._identity or read[0].size < self._offset):
+            read = self.storage.read_from(self.key, 0)
+            self._reset(None if read is None else read[0].origin)
+        if read is None:
             self._reset(None)
             return
+        data = read[1]
         end = data.rfind(b"\n") + 1
         for line in data[:end].splitlines():
             self._add_line(line)
         self._offset += end
         self._tail = _parse(data[end:]) if data[end:].strip() else None
 
-    def _reset(self, identity: tuple[int, int] | None) -> None:
+    def _reset(self, identity: str | None) -> None:
         self._records, self._done, self._failed = [], set(), set()
         self._offset, self.skipped, self._identity, self._tail = 0, 0, identity, None
 
@@ -154,43 +150,16 @@ class Ledger:
 
     def _terminate_torn_line(self) -> None:
         """End a last line that a crashed writer left without its newline, so the next line stays whole."""
-        try:
-            with open(self.path, "rb") as f:
-                size = f.seek(0, os.SEEK_END)
-                if size == 0 or (f.seek(size - 1), f.read(1))[1] == b"\n":
-                    return
-        except FileNotFoundError:
+        stat = self.storage.stat(self.key)
+        if stat is None or stat.size == 0:
             return
-        self._write(b"\n")
+        last = self.storage.read_from(self.key, stat.size - 1)
+        if last is not None and last[1][-1:] != b"\n":
+            self._write(b"\n")
 
     def _write(self, data: bytes) -> None:
-        """Append `data` and fsync it; on failure cut the file back to its old length."""
-        created = not self.path.exists()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            size = os.fstat(fd).st_size
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.ftruncate(fd, size)
-                raise
-        finally:
-            os.close(fd)
-        if created:
-            fsync_path(self.folder)
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        fd = os.open(self.folder / ".ledger.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        """Append `data` durably; on failure the file keeps its old length (see `Storage.append`)."""
+        self.storage.append(self.key, data)
 
 
 def _parse(line: bytes) -> Record | None:

@@ -16,6 +16,7 @@ from common.workdir import DONE_FILE
 from evaluator.config import EvalConfig, require_folder
 from evaluator.display import Display, log_line
 from evaluator.session import Candidate, Session
+from evaluator.tf1core import FLAG_ERRORS
 from evaluator.wakeups import Wake, watching
 
 SETTLE_QUIET_SECS = 0.02  # a save writes the state file once; wait this long for more events
@@ -81,7 +82,7 @@ def run_watch(cfg: EvalConfig, display: Display, stop: StopRequest) -> None:
                     session.record_unread(todo)
                 continue
             session.sync_best()
-            if cfg.exit_when_done and session.problem == "" and (cfg.workdir / DONE_FILE).exists():
+            if cfg.exit_when_done and session.problem == "" and session.storage.stat(DONE_FILE):
                 show(_finished_state(session), 0)
                 return
             show("waiting for the trainer" if session.problem else "watching", 0)
@@ -117,6 +118,8 @@ def _scan(session: Session) -> list[Candidate]:
     try:
         session.prepare()
         todo = session.pending(session.listed())
+    except FLAG_ERRORS:
+        raise
     except (ProjectError, CheckpointError) as e:
         session.problem = str(e)
         return []

@@ -23,6 +23,7 @@ from common.loader import load_model
 from common.locate import BEST, NoBest, Unreadable, locate
 from common.paths import remove
 from common.runconfig import RunSpec, read_run
+from common.tf1graph import GraphFlags, SaverGraph, meta_of, missing_file
 from common.workdir import EVAL_DIR
 from evaluator.ledger import Ledger, Record
 
@@ -34,8 +35,11 @@ def print_warning(text: str) -> None:
     print(f"evaluator: warning: {text}", file=sys.stderr)
 
 
-def resolve(workdir: Path, step: str) -> tuple[int, Path]:
-    """The step and checkpoint prefix that `--step N|best` names; UsageError when it cannot be used."""
+def resolve(workdir: Path, step: str, *, tf1: bool = False) -> tuple[int, Path]:
+    """The step and checkpoint prefix that `--step N|best` names; UsageError when it cannot be used.
+
+    `tf1`: a TF1 Saver workdir, whose step is in the checkpoint's name (its restore checks the files).
+    """
     records = [r for r in Ledger(workdir).read() if r.get("status") == "ok"]
     if not records:
         raise UsageError(f"{workdir}: the ledger is empty; run 'evaluator --once' first")
@@ -45,7 +49,10 @@ def resolve(workdir: Path, step: str) -> tuple[int, Path]:
             prefix = locate(workdir, BEST, check=False)
         except NoBest:
             raise UsageError(f"{workdir}: no best checkpoint yet (it is kept from validation evaluations)") from None
-        return checkpoints.read_step(prefix), prefix
+        number = checkpoints.saver_step(prefix.name) if tf1 else checkpoints.read_step(prefix)
+        if number is None:
+            raise UsageError(f"{prefix.name}: the best checkpoint's name carries no step")
+        return number, prefix
     if not step.isdigit():
         raise UsageError(f"--step ({step!r}) must be a step number or 'best'")
     wanted = int(step)
@@ -53,9 +60,41 @@ def resolve(workdir: Path, step: str) -> tuple[int, Path]:
         known = sorted({int(r["step"]) for r in records if r.get("step") is not None})
         raise UsageError(f"step {wanted} is not in the ledger (evaluated steps: {', '.join(map(str, known))})")
     try:
-        return wanted, locate(workdir, wanted)
+        return wanted, locate(workdir, wanted, check=not tf1)
     except Unreadable as e:
         raise UsageError(f"step {wanted} is no longer on disk ({e.why})") from None
+
+
+def _own_run(workdir: Path, step: str, split_name: str, data_dir: str | None,
+             warn: Callable[[str], None]) -> tuple[int, Path, datasets.Split, np.ndarray, tuple[str, ...]]:
+    """Step, checkpoint, split, predictions and class names for a workdir of this project's trainer."""
+    spec = read_run(workdir)
+    if spec is None:
+        raise UsageError(f"{workdir}: no run.json (not a trainer workdir; a TF1 Saver workdir needs --tf1-graph)")
+    number, prefix = resolve(workdir, step)
+    loaded = spec.load_data(data_dir)
+    for text in loaded.warnings:
+        warn(text)
+    split = loaded.data.split(split_name)
+    return number, prefix, split, predict(spec, prefix, split.images), spec.class_names
+
+
+def _graph_run(workdir: Path, graph: GraphFlags, step: str, split_name: str,
+               data_dir: str | None) -> tuple[int, Path, datasets.Split, np.ndarray, tuple[str, ...]]:
+    """The same for a TF1 Saver workdir: its meta graph with the EMA shadows restored."""
+    number, prefix = resolve(workdir, step, tf1=True)
+    missing = missing_file(prefix)
+    if missing:
+        raise UsageError(f"step {number} is no longer on disk ({missing} is missing)")
+    split = datasets.load(graph.dataset or "", data_dir).split(split_name)
+    names = graph.class_names()
+    saver_graph = SaverGraph(meta_of(prefix), graph)
+    try:
+        saver_graph.restore(prefix, "ema")
+        preds = np.argmax(saver_graph.outputs(split.images), axis=1)
+    finally:
+        saver_graph.close()
+    return number, prefix, split, preds, names
 
 
 def predict(spec: RunSpec, prefix: Path, images: np.ndarray) -> np.ndarray:
@@ -135,22 +174,20 @@ def plot_curve(records: list[Record], path: Path) -> None:
 
 
 def write_report(workdir: Path, *, step: str = "best", split_name: str = "validation",
-                 data_dir: str | None = None, warn: Callable[[str], None] = print_warning) -> Path:
+                 data_dir: str | None = None, warn: Callable[[str], None] = print_warning,
+                 graph: GraphFlags | None = None) -> Path:
     """Write eval/report-<step>/ and return it; `warn` shows what is odd about the data's source.
+
+    `graph`: the --tf1-graph flags of a TF1 Saver workdir (which has no run.json).
 
     Raises:
       UsageError: no run.json, an empty ledger, a step not in the ledger or no longer on disk.
+      CheckpointError: the checkpoint cannot be restored.
     """
-    spec = read_run(workdir)
-    if spec is None:
-        raise UsageError(f"{workdir}: no run.json (not a trainer workdir)")
-    number, prefix = resolve(workdir, step)
-    loaded = spec.load_data(data_dir)
-    for text in loaded.warnings:
-        warn(text)
-    split = loaded.data.split(split_name)
-    preds = predict(spec, prefix, split.images)
-    names = spec.class_names
+    if graph is None:
+        number, prefix, split, preds, names = _own_run(workdir, step, split_name, data_dir, warn)
+    else:
+        number, prefix, split, preds, names = _graph_run(workdir, graph, step, split_name, data_dir)
     confusion = np.zeros((len(names), len(names)), dtype=np.int64)
     np.add.at(confusion, (split.labels, preds), 1)
     out = workdir / EVAL_DIR / f"report-{number}"

@@ -9,7 +9,6 @@ names without files are recorded in one batch at the end.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,12 @@ from typing import Any
 from common import checkpoints, models
 from common.errors import UsageError
 from common.runconfig import RunSpec, read_run
+from common.storage import open_storage
 from common.workdir import TB_DIR
+from evaluator import foreign, tf1core
 from evaluator.best import BestKeeper, clean_stale
 from evaluator.config import EvalConfig
-from evaluator.core import WEIGHT_CHOICES, CheckpointEvaluator
+from evaluator.core import WEIGHT_CHOICES, CheckpointEvaluator, SnapshotEvaluator
 from evaluator.early_stop import check_patience
 from evaluator.ledger import FAILED, Ledger, Record, candidate_keys
 from evaluator.rows import Row, build_rows
@@ -41,7 +42,7 @@ class Candidate:
 
     @property
     def step(self) -> int | None:
-        return checkpoints.step_of(self.name)
+        return checkpoints.saver_step(self.name)
 
     @property
     def on_disk(self) -> bool:
@@ -55,8 +56,9 @@ class Session:
     def __init__(self, cfg: EvalConfig) -> None:
         self.cfg = cfg
         self.ledger = Ledger(cfg.workdir)
+        self.storage = open_storage(cfg.workdir)
         self.weights = WEIGHT_CHOICES[cfg.weights]
-        self.core: CheckpointEvaluator | None = None
+        self.core: SnapshotEvaluator | None = None
         self.spec: RunSpec | None = None
         self.first_seen: dict[Candidate, float] = {}
         self.problem = ""  # the current setup or state-file problem, shown until it clears
@@ -67,13 +69,21 @@ class Session:
         self.data_warnings: list[str] = []  # about where the data came from (RunSpec.load_data)
         self.best = BestKeeper(cfg.workdir, weights=self.weights[0], warn=self.note)
         self.deferred: set[Candidate] = set()  # failed in this scan cycle: retried in the next one
-        self._fingerprints: dict[Path, tuple[tuple[int, int, int], str | None]] = {}
+        self._fingerprints: dict[Path, tuple[str, str | None]] = {}  # prefix -> (Stat.token, fingerprint)
 
-    def prepare(self) -> CheckpointEvaluator:
-        """Build the model from run.json and load the split (once)."""
+    def prepare(self) -> SnapshotEvaluator:
+        """Build the model from run.json (or import a TF1 Saver's graph, with --tf1-graph) and load the split (once)."""
+        if self.core is None and self.cfg.graph is not None:
+            self.core = tf1core.prepare(self.cfg.workdir, self.cfg.graph, split_name=self.cfg.split,
+                                        weights=self.cfg.weights, data_dir=self.cfg.data_dir)
+        if self.core is None and self.cfg.foreign is not None:
+            newest = tf1core.check_kind(self.cfg.workdir, tf1=False)
+            self.core = foreign.prepare(self.cfg.workdir, self.cfg.foreign, split_name=self.cfg.split,
+                                        weights=self.cfg.weights, data_dir=self.cfg.data_dir, newest=newest)
         if self.core is None:
             spec = read_run(self.cfg.workdir)
             if spec is None:
+                tf1core.check_kind(self.cfg.workdir, tf1=False)
                 raise UsageError(f"{self.cfg.workdir}: no run.json (not a trainer workdir, or no trainer started yet)")
             if spec.model not in models.MODELS:
                 raise UsageError(f"{self.cfg.workdir}/run.json: unknown model {spec.model!r}")
@@ -96,20 +106,22 @@ class Session:
         found = []
         for name in names:
             prefix = checkpoints.resolve(self.cfg.workdir, name)
-            fingerprint = self._fingerprint(prefix) if checkpoints.inside(self.cfg.workdir, name) else None
+            fingerprint = self._fingerprint(name, prefix) if checkpoints.inside(self.cfg.workdir, name) else None
             found.append(Candidate(name, stamps.get(name) or _index_mtime(prefix), fingerprint))
         now = time.time()
         for cand in found:
             self.first_seen.setdefault(cand, now)
         return sorted(found, key=lambda c: (c.committed, c.step or 0))
 
-    def _fingerprint(self, prefix: Path) -> str | None:
-        """The .index fingerprint, read again only when the file's size, mtime or inode changed."""
+    def _fingerprint(self, name: str, prefix: Path) -> str | None:
+        """The .index fingerprint, read again only when the file changed (its `Stat.token`)."""
         try:
-            st = os.stat(f"{prefix}.index")
+            stat = self.storage.stat(f"{Path(name).name}.index")
         except OSError:
             return None
-        stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+        if stat is None:
+            return None
+        stamp = stat.token
         cached = self._fingerprints.get(prefix)
         if cached is None or cached[0] != stamp:
             cached = self._fingerprints[prefix] = (stamp, checkpoints.index_fingerprint(prefix))
@@ -175,6 +187,9 @@ class Session:
             reason = check_patience(self.cfg.workdir, self.rows(), patience=self.cfg.patience,
                                     min_delta=self.cfg.min_delta)
             self.stop_requested = reason or self.stop_requested
+            if reason and (self.cfg.graph is not None or self.cfg.foreign is not None):
+                self.note("stop_request.json is written, but a trainer other than this project's does not read "
+                          "it: stop that trainer yourself")
         return added
 
     def sync_best(self) -> None:
@@ -194,6 +209,8 @@ class Session:
 
     def close(self) -> None:
         self.tensorboard.close()
+        if self.core is not None:
+            self.core.close()
 
     def rows(self) -> list[Row]:
         return build_rows(self.ledger.read(), split=self.cfg.split, weights=self.weights)

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import datasets
 from common.protocol import TrainerHeartbeat, TrainingDone
 from common.runconfig import RunSpec
 from evaluator.config import EvalConfig
@@ -31,12 +32,24 @@ def trainer_status(workdir: Path, silent_secs: float) -> tuple[str, str]:
 def header(cfg: EvalConfig, spec: RunSpec | None, backlog: int, *, problem: str, warnings: list[str]) -> dict[str, Any]:
     """The header's fields; the current `problem` and a silent trainer are warned of before `warnings`."""
     trainer, silent = trainer_status(cfg.workdir, cfg.silent_secs)
-    run = ""
+    run, names = "", list(spec.class_names) if spec else []
     if spec is not None:
         run = f"{spec.dataset}/{spec.model}  split={cfg.split}  weights={cfg.weights}"
+    elif cfg.graph is not None:
+        run = (f"{cfg.graph.dataset}/TF1 graph {cfg.graph.input} -> {cfg.graph.output}  split={cfg.split}  "
+               f"weights={cfg.weights}")
+        names = list(cfg.graph.class_names())
+        if trainer == "not seen yet":  # a foreign trainer writes no heartbeat
+            trainer = "not this project's (a TF1 Saver run: no heartbeat to show)"
+    elif cfg.foreign is not None:
+        run = (f"{cfg.foreign.dataset}/{cfg.foreign.model} (another training loop's checkpoints)  "
+               f"split={cfg.split}  weights={cfg.weights}")
+        names = list(datasets.get_info(cfg.foreign.dataset).class_names)
+        if trainer == "not seen yet":
+            trainer = "not this project's (another training loop: no heartbeat to show)"
     return {"workdir": str(cfg.workdir), "run": run, "trainer": trainer, "backlog": backlog,
             "warnings": [w for w in (problem, silent) if w] + warnings,
-            "class_names": list(spec.class_names) if spec else [], "per_class": cfg.per_class}
+            "class_names": names, "per_class": cfg.per_class}
 
 
 def result_warnings(rows: list[Row], ledger: Ledger, *, best_problem: str) -> list[str]:

@@ -1,36 +1,23 @@
-"""Filesystem events in, a wake-up out: the only thing watchdog does here.
+"""Change notices in, a wake-up out: the storage's notifier (`Storage.watch`) sets a `Wake`.
 
-The handler never trusts an event's content: it only wakes the loop, which re-reads the state file.
-TF and this project replace the state file by a rename, so a `moved` event whose destination is
-`checkpoint` matters as much as `created` or `modified`.
-
-When the kernel's inotify queue overflows, watchdog only logs a warning (no event reaches a
-handler). A filter on that logger turns the warning into a wake-up, so the loop rescans and
-reports it in its own format, and keeps the raw line off the terminal.
+A notice never carries content: it only wakes the loop, which re-reads the state file. When
+notices may have been lost (locally: the kernel's inotify queue overflowed, which watchdog only
+logs), the wake-up is counted as an overflow, so the loop rescans and reports it in its own format.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
-from watchdog.observers.polling import PollingObserver
-
 from common.checkpoints import STATE_FILE
-from common.errors import UsageError
+from common.storage import open_storage
 from common.workdir import DONE_FILE, RUN_FILE
 
 WATCHED_NAMES = frozenset({STATE_FILE, DONE_FILE, RUN_FILE})
-_RELEVANT = frozenset({"created", "modified", "moved", "closed"})
-OVERFLOW_LOGGER = "watchdog.observers.inotify_c"  # where watchdog 7 reports an overflowed queue
 
 
 class Wake:
@@ -75,57 +62,9 @@ class Wake:
         self.event.clear()
 
 
-class StateFileHandler(FileSystemEventHandler):
-    """Wake the loop when the state file (or run.json, done.json) is created, changed or renamed into place."""
-
-    def __init__(self, wake: Wake) -> None:
-        super().__init__()
-        self.wake = wake
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type not in _RELEVANT:
-            return
-        paths = (event.src_path, getattr(event, "dest_path", "") or "")
-        if any(os.path.basename(os.fsdecode(p)) in WATCHED_NAMES for p in paths):
-            self.wake.set()
-
-
-class OverflowFilter(logging.Filter):
-    """Swallow watchdog's "Inotify queue overflowed" warning and wake the loop instead."""
-
-    def __init__(self, wake: Wake) -> None:
-        super().__init__()
-        self.wake = wake
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "queue overflowed" in record.getMessage():
-            self.wake.overflowed()
-            return False
-        return True
-
-
 @contextlib.contextmanager
-def watching(folder: Path, wake: Wake, *, poll: bool, poll_secs: float = 1.0) -> Iterator[None]:
-    """Run an observer on `folder` (inotify, or polling with `poll`); stop and join it on exit."""
-    observer = PollingObserver(timeout=poll_secs) if poll else Observer()
-    overflow = OverflowFilter(wake)
-    logger = logging.getLogger(OVERFLOW_LOGGER)
-    logger.addFilter(overflow)
-    try:
-        _start(observer, StateFileHandler(wake), folder)
-        try:
-            yield
-        finally:
-            observer.stop()
-            observer.join()
-    finally:
-        logger.removeFilter(overflow)
-
-
-def _start(observer: BaseObserver, handler: StateFileHandler, folder: Path) -> None:
-    """Schedule and start the observer; a one-line error when the system refuses."""
-    try:
-        observer.schedule(handler, str(folder), recursive=False)
-        observer.start()
-    except OSError as e:  # the inotify watch or instance limit, a folder that vanished
-        raise UsageError(f"cannot watch {folder}: {e.strerror or e} (--poll watches without inotify)") from e
+def watching(workdir: Path, wake: Wake, *, poll: bool, poll_secs: float = 1.0) -> Iterator[None]:
+    """Wake the loop whenever the state file (or run.json, done.json) may have changed (see `Storage.watch`)."""
+    with open_storage(workdir).watch(WATCHED_NAMES, wake.set, on_lost=wake.overflowed, poll=poll,
+                                     poll_secs=poll_secs):
+        yield

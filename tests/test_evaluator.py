@@ -14,12 +14,13 @@ from common import checkpoints, datasets
 from common.ema import variables_to_restore
 from common.evaluation import Evaluation
 from common.signals import StopRequest
+from common.storage import open_storage
+from common.storage_local import NameHandler
 from evaluator.config import EvalConfig
 from evaluator.ledger import Ledger
 from evaluator.loop import run_once, run_watch
 from evaluator.session import Session
-from evaluator.snapshot import snapshot
-from evaluator.wakeups import StateFileHandler, Wake
+from evaluator.wakeups import WATCHED_NAMES, Wake
 from tests.helpers import Spy, mnist_model, watch_beside_trainer
 from tests.helpers import run_evaluator_cli as run_cli
 
@@ -39,7 +40,7 @@ def eval_config(workdir: Path, tiny_data: Path, **kw: Any) -> EvalConfig:
 ])
 def test_handler_wakes_only_for_state_file_commits(event: Any, wakes: bool) -> None:
     wake = Wake()
-    StateFileHandler(wake).dispatch(event)
+    NameHandler(WATCHED_NAMES, wake.set).dispatch(event)
     assert wake.event.is_set() is wakes
 
 
@@ -125,7 +126,7 @@ def test_missing_shadows_fail_loudly(workdir: Path, tiny_data: Path) -> None:
 
 def test_snapshot_survives_deletion_mid_read(workdir: Path) -> None:
     model = mnist_model("softmax")
-    with snapshot(workdir / "model-60", workdir / "eval") as private:
+    with open_storage(workdir).pin("model-60") as private:
         for file in checkpoints.files_of(workdir / "model-60"):
             file.unlink()
         checkpoints.restore_variables(private, variables_to_restore(model))

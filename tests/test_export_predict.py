@@ -53,6 +53,29 @@ def run_clean(code: str, tmp_path: Path) -> str:
     return done.stdout
 
 
+def clean_probabilities(export: Path, images: np.ndarray, tmp_path: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """Probabilities of an export's SavedModel and frozen graph, loaded where this project cannot be imported.
+
+    Also returns the SavedModel's class name for the first image.
+    """
+    np.save(tmp_path / "images.npy", images)
+    name = run_clean(f"""
+m = tf.saved_model.load({str(export)!r})
+x = np.load("images.npy")
+r = m.signatures["serving_default"](images=tf.constant(x))
+np.save("saved.npy", r["probabilities"].numpy())
+print(r["class_names"].numpy()[0].decode())
+gd = tf.compat.v1.GraphDef()
+gd.ParseFromString(open({str(export / 'frozen_graph.pb')!r}, "rb").read())
+g = tf.Graph()
+with g.as_default():
+    tf.compat.v1.import_graph_def(gd, name="")
+with tf.compat.v1.Session(graph=g) as s:
+    np.save("frozen.npy", s.run("probabilities:0", {{"images:0": x}}))
+""", tmp_path)
+    return np.load(tmp_path / "saved.npy"), np.load(tmp_path / "frozen.npy"), name.strip()
+
+
 def test_export_loads_without_the_project(workdir: Path, tiny_data: Path, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["export", "--workdir", str(workdir), "--step", "40", "--frozen"]) == 0
@@ -60,26 +83,12 @@ def test_export_loads_without_the_project(workdir: Path, tiny_data: Path, tmp_pa
     printed = capsys.readouterr().out
     assert f"{out / 'frozen_graph.pb'} (input images:0, outputs probabilities:0, classes:0)" in printed
     images = datasets.load("fashion-mnist", str(tiny_data)).test.images[:16]
-    np.save(tmp_path / "images.npy", images)
     expected = ema_probabilities(workdir, 40, images)
-    got = run_clean(f"""
-m = tf.saved_model.load({str(out)!r})
-x = np.load("images.npy")
-r = m.signatures["serving_default"](images=tf.constant(x))
-np.save("saved.npy", r["probabilities"].numpy())
-print(r["class_names"].numpy()[0].decode())
-gd = tf.compat.v1.GraphDef()
-gd.ParseFromString(open({str(out / 'frozen_graph.pb')!r}, "rb").read())
-g = tf.Graph()
-with g.as_default():
-    tf.compat.v1.import_graph_def(gd, name="")
-with tf.compat.v1.Session(graph=g) as s:
-    np.save("frozen.npy", s.run("probabilities:0", {{"images:0": x}}))
-""", tmp_path)
-    np.testing.assert_allclose(np.load(tmp_path / "saved.npy"), expected, atol=1e-5)
-    np.testing.assert_allclose(np.load(tmp_path / "frozen.npy"), expected, atol=1e-5)
+    saved, frozen, got = clean_probabilities(out, images, tmp_path)
+    np.testing.assert_allclose(saved, expected, atol=1e-5)
+    np.testing.assert_allclose(frozen, expected, atol=1e-5)
     names = datasets.DATASETS["fashion-mnist"].class_names
-    assert got.strip() == names[int(np.argmax(expected[0]))]
+    assert got == names[int(np.argmax(expected[0]))]
     assert (out / "labels.txt").read_text().splitlines() == list(names)
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
 

@@ -18,18 +18,18 @@ from typing import Any
 
 import pytest
 
-from common import checkpoints
+from common import checkpoints, storage_local
 from common.checkpoints import CheckpointError, State
 from common.errors import WorkdirIOError
+from common.storage_local import OVERFLOW_LOGGER
 from common.workdir import EVAL_DIR, lease_path, read_best
 from evaluator import best as best_lib
-from evaluator import snapshot as snapshot_lib
 from evaluator.config import EvalConfig
 from evaluator.ledger import FINGERPRINT, Ledger
 from evaluator.loop import run_once, run_watch
 from evaluator.rows import Row
 from evaluator.session import Session
-from evaluator.wakeups import OVERFLOW_LOGGER, Wake, watching
+from evaluator.wakeups import Wake, watching
 from tests.helpers import Spy
 from tests.helpers import run_evaluator_cli as run_cli
 
@@ -80,7 +80,7 @@ def test_clean_stale_removes_links_not_what_they_point_to(workdir: Path, tiny_da
 def test_snapshot_failure_is_recorded_failed_and_retried(workdir: Path, tiny_data: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     with monkeypatch.context() as m:
-        m.setattr(snapshot_lib.os, "link", enospc)
+        m.setattr(storage_local.os, "link", enospc)
         session = run_once(config(workdir, tiny_data))
     records = Ledger(workdir).read()
     assert {r["status"] for r in records} == {"failed"}
@@ -96,7 +96,7 @@ def test_snapshot_failure_is_recorded_failed_and_retried(workdir: Path, tiny_dat
 
 def test_repeated_failures_do_not_grow_the_ledger(workdir: Path, tiny_data: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(snapshot_lib.os, "link", enospc)
+    monkeypatch.setattr(storage_local.os, "link", enospc)
     for _ in range(3):
         run_once(config(workdir, tiny_data))
     assert len(Ledger(workdir).read()) == 3
@@ -105,7 +105,7 @@ def test_repeated_failures_do_not_grow_the_ledger(workdir: Path, tiny_data: Path
 def test_failed_promotion_keeps_the_result_ok_and_is_retried(workdir: Path, tiny_data: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     with monkeypatch.context() as m:
-        m.setattr(best_lib.os, "rename", enospc)
+        m.setattr(storage_local.os, "rename", enospc)
         session = run_once(config(workdir, tiny_data))
     assert {r["status"] for r in Ledger(workdir).read()} == {"ok"}
     assert read_best(workdir) is None

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ProjectError, UsageError
+from common.keymap import parse_map
 from common.paths import local_path, local_text
 
 # Settings that define a run (stored in run.json). Unset flags take run.json's value on resume.
@@ -92,12 +93,7 @@ def build_config(args: argparse.Namespace) -> Any:
     if args.init_from is not None:
         from trainer.warmstart import InitSpec
 
-        maps = []
-        for text in args.init_map:
-            old, sep, new = text.partition("=")
-            if not sep or not old or not new or old.count("*") != new.count("*") or old.count("*") > 1:
-                raise UsageError(f"--init-map {text!r}: expected OLD=NEW with at most one '*' on each side")
-            maps.append((old, new))
+        maps = [parse_map(text, "--init-map") for text in args.init_map]
         init = InitSpec(source=args.init_from, weights=args.init_weights, maps=tuple(maps),
                         only=tuple(args.init_only))
     elif args.init_map or args.init_only:

@@ -1,8 +1,8 @@
-"""One trainer per workdir: an exclusive `flock` on `trainer.lock`, released by the kernel on any exit."""
+"""One trainer per workdir: an exclusive lock on `trainer.lock` (see `Storage.lock`), released on any exit."""
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import json
 import os
 import socket
@@ -11,6 +11,7 @@ from pathlib import Path
 from types import TracebackType
 
 from common.errors import UsageError
+from common.storage import Locked, open_storage
 
 LOCK_FILE = "trainer.lock"
 
@@ -19,23 +20,16 @@ class WorkdirLock:
     """Hold the workdir's trainer lock for the life of a `with` block."""
 
     def __init__(self, workdir: Path) -> None:
-        self.path = workdir / LOCK_FILE
-        self._fd: int | None = None
+        self.workdir = workdir
+        self._held = contextlib.ExitStack()
 
     def __enter__(self) -> WorkdirLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        note = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown process"
-            os.close(fd)
-            raise UsageError(f"{self.path.parent}: another trainer is running on this workdir ({holder})") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
-        self._fd = fd
+            self._held.enter_context(open_storage(self.workdir).lock(LOCK_FILE, wait=False, note=note))
+        except Locked as holder:
+            raise UsageError(f"{self.workdir}: another trainer is running on this workdir ({holder})") from None
         return self
 
     def __exit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing releases the flock; the file stays for the next trainer
-            self._fd = None
+        self._held.close()

@@ -23,10 +23,10 @@ from common.checkpoints import CheckpointError, State
 from common.errors import DivergedError, UsageError
 from common.evaluation import Evaluation
 from common.loader import build_model
-from common.paths import remove
 from common.protocol import EarlyStopRequest, StopRequestId, TrainerHeartbeat, TrainingDone
 from common.runconfig import RunData, RunSpec, read_run, write_run
 from common.signals import StopRequest, stop_on_signals
+from common.storage import open_storage
 from common.workdir import DONE_FILE, TB_DIR
 from trainer import saver as saver_lib
 from trainer import warmstart
@@ -75,7 +75,7 @@ def check_workdir(cfg: TrainConfig) -> RunSpec | None:
         if diffs:
             raise UsageError(f"{cfg.workdir}/run.json disagrees with the flags given ({'; '.join(diffs)}); "
                              "use another --workdir or drop those flags")
-    elif checkpoints.on_disk(cfg.workdir) or checkpoints.state_path(cfg.workdir).exists():
+    elif checkpoints.on_disk(cfg.workdir) or open_storage(cfg.workdir).stat(checkpoints.STATE_FILE):
         raise UsageError(f"{cfg.workdir} holds checkpoints but no run.json; refusing to guess how they were made")
     return existing
 
@@ -103,7 +103,7 @@ def check_inputs(cfg: TrainConfig) -> Checked:
     if cfg.resume_from is not None:
         from_prefix(cfg)
     init_plan = None
-    fresh_workdir = not checkpoints.on_disk(cfg.workdir) and not checkpoints.state_path(cfg.workdir).exists()
+    fresh_workdir = not checkpoints.on_disk(cfg.workdir) and not open_storage(cfg.workdir).stat(checkpoints.STATE_FILE)
     if cfg.init is not None and fresh_workdir and cfg.resume_from is None:
         init_plan = warmstart.plan(cfg.init, {f"model/{k}": tuple(v.shape)
                                               for k, v in template.named_variables().items()})
@@ -185,7 +185,8 @@ def _initial_state(workdir: Path, state: State | None) -> State:
         return state
     names = [checkpoints.name_for(s) for s in checkpoints.on_disk(workdir)]
     names = [n for n in names if checkpoints.check_readable(workdir / n) is None]
-    stamps = [(workdir / f"{n}.index").stat().st_mtime for n in names]
+    stats = [open_storage(workdir).stat(f"{n}.index") for n in names]
+    stamps = [stat.mtime if stat else 0.0 for stat in stats]
     return State(latest=names[-1] if names else None, paths=names, timestamps=stamps)
 
 
@@ -360,7 +361,7 @@ def _save(saver: saver_lib.CheckpointSaver, train_state: TrainState, step: int) 
 
 def remove_done(workdir: Path) -> None:
     """Remove done.json: from now on the run is not finished."""
-    remove(workdir / DONE_FILE, workdir)
+    open_storage(workdir).delete(DONE_FILE)
 
 
 def early_stop_request(workdir: Path, *, since_step: int,

@@ -21,9 +21,9 @@ import tensorflow as tf
 from common import checkpoints
 from common.checkpoints import State
 from common.errors import WorkdirIOError
-from common.fileio import fsync_path, leftover_temp_files
-from common.paths import OutsideError, remove
-from common.workdir import leased, read_best
+from common.paths import OutsideError
+from common.storage import Storage, open_storage
+from common.workdir import read_best
 
 
 def select_kept(
@@ -70,6 +70,7 @@ class CheckpointSaver:
     def __init__(self, workdir: Path, checkpoint: tf.train.Checkpoint, *, state: State, keep: int,
                  keep_every_hours: float, anchor: float) -> None:
         self.workdir = workdir
+        self.storage: Storage = open_storage(workdir)
         self.checkpoint = checkpoint
         self.state = state
         self.keep = keep
@@ -82,29 +83,27 @@ class CheckpointSaver:
     def save(self, step: int) -> Path:
         """Commit a checkpoint for `step`; return its prefix."""
         name = checkpoints.name_for(step)
-        prefix = self.workdir / name
         try:
             self._make_room(name)
-            self._write(tf.constant(str(prefix)))
-            for path in checkpoints.files_of(prefix):
-                fsync_path(path)
+            self._write(tf.constant(self.storage.checkpoint_target(name)))
             entries = [(p, self.state.timestamp_of(p)) for p in self.state.paths] + [(name, time.time())]
             kept, last = select_kept(entries, keep=self.keep, keep_every_hours=self.keep_every_hours,
                                      anchor=self.anchor, protected=self.protected())
             new_state = State(latest=name, paths=[p for p, _ in kept], timestamps=[t for _, t in kept],
                               last_preserved_timestamp=last)
-            checkpoints.write_state(self.workdir, new_state)
+            self.storage.commit_checkpoint(name, state_key=checkpoints.STATE_FILE,
+                                           state=checkpoints.state_bytes(new_state))
         except (OSError, tf.errors.OpError) as e:
             _raise_io(f"saving {name}", e)
         dropped = [p for p in self.state.paths if p not in new_state.paths]
         self.state = new_state
         for old in dropped:
             self._delete(old)
-        return prefix
+        return self.workdir / name
 
     def protected(self) -> frozenset[str]:
         """Checkpoints retention must not delete: the evaluator's best and those being read."""
-        names = set(leased(self.workdir))
+        names = self.storage.leased()
         best = read_best(self.workdir)
         if best and isinstance(best.get("checkpoint"), str):
             names.add(best["checkpoint"])
@@ -120,9 +119,9 @@ class CheckpointSaver:
             self.state = State(latest=latest, paths=paths, timestamps=stamps,
                                last_preserved_timestamp=self.state.last_preserved_timestamp)
             if latest is None:
-                remove(checkpoints.state_path(self.workdir), self.workdir)
+                self.storage.delete(checkpoints.STATE_FILE)
             else:
-                checkpoints.write_state(self.workdir, self.state)
+                checkpoints.write_state(self.storage, self.state)
         self._delete(name)
 
     def remove_unlisted(self, keep: frozenset[str] = frozenset()) -> list[str]:
@@ -142,12 +141,19 @@ class CheckpointSaver:
 
     def _delete(self, path: str) -> None:
         """Delete a checkpoint's files, only if they lie in this workdir."""
-        prefix = checkpoints.resolve(self.workdir, path)
-        for file in checkpoints.files_of(prefix):
-            try:
-                remove(file, self.workdir)
-            except OutsideError:
-                return
+        key = _key_in(self.workdir, path)
+        try:
+            for file in [] if key is None else self.storage.checkpoint_files(key):
+                self.storage.delete(file)
+        except OutsideError:
+            return
+
+
+def _key_in(workdir: Path, path: str) -> str | None:
+    """The storage key of state-file path `path` (relative, or absolute inside `workdir`), or None if outside."""
+    target = os.path.normpath(checkpoints.resolve(workdir, path))
+    relative = os.path.relpath(target, os.path.abspath(workdir))
+    return None if relative == "." or relative.startswith("..") else Path(relative).as_posix()
 
 
 def unlisted(workdir: Path, state: State) -> list[str]:
@@ -162,21 +168,12 @@ def unlisted(workdir: Path, state: State) -> list[str]:
 
 
 def clean_leftovers(workdir: Path) -> list[str]:
-    """Remove what an interrupted save left: TF's `<name>_temp/` folders and our temp files."""
-    found = [f for f in workdir.glob(f"{checkpoints.PREFIX}-*_temp") if f.is_dir()]
-    found += list(leftover_temp_files(workdir))
-    removed = []
-    for path in found:
-        try:
-            remove(path, workdir)
-        except OutsideError:
-            continue
-        removed.append(path.name)
-    return removed
+    """Remove what an interrupted save left (TF's `<name>_temp/` folders, our temp files); return their names."""
+    return open_storage(workdir).clean_leftovers()
 
 
 def workdir_writable(workdir: Path) -> str | None:
-    """Why `workdir` cannot be written (or created), or None if it can."""
+    """Why `workdir` cannot be written (or created), or None if it can (a local check, before any write)."""
     probe = workdir
     while not probe.exists():
         if probe.parent == probe:

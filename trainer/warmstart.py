@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import re
 from pathlib import Path
 
 import tensorflow as tf
@@ -16,6 +15,7 @@ import tensorflow as tf
 from common import checkpoints
 from common.checkpoints import CheckpointError
 from common.errors import UsageError
+from common.keymap import map_keys
 from common.locate import BEST_ELSE_LATEST, NoCheckpoint, Unreadable, locate
 
 
@@ -66,10 +66,6 @@ def resolve_source(source: str) -> Path:
         raise UsageError(f"--init-from {source}: {e.why}") from None
 
 
-def _pattern(text: str) -> re.Pattern[str]:
-    return re.compile("^" + "(.*)".join(re.escape(part) for part in text.split("*", 1)) + "$")
-
-
 def plan(spec: InitSpec, targets: dict[str, tuple[int, ...]]) -> InitPlan:
     """Decide what each model variable (`targets`: key -> shape) is initialised from.
 
@@ -78,7 +74,7 @@ def plan(spec: InitSpec, targets: dict[str, tuple[int, ...]]) -> InitPlan:
         (every conflicting pair is listed).
     """
     prefix, saved = _saved_shapes(spec)
-    assign = _mapped(spec.maps, saved, targets)
+    assign = map_keys(spec.maps, saved, targets, "--init-map")
     fresh: dict[str, str] = {}
     for key, shape in targets.items():
         if key in assign:
@@ -108,25 +104,6 @@ def _saved_shapes(spec: InitSpec) -> tuple[Path, dict[str, tuple[int, ...]]]:
     if not saved:
         raise UsageError(f"--init-from {spec.source}: no {saved_prefix}/ variables in {prefix.name}")
     return prefix, saved
-
-
-def _mapped(maps: tuple[tuple[str, str], ...], saved: dict[str, tuple[int, ...]],
-            targets: dict[str, tuple[int, ...]]) -> dict[str, str]:
-    """What `--init-map OLD=NEW` pairs assign: model key -> saved key (`*` carries over what it matched)."""
-    assign: dict[str, str] = {}
-    for old_text, new_text in maps:
-        old_re = _pattern(old_text)
-        matched = [k for k in saved if old_re.match(k)]
-        if not matched:
-            raise UsageError(f"--init-map {old_text}={new_text}: matches no saved variable "
-                             f"(saved: {', '.join(sorted(saved))})")
-        for old in matched:
-            star = old_re.match(old)
-            new = new_text.replace("*", star.group(1) if star and star.groups() else "", 1)
-            if new not in targets:
-                raise UsageError(f"--init-map {old_text}={new_text}: {old} would go to {new}, which the model lacks")
-            assign[new] = old
-    return assign
 
 
 def _restrict(only: tuple[str, ...], targets: dict[str, tuple[int, ...]], assign: dict[str, str],

@@ -15,7 +15,8 @@ from common.inputspec import InputSpec
 from common.loader import load_model
 from common.locate import BEST_ELSE_LATEST, NoCheckpoint, Unreadable, locate
 from common.runconfig import read_run
-from evaluator.serving.export import LABELS_FILE
+from common.storage import open_storage, read_json
+from evaluator.serving.export import LABELS_FILE, MARKER_FILE
 from evaluator.serving.images import ImageError, plain_resize, preprocess, read_gray
 from evaluator.serving.labels import read_labels
 
@@ -91,9 +92,12 @@ def _from_export(path: Path, do_preprocess: bool) -> tuple[Classifier, list[str]
                          f"{sorted(serve.structured_outputs)}); expected images -> probabilities")
     names_file = path / LABELS_FILE
     names = names_file.read_text().splitlines() if names_file.is_file() else []
-    spec = read_run(path)  # exports of this project carry run.json; others are prepared as MNIST
-    dataset = spec.dataset if spec is not None else "mnist"
-    input_spec = spec.input if spec is not None else datasets.get_info("mnist").input_spec
+    # Exports of this project carry run.json, those of a TF1 graph name their dataset in export.json;
+    # others are prepared MNIST-style.
+    spec = read_run(path)
+    marker = read_json(open_storage(path), MARKER_FILE) or {}
+    dataset = spec.dataset if spec is not None else str(marker.get("dataset") or "mnist")
+    input_spec = spec.input if spec is not None else datasets.get_info(dataset).input_spec
     num_classes = serve.structured_outputs["probabilities"].shape[-1] or len(names)
 
     def classify(files: list[Path]) -> list[np.ndarray | str]:

@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import tensorflow as tf
@@ -98,22 +99,30 @@ def export(workdir: Path, *, step: str = "best", weights: str = "ema", out: Path
     target = Path(os.path.abspath(out if out is not None else workdir / "export" / str(number)))
     check_target(target)
     model = load_model(spec, prefix, weights)
-    tmp = _make_temp(target)
-    try:
-        labels = tmp / LABELS_FILE
-        labels.write_text("".join(f"{name}\n" for name in spec.class_names))
+
+    def fill(tmp: Path) -> None:
+        labels = write_labels(tmp, spec.class_names)
         write_run(tmp, spec)  # the run's settings travel too: predict reads the dataset from them
         module = Exported(model, spec, str(labels))
-        saved = tmp / "saved"
-        tf.saved_model.save(module, str(saved), signatures={
-            "serving_default": module.serve_images, "predict_image_bytes": module.serve_bytes})
-        for path in saved.iterdir():  # the SavedModel is the folder itself
-            os.rename(path, tmp / path.name)
-        saved.rmdir()
+        save_into(tmp, lambda saved: tf.saved_model.save(module, saved, signatures={
+            "serving_default": module.serve_images, "predict_image_bytes": module.serve_bytes}))
         if frozen:
             (tmp / FROZEN_FILE).write_bytes(freeze(module, spec).SerializeToString())
-        atomic_write_json(tmp / MARKER_FILE, {"checkpoint": prefix.name, "step": number, "weights": weights,
-                                              "workdir": str(Path(os.path.abspath(workdir)))})
+        write_marker(tmp, workdir, prefix.name, number, weights)
+
+    write_folder(target, fill)
+    return target
+
+
+def write_folder(target: Path, fill: Callable[[Path], None]) -> None:
+    """Fill a temp folder beside `target`, then move it into place (an earlier export there is replaced).
+
+    Raises:
+      WorkdirIOError: the export cannot be written; nothing is left behind.
+    """
+    tmp = _make_temp(target)
+    try:
+        fill(tmp)
         _replace(tmp, target)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -121,7 +130,29 @@ def export(workdir: Path, *, step: str = "best", weights: str = "ema", out: Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
+
+
+def save_into(folder: Path, save: Callable[[str], None]) -> None:
+    """Let `save` write a SavedModel into a new path, then move its files into `folder` (the export itself)."""
+    saved = folder / "saved"
+    save(str(saved))
+    for path in saved.iterdir():
+        os.rename(path, folder / path.name)
+    saved.rmdir()
+
+
+def write_labels(folder: Path, class_names: tuple[str, ...]) -> Path:
+    """`labels.txt`: line i names class i."""
+    labels = folder / LABELS_FILE
+    labels.write_text("".join(f"{name}\n" for name in class_names))
+    return labels
+
+
+def write_marker(folder: Path, workdir: Path, checkpoint: str, step: int | None, weights: str,
+                 **extra: str) -> None:
+    """`export.json`: what was exported, from where (and it marks the folder as an export)."""
+    atomic_write_json(folder / MARKER_FILE, {"checkpoint": checkpoint, "step": step, "weights": weights,
+                                             "workdir": str(Path(os.path.abspath(workdir))), **extra})
 
 
 def is_export(folder: Path) -> bool:

@@ -1,0 +1,155 @@
+"""The evaluation core for TF1 `tf.train.Saver` workdirs: the checkpoint's own meta graph, no model code.
+
+`GraphEvaluator` keeps the contract of `evaluator.core`: checkpoint names in, ledger records out
+(ok, gone, error, failed), read from private hard-linked snapshots. Each snapshot's `.meta` is
+imported (the graph of the previous checkpoint is reused while the `.meta` bytes are the same),
+then its EMA shadows or raw variables are restored and the split is fed through `--input`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from common import checkpoints, datasets
+from common.checkpoints import CheckpointError, State
+from common.errors import UsageError
+from common.tf1graph import GraphFlagError, GraphFlags, SaverGraph, meta_of, read_saver_step, saver_format
+from evaluator.core import SnapshotEvaluator
+from evaluator.ledger import Record
+
+# A Saver writes the state file first and the `.meta` right after it: wait this long for the `.meta`
+# of a checkpoint that is listed already, before calling it missing.
+META_WAIT_SECS = 5.0
+META_POLL_SECS = 0.02
+
+
+class WrongWorkdirKind(UsageError):
+    """A TF2 object-based workdir given with --tf1-graph, or a TF1 Saver workdir without it."""
+
+
+# Flags that no later state of the workdir makes right: the watch loop stops on them as --once does.
+FLAG_ERRORS = (GraphFlagError, WrongWorkdirKind)
+
+
+def listed_prefix(workdir: Path, state: State | None) -> Path | None:
+    """The newest listed checkpoint of the workdir whose files are there, or None."""
+    if state is None:
+        return None
+    for name in reversed([*state.paths, state.latest or ""]):
+        prefix = checkpoints.resolve(workdir, name)
+        if name and checkpoints.inside(workdir, name) and Path(f"{prefix}.index").exists():
+            return prefix
+    return None
+
+
+def check_kind(workdir: Path, *, tf1: bool) -> Path | None:
+    """Refuse a workdir whose checkpoints are not of the kind the flags say; return the newest one there.
+
+    Raises:
+      WrongWorkdirKind: with --tf1-graph, object-based TF2 checkpoints; without it, TF1 Saver ones.
+      CheckpointError: the state file is unreadable.
+    """
+    prefix = listed_prefix(workdir, checkpoints.read_state(workdir))
+    if prefix is None:
+        return None
+    kind = saver_format(prefix)
+    if tf1 and kind == "tf2":
+        raise WrongWorkdirKind(f"{workdir}: {prefix.name} is a TF2 object-based checkpoint (tf.train.Checkpoint), "
+                               "not a TF1 Saver one: drop --tf1-graph, --input, --output and --dataset")
+    if not tf1 and kind == "tf1":
+        raise WrongWorkdirKind(f"{workdir}: {prefix.name} is a TF1 tf.train.Saver checkpoint and the workdir has "
+                               "no run.json: watch it with --tf1-graph --input NAME --output NAME --dataset NAME")
+    return prefix
+
+
+class GraphEvaluator(SnapshotEvaluator):
+    """Evaluate TF1 Saver checkpoints through their meta graph, with EMA and/or raw weights."""
+
+    def __init__(self, workdir: Path, flags: GraphFlags, split: datasets.Split, *, split_name: str,
+                 weights: str) -> None:
+        super().__init__(workdir, split, split_name=split_name, weights=weights)
+        self.flags = flags
+        self.class_names = flags.class_names()
+        self._graph: SaverGraph | None = None
+        self._meta_digest = b""
+
+    def check(self, prefix: Path) -> None:
+        """Import checkpoint `prefix`'s meta graph now, so that flags that do not fit fail before any evaluation.
+
+        Raises:
+          GraphFlagError: a tensor is not in the graph, or does not fit the images or the classes.
+          CheckpointError: the `.meta` is missing or unreadable.
+        """
+        self._graph_of(prefix)
+
+    def evaluate(self, name: str, *, committed: float, detected: float, fingerprint: str | None = None,
+                 keep: Callable[[Path, list[Record]], None] | None = None) -> list[Record]:
+        if checkpoints.inside(self.workdir, name):
+            _await_meta(checkpoints.resolve(self.workdir, name))
+        return super().evaluate(name, committed=committed, detected=detected, fingerprint=fingerprint, keep=keep)
+
+    def _evaluate_weights(self, prefix: Path, kind: str) -> Record:
+        try:
+            graph = self._graph_of(prefix)
+        except GraphFlagError as e:  # this checkpoint's graph differs from the one the flags were checked on
+            raise CheckpointError(str(e)) from None
+        step = read_saver_step(prefix)
+        graph.restore(prefix, kind)
+        return {"weights": kind, "step": step, **graph.metrics(self.split)}
+
+    def _graph_of(self, prefix: Path) -> SaverGraph:
+        """The imported graph of `prefix`'s `.meta`, reused while the file's bytes stay the same."""
+        meta = meta_of(prefix)
+        try:
+            data = meta.read_bytes()
+        except FileNotFoundError:
+            raise CheckpointError(f"{meta.name} is missing: evaluating a TF1 Saver checkpoint needs the meta graph "
+                                  "it was saved with (Saver.save(..., write_meta_graph=True), the default)") from None
+        except OSError as e:
+            raise CheckpointError(f"{meta.name}: cannot read ({e.strerror or e})") from e
+        digest = hashlib.sha256(data).digest()
+        if self._graph is None or digest != self._meta_digest:
+            graph = SaverGraph(meta, self.flags)
+            if self._graph is not None:
+                self._graph.close()
+            self._graph, self._meta_digest = graph, digest
+        return self._graph
+
+    def close(self) -> None:
+        if self._graph is not None:
+            self._graph.close()
+
+
+def _await_meta(prefix: Path) -> None:
+    """Wait (briefly) for the `.meta` of a checkpoint whose `.index` is there: the Saver writes it last."""
+    deadline = time.monotonic() + META_WAIT_SECS
+    while not meta_of(prefix).exists() and Path(f"{prefix}.index").exists() and time.monotonic() < deadline:
+        time.sleep(META_POLL_SECS)
+
+
+def prepare(workdir: Path, flags: GraphFlags, *, split_name: str, weights: str,
+            data_dir: str | None) -> GraphEvaluator:
+    """The core for a --tf1-graph workdir, its flags checked on the newest checkpoint's graph.
+
+    A state file that lists only checkpoints that are not there (deleted, or outside the workdir)
+    gives a core that records them as `gone` or `error`, with no graph to check the flags on.
+
+    Raises:
+      WrongWorkdirKind, GraphFlagError: flags that no later state of the workdir makes right.
+      UsageError: no checkpoint yet (the watch loop waits for one).
+      DataNotFoundError, DataFormatError: the dataset.
+    """
+    if checkpoints.read_state(workdir) is None:
+        raise UsageError(f"{workdir}: no TF1 Saver checkpoint yet (no state file)")
+    prefix = check_kind(workdir, tf1=True)
+    if flags.dataset is None:
+        raise UsageError("--tf1-graph needs --dataset: the workdir has no run.json to say which")
+    data = datasets.load(flags.dataset, data_dir)
+    core = GraphEvaluator(workdir, flags, data.split(split_name), split_name=split_name, weights=weights)
+    if prefix is not None:
+        _await_meta(prefix)
+        core.check(prefix)
+    return core
