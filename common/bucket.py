@@ -136,6 +136,21 @@ class Bucket:
                 time.sleep(wait)
         raise AssertionError("unreachable")
 
+    def head(self, key: str) -> dict[str, Any] | None:
+        """The metadata of object `key` in one request (fsspec's `info` lists too when it is absent); None if absent."""
+        path = self.url.path(key)
+        try:
+            if self.url.scheme == "s3":
+                bucket, _, name = path.partition("/")
+                reply = self.call("checking", key, self.fs.call_s3, "head_object", Bucket=bucket, Key=name)
+                return {"ETag": reply.get("ETag"), "LastModified": reply.get("LastModified"),
+                        "size": reply.get("ContentLength")}
+            from fsspec.asyn import sync
+
+            return dict(self.call("checking", key, sync, self.fs.loop, self.fs._get_object, path))
+        except FileNotFoundError:
+            return None
+
     def check_bucket(self) -> None:
         """Raise UsageError (one line) when the bucket does not exist: creating it is the user's job."""
         try:

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import fnmatch
+import functools
 import json
 import logging
 import os
@@ -40,9 +42,9 @@ from pathlib import Path
 from typing import Any
 
 from common.bucket import Bucket, BucketURL, md5_of, one_line
-from common.storage import Gone, Locked, Stat
+from common.storage import Gone, Locked, Stat, checkpoint_keys
+from common.workdir import EVAL_DIR, LEASE_DIR
 
-EVAL_DIR, LEASE_DIR = "eval", "leases"  # as common.workdir: eval/leases/<checkpoint>@<id>
 POINTER_MAGIC = b"ckpt-watch-pointer: "
 APPENDED = ".jsonl"  # keys with this suffix are appended to as one object per append
 FOLDED = ".folded"  # .<name>.parts/<n>.folded: parts 1..n joined into one object by a reader
@@ -53,6 +55,18 @@ LOCAL_PREFIX = "ckpt-watch-"  # <tmp>/ckpt-watch-{stage,pin}-<pid>-<id>/: this p
 MAX_HOPS = 4  # pointers followed by one read
 
 log = logging.getLogger("ckpt_watch.bucket")
+
+
+@functools.lru_cache(maxsize=16)
+def open_bucket(workdir: str) -> ObjectStorage:
+    """The storage of the bucket workdir `workdir`, once its bucket is known to exist (else UsageError).
+
+    One per workdir and process: every module opens the workdir for each operation, and a client
+    costs a connection pool and a listing of the bucket.
+    """
+    storage = ObjectStorage(workdir)
+    storage.bucket.check_bucket()
+    return storage
 
 
 class ObjectStorage:
@@ -128,11 +142,8 @@ class ObjectStorage:
         return self._object_stat(key)
 
     def _object_stat(self, key: str) -> Stat | None:
-        try:
-            info = self.bucket.call("checking", key, self.fs.info, self._path(key))
-        except FileNotFoundError:
-            return None
-        return _stat(info)
+        info = self.bucket.head(check_key(key))
+        return None if info is None else _stat(info)
 
     def append(self, key: str, data: bytes) -> None:
         if not key.endswith(APPENDED):
@@ -212,10 +223,7 @@ class ObjectStorage:
     # --- checkpoints --------------------------------------------------------------------------
 
     def checkpoint_files(self, name: str) -> list[str]:
-        folder, _, base = name.rpartition("/")
-        names = self.names(folder, base + ".*")
-        keep = [n for n in names if n == base + ".index" or n.startswith(base + ".data-")]
-        return [f"{folder}/{n}" if folder else n for n in keep]
+        return checkpoint_keys(self, name)
 
     def checkpoint_target(self, name: str) -> str:
         if self._staging is None:
@@ -359,7 +367,7 @@ class ObjectStorage:
         return _remove_dead_local("stage")
 
     def watch(self, names: Collection[str], on_change: Callable[[], None], *, on_lost: Callable[[], None],
-              poll: bool, poll_secs: float) -> contextlib.AbstractContextManager[None]:
+              poll: bool, poll_secs: float) -> Poller:
         """See `Storage.watch`: a thread stats each of `names` every `poll_secs` (`poll` is always so here)."""
         return Poller(self, sorted(names), on_change, on_lost, poll_secs)
 
@@ -495,6 +503,8 @@ def _stat(info: dict[str, Any]) -> Stat:
     if info.get("type") == "directory":
         return Stat(size=0, mtime=0.0, token="folder", origin="folder")
     when = info.get("LastModified") or info.get("mtime") or info.get("updated")
+    if isinstance(when, str):  # GCS JSON: RFC 3339
+        when = datetime.datetime.fromisoformat(when.replace("Z", "+00:00"))
     mtime = float(when.timestamp()) if when is not None and hasattr(when, "timestamp") else 0.0
     token = str(info.get("generation") or f"{info.get('ETag')}@{mtime}")
     return Stat(size=int(info.get("size") or 0), mtime=mtime, token=token, origin=token)
