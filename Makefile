@@ -57,7 +57,7 @@ soak: data
 	$(BIN)/python -m tests.fault.storm --kills 300
 	$(BIN)/python -m pytest -q -m soak $(PYTEST_ARGS)
 
-# Benchmarks B1-B9 against Keras fit/evaluate, tf.train.checkpoints_iterator and the trainer alone (about 15 minutes).
+# Benchmarks B1-B12 against Keras fit/evaluate, tf.train.checkpoints_iterator, the trainer alone and a local workdir (about 16 minutes).
 bench: data
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 

@@ -2,7 +2,7 @@
 
     python -m bench.objectstore [--samples 10] [--poll-secs 2] [--shard-mib 4]
 
-Rows (printed as JSON, one object):
+Rows (printed as JSON, one object; `make bench` shows them as B10-B12):
   - detection_latency_s: from the state file's PUT (the commit point) to the start of the pinned
     download that restores it, through the evaluator's watch (a poller of metadata); p50 and all samples;
   - requests_per_idle_poll: HTTP requests per poll of an idle workdir holding 5 and 100 checkpoints,
@@ -94,22 +94,25 @@ def save_cost(servers: Servers, samples: int, shard_mib: float) -> dict[str, Any
             "local": local, "s3_emulator": bucket}
 
 
+def measure(*, samples: int, poll_secs: float, shard_mib: float) -> dict[str, Any]:
+    """The three rows, on servers started for the measurement."""
+    with cloud_servers() as servers:
+        store = ObjectStorage(f"s3://{servers.new_bucket('s3')}/run")
+        latencies = detection_latency(store, samples, poll_secs)
+        return {
+            "detection_latency_s": {"poll_secs": poll_secs, "p50": statistics.median(latencies), "samples": latencies},
+            "requests_per_idle_poll": {str(n): requests_per_poll(servers, n) for n in (5, 100)},
+            "save_s": save_cost(servers, samples, shard_mib),
+        }
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--poll-secs", type=float, default=2.0)
     parser.add_argument("--shard-mib", type=float, default=4.0)
     args = parser.parse_args(argv)
-    with cloud_servers() as servers:
-        store = ObjectStorage(f"s3://{servers.new_bucket('s3')}/run")
-        latencies = detection_latency(store, args.samples, args.poll_secs)
-        rows = {
-            "detection_latency_s": {"poll_secs": args.poll_secs, "p50": statistics.median(latencies),
-                                    "samples": latencies},
-            "requests_per_idle_poll": {str(n): requests_per_poll(servers, n) for n in (5, 100)},
-            "save_s": save_cost(servers, args.samples, args.shard_mib),
-        }
-    json.dump(rows, sys.stdout, indent=2)
+    json.dump(measure(samples=args.samples, poll_secs=args.poll_secs, shard_mib=args.shard_mib), sys.stdout, indent=2)
     print()
     return 0
 

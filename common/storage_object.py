@@ -43,6 +43,7 @@ from typing import Any
 
 from common.bucket import Bucket, BucketURL, md5_of, one_line
 from common.storage import Gone, Locked, Stat, checkpoint_keys
+from common.storage_local import pid_alive
 from common.workdir import EVAL_DIR, LEASE_DIR
 
 POINTER_MAGIC = b"ckpt-watch-pointer: "
@@ -98,7 +99,8 @@ class ObjectStorage:
     def read(self, key: str, *, limit: int | None = None) -> bytes | None:
         for _ in range(MAX_HOPS):
             read = self._read_appended(key, 0) if key.endswith(APPENDED) else None
-            data = read[1] if read else self._get(key)
+            # A ranged GET when `limit` is given (a garbage state file may be huge); enough for a pointer too.
+            data = read[1] if read else self._get(key, end=None if limit is None else max(limit, 4096))
             if data is None:
                 target = self._through_folder_pointer(key)
                 if target is None:
@@ -110,9 +112,9 @@ class ObjectStorage:
                 return data if limit is None else data[:limit]
         return None
 
-    def _get(self, key: str, start: int | None = None) -> bytes | None:
+    def _get(self, key: str, start: int | None = None, end: int | None = None) -> bytes | None:
         try:
-            return self.bucket.call("reading", key, self.fs.cat_file, self._path(key), start=start)
+            return self.bucket.call("reading", key, self.fs.cat_file, self._path(key), start=start, end=end)
         except (FileNotFoundError, IsADirectoryError):
             return None
 
@@ -508,17 +510,6 @@ def _stat(info: dict[str, Any]) -> Stat:
     mtime = float(when.timestamp()) if when is not None and hasattr(when, "timestamp") else 0.0
     token = str(info.get("generation") or f"{info.get('ETag')}@{mtime}")
     return Stat(size=int(info.get("size") or 0), mtime=mtime, token=token, origin=token)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove_dead_local(kind: str) -> list[str]:
