@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 STEPS_FLAG := $(if $(STEPS),--steps $(STEPS),)
 STAMP := $(VENV)/.installed
 
-.PHONY: install data train eval-watch eval-once test lint clean predict export soak bench gpu-check
+.PHONY: install data train train-multiworker eval-watch eval-once test lint clean predict export soak bench gpu-check
 
 install: $(STAMP)
 
@@ -26,6 +26,11 @@ data: install
 
 train: data
 	$(BIN)/trainer --workdir $(WORKDIR) --dataset $(DATASET) --model $(MODEL) $(STEPS_FLAG)
+
+# The same run as one multi-worker job of WORKERS local processes (tf.distribute, docs/distributed.md).
+WORKERS ?= 2
+train-multiworker: data
+	$(BIN)/trainer --workers $(WORKERS) --workdir $(WORKDIR) --dataset $(DATASET) --model $(MODEL) $(STEPS_FLAG)
 
 eval-watch: install
 	$(BIN)/evaluator --workdir $(WORKDIR)
@@ -52,12 +57,15 @@ predict: install
 export: install
 	$(BIN)/evaluator export --workdir $(WORKDIR) --frozen
 
-# 300 SIGKILLs of a real trainer with an evaluator watching (one line of figures), then the long test variants.
+# 300 SIGKILLs of a real trainer, then 50 of a random worker of a 2-worker job, with an evaluator watching
+# (each ends with one line of figures); then the long test variants.
 soak: data
 	$(BIN)/python -m tests.fault.storm --kills 300
+	$(BIN)/python -m tests.fault.mw_storm --kills 50
 	$(BIN)/python -m pytest -q -m soak $(PYTEST_ARGS)
 
-# Benchmarks B1-B12 against Keras fit/evaluate, tf.train.checkpoints_iterator, the trainer alone and a local workdir (about 16 minutes).
+# Benchmarks B1-B13 against Keras fit/evaluate, tf.train.checkpoints_iterator, the trainer alone, one process
+# and a local workdir (about 16 minutes).
 bench: data
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 

@@ -2,7 +2,7 @@
 
     python -m bench.objectstore [--samples 10] [--poll-secs 2] [--shard-mib 4]
 
-Rows (printed as JSON, one object; `make bench` shows them as B10-B12):
+Rows (printed as JSON, one object; `make bench` shows them as B11-B13):
   - detection_latency_s: from the state file's PUT (the commit point) to the start of the pinned
     download that restores it, through the evaluator's watch (a poller of metadata); p50 and all samples;
   - requests_per_idle_poll: HTTP requests per poll of an idle workdir holding 5 and 100 checkpoints,

@@ -1,4 +1,4 @@
-"""`make bench`: figures B1-B12 side by side in one run; a Rich table, bench/results.json and bench/RESULTS.md.
+"""`make bench`: figures B1-B13 side by side in one run; a Rich table, bench/results.json and bench/RESULTS.md.
 
     python -m bench.run [--quick | --plan gpu] [--only B1,B8] [--device {auto,cpu,gpu}] [--data-dir DIR] [--out DIR]
 
@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-# B9 comes with B1, from the same process; B10-B12 (bucket workdirs) are measured together.
-ALL_FIGURES = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B10")
+# B9 comes with B1, from the same process; B11-B13 (bucket workdirs) are measured together.
+ALL_FIGURES = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B10", "B11")
 VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
 
 # Sizes of each measurement. full: `make bench` (about 15 minutes on 2 cores). quick: about two minutes,
@@ -35,11 +35,12 @@ PLANS: dict[str, dict[str, Any]] = {
     "full": {"train_steps": 800, "repeats": 3, "experiment_repeats": 1, "b2_steps": 1000, "b3_steps": 2500,
              "b3_every": 100, "eval_repeats": 5, "b5_target": 0.91, "b5_steps": 15000, "b5_every": 500,
              "b5_epochs": 15, "b6_count": 100, "b7_repeats": 5, "b8_args": [], "matmul_size": 2048,
-             "matmul_repeats": 5, "cloud_samples": 10, "cloud_poll_secs": 2.0},
+             "matmul_repeats": 5, "b10_steps": 600, "b10_saves": 30, "cloud_samples": 10, "cloud_poll_secs": 2.0},
     "quick": {"train_steps": 60, "repeats": 1, "experiment_repeats": 0, "b2_steps": 200, "b3_steps": 120,
               "b3_every": 20, "eval_repeats": 2, "b5_target": 0.3, "b5_steps": 200, "b5_every": 50, "b5_epochs": 3,
               "b6_count": 5, "b7_repeats": 1, "b8_args": ["--steps", "100", "--save-every", "25"],
-              "matmul_size": 1024, "matmul_repeats": 5, "cloud_samples": 3, "cloud_poll_secs": 0.5},
+              "matmul_size": 1024, "matmul_repeats": 5, "b10_steps": 120, "b10_saves": 6, "cloud_samples": 3,
+              "cloud_poll_secs": 0.5},
     # On a GPU, oneDNN (a CPU library) does not change B1, so its second process is left out.
     "gpu": {"figures": ("B1", "B4", "B8"), "train_steps": 1000, "repeats": 2, "experiment_repeats": 0,
             "b1_as_shipped": False, "eval_repeats": 5, "b8_args": [], "matmul_size": 8192, "matmul_repeats": 5},
@@ -295,11 +296,28 @@ def b8(ctx: Context) -> dict[str, Any]:
                    "onednn": ctx.onednn}}
 
 
-def b10_b12(ctx: Context) -> dict[str, Any]:
+def b10(ctx: Context) -> dict[str, Any]:
+    from bench import distributed
+
+    data = ["--data-dir", ctx.data_dir] if ctx.data_dir else []
+    with tempfile.TemporaryDirectory() as tmp:
+        got = distributed.figure(Path(tmp), steps=ctx.plan["b10_steps"], saves=ctx.plan["b10_saves"], extra=data)
+    batch = distributed.GLOBAL_BATCH
+    two = summary([s * batch for s in got["two_steps_per_sec"]], missing="no progress line after the first")
+    one = summary([s * batch for s in got["one_steps_per_sec"]], missing="no progress line after the first")
+    return {"B10": {"name": "training images/s of 2 local workers (trainer --workers 2), cnn, global batch 64",
+                    "ours": two, "one_process": one, "ratio": ratio(two, one),
+                    "save_ms_two": summary([1000 * s for s in got["two_save_s"]], missing="no save"),
+                    "save_ms_one": summary([1000 * s for s in got["one_save_s"]], missing="no save"),
+                    "note": "two workers share this machine's cores", "target": "reported",
+                    "onednn": ctx.onednn}}
+
+
+def b11_b13(ctx: Context) -> dict[str, Any]:
     """A bucket workdir on the S3 emulator: detection latency, requests per idle poll, save cost (docs/storage.md)."""
-    names = {"B10": "bucket workdir (S3 emulator): detection latency, commit -> restore start (ms)",
-             "B11": "bucket workdir: HTTP requests per idle poll, 100 checkpoints (compared with: 5)",
-             "B12": "bucket workdir: commit of one checkpoint with a 4 MiB shard (ms), S3 emulator vs local"}
+    names = {"B11": "bucket workdir (S3 emulator): detection latency, commit -> restore start (ms)",
+             "B12": "bucket workdir: HTTP requests per idle poll, 100 checkpoints (compared with: 5)",
+             "B13": "bucket workdir: commit of one checkpoint with a 4 MiB shard (ms), S3 emulator vs local"}
     from bench import objectstore
     from tests.cloud import MISSING, SKIP_REASON
 
@@ -308,22 +326,22 @@ def b10_b12(ctx: Context) -> dict[str, Any]:
     poll = ctx.plan["cloud_poll_secs"]
     r = objectstore.measure(samples=ctx.plan["cloud_samples"], poll_secs=poll, shard_mib=4.0)
     latency = summary([1000 * s for s in r["detection_latency_s"]["samples"]], missing="no commit noticed")
+    p50 = value(latency)
     requests, save = r["requests_per_idle_poll"], r["save_s"]
     bucket, local = (summary([1000 * s for s in save[k]], missing="no save") for k in ("s3_emulator", "local"))
     return {
-        "B10": {"name": f"{names['B10']}, --poll-secs {poll:g}", "ours": latency,
+        "B11": {"name": f"{names['B11']}, --poll-secs {poll:g}", "ours": latency,
                 "target": f"p50 <= {1000 * poll + 100:.0f} ms",
-                "met": None if value(latency) is None else (value(latency) or 0) <= 1000 * poll + 100,
-                "onednn": ctx.onednn},
-        "B11": {"name": names["B11"], "ours": requests["100"], "theirs": requests["5"], "target": "constant",
+                "met": None if p50 is None else p50 <= 1000 * poll + 100, "onednn": ctx.onednn},
+        "B12": {"name": names["B12"], "ours": requests["100"], "theirs": requests["5"], "target": "constant",
                 "met": requests["100"] == requests["5"], "onednn": ctx.onednn},
-        "B12": {"name": names["B12"], "ours": bucket, "local": local, "ratio": ratio(bucket, local),
+        "B13": {"name": names["B13"], "ours": bucket, "local": local, "ratio": ratio(bucket, local),
                 "target": "reported", "onednn": ctx.onednn}}
 
 
 FIGURES: dict[str, Callable[[Context], dict[str, Any]]] = {
-    "B1": b1, "B2": b2, "B3": b3, "B4": b4, "B5": b5, "B6": b6_b7, "B7": b6_b7, "B8": b8, "B10": b10_b12,
-    "B11": b10_b12, "B12": b10_b12}
+    "B1": b1, "B2": b2, "B3": b3, "B4": b4, "B5": b5, "B6": b6_b7, "B7": b6_b7, "B8": b8, "B10": b10,
+    "B11": b11_b13, "B12": b11_b13, "B13": b11_b13}
 
 
 def problems(results: dict[str, Any]) -> list[str]:
@@ -397,7 +415,7 @@ def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
     """(id, figure, oneDNN, ours, compared with, ratio, target/met) for display."""
     table: list[tuple[str, ...]] = []
     for key, fig in results.items():
-        fmt = "{:,.1f}" if key in ("B3", "B5", "B7", "B8", "B9", "B10", "B11", "B12") else "{:,.0f}"
+        fmt = "{:,.1f}" if key in ("B3", "B5", "B7", "B8", "B9", "B11", "B12", "B13") else "{:,.0f}"
         ours, theirs, extra = fig.get("ours", fig.get("ours_with")), None, ""
         if key.startswith("B1") and "keras_fit_default" in fig:
             theirs = fig["keras_fit_no_jit"]
@@ -422,9 +440,13 @@ def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
             extra = (f"{fig['evaluated']} of {fig['checkpoints']} checkpoints evaluated, lag commit -> result "
                      f"p50 {_text(value(fig['lag_s']), fmt)} s, max {_text(fig['lag_max_s'], fmt)} s; trainer alone ")
             theirs = fig["alone_s"]
-        elif key == "B11":
-            theirs = fig["theirs"]
+        elif key == "B10":
+            theirs = fig["one_process"]
+            extra = (f"one save {_text(value(fig['save_ms_two']), '{:,.1f}')} ms against "
+                     f"{_text(value(fig['save_ms_one']), '{:,.1f}')} ms; one process ")
         elif key == "B12":
+            theirs = fig["theirs"]
+        elif key == "B13":
             theirs, extra = fig["local"], "local folder "
         elif key == "B9":
             theirs = fig["matmul_peak"]

@@ -8,6 +8,7 @@ EXIT_BAD_INPUT = 2  # bad flags, bad files, a workdir that disagrees, a lock hel
 EXIT_DIVERGED = 3  # training produced a non-finite loss or weights
 EXIT_NO_DATA = 4  # the dataset could not be found or fetched
 EXIT_IO = 5  # the workdir could not be written (disk full, permissions changed mid-run)
+EXIT_WORKER_LOST = 6  # a worker of a multi-worker job was lost (killed, hung or unreachable)
 
 
 class ProjectError(Exception):
@@ -42,3 +43,9 @@ class WorkdirIOError(ProjectError):
     """Writing into the workdir failed (disk full, read-only, permissions)."""
 
     exit_code = EXIT_IO
+
+
+class WorkerLostError(ProjectError):
+    """Another worker of a multi-worker job stopped answering; this one cannot go on alone."""
+
+    exit_code = EXIT_WORKER_LOST

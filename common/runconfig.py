@@ -25,11 +25,12 @@ if TYPE_CHECKING:
 # a hand-made file with 10^6 names once cost the evaluator 10.5 GB of memory.
 MAX_RUN_FILE_BYTES = 1_000_000
 MAX_CLASS_NAMES = 10_000
-_INT_FIELDS = ("batch_size", "lr_decay_steps", "seed", "train_examples", "unfreeze_at")
+_INT_FIELDS = ("batch_size", "lr_decay_steps", "seed", "train_examples", "unfreeze_at", "replicas", "workers")
 _NUMBER_FIELDS = ("lr", "lr_decay_rate", "l2", "ema_decay", "finetune_lr", "created")
-_TEXT_FIELDS = ("dataset", "model", "version", "data_source", "data_fingerprint")
-# Where the data came from, not what defines the run: a resume may read the same data from elsewhere.
-_PROVENANCE_FIELDS = {"version", "created", "data_source", "data_fingerprint"}
+_TEXT_FIELDS = ("dataset", "model", "version", "data_source", "data_fingerprint", "strategy")
+# Where the data came from and what ran it, not what defines the run: a resume may read the same
+# data from elsewhere, on another number of devices or workers.
+_PROVENANCE_FIELDS = {"version", "created", "data_source", "data_fingerprint", "strategy", "replicas", "workers"}
 _LIST_FIELDS = {"class_names": str, "classes": int, "freeze": str}
 
 
@@ -56,6 +57,9 @@ class RunSpec:
     created: float = 0.0  # UNIX time of the first start; anchors --keep-every-hours
     data_source: str = ""  # absolute path of the folder (or .npz file) the first start loaded; "" = not recorded
     data_fingerprint: str = ""  # common.datasets.fingerprint of that data; "" = not recorded
+    strategy: str = ""  # the first start's tf.distribute strategy (default, mirrored, multi-worker); "" = not recorded
+    replicas: int = 0  # the first start's replicas in sync (batch_size is split among them); 0 = not recorded
+    workers: int = 0  # the first start's worker processes; 0 = not recorded
     # The images the model takes and how pixels become its inputs; None = the dataset's own (run.json
     # files written before these were recorded hold none).
     input_spec: InputSpec | None = None

@@ -82,6 +82,7 @@ class Runtime:
     intra_op_threads: int = 0  # threads that split one op (a convolution, a matmul); 0 = TF's choice, one per core
     inter_op_threads: int = 0  # independent ops run at once; 0 = TF's choice
     nice: int = 0  # TF's compute threads run at least this nice (0-19); higher leaves the CPU to others first
+    cpu_devices: int = 0  # split the CPU into this many logical devices (`--strategy mirrored --devices N`); 0 = one
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -91,12 +92,14 @@ class Runtime:
                 raise UsageError(f"{name.replace('_', '-')} ({getattr(self, name)}) must not be negative")
         if not 0 <= self.nice <= MAX_NICE:
             raise UsageError(f"--nice ({self.nice}) must be between 0 and {MAX_NICE}")
+        if self.cpu_devices < 0:
+            raise UsageError(f"--devices ({self.cpu_devices}) must not be negative")
 
     @classmethod
-    def from_flags(cls, *, device: str = "auto", threads: str = "auto", nice: int = 0) -> Runtime:
+    def from_flags(cls, *, device: str = "auto", threads: str = "auto", nice: int = 0, cpu_devices: int = 0) -> Runtime:
         """Build from the command-line spelling: `--threads auto`, `--threads 4` or `--threads 4,2`."""
         intra, inter = parse_threads(threads)
-        return cls(device=device, intra_op_threads=intra, inter_op_threads=inter, nice=nice)
+        return cls(device=device, intra_op_threads=intra, inter_op_threads=inter, nice=nice, cpu_devices=cpu_devices)
 
 
 def parse_threads(text: str) -> tuple[int, int]:
@@ -144,6 +147,8 @@ def configure(runtime: Runtime) -> Setup:
         # Without it each process maps nearly all of the GPU's memory at its first op, and the second
         # program of the pair (trainer + evaluator on one GPU) fails to allocate.
         tf.config.experimental.set_memory_growth(gpu, True)
+    if runtime.cpu_devices > 1:
+        _split_cpu(runtime.cpu_devices)
     if runtime.intra_op_threads:
         tf.config.threading.set_intra_op_parallelism_threads(runtime.intra_op_threads)
     if runtime.inter_op_threads:
@@ -154,6 +159,20 @@ def configure(runtime: Runtime) -> Setup:
                  intra_op_threads=tf.config.threading.get_intra_op_parallelism_threads(),
                  inter_op_threads=tf.config.threading.get_inter_op_parallelism_threads(),
                  nice=max(_niceness(t) for t in _thread_ids()), onednn=onednn_enabled())
+
+
+def _split_cpu(count: int) -> None:
+    """Make `count` logical CPU devices (a `MirroredStrategy` over them checks a multi-device setup on a CPU).
+
+    TF accepts this only before its runtime starts; a process that already has this split (the tests
+    configure it once for the whole session) keeps it.
+    """
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    if len(tf.config.get_logical_device_configuration(cpu) or []) == count:
+        return
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
 
 
 def _nice_tensorflow_threads(nice: int) -> None:

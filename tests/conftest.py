@@ -15,8 +15,10 @@ from common.tfenv import Runtime, configure, quiet_import_tensorflow
 
 quiet_import_tensorflow()
 # As the programs do, before the first op: memory growth on any GPU, so that the in-process `cli.main`
-# calls of the tests find the settings they would apply already in place.
-configure(Runtime())
+# calls of the tests find the settings they would apply already in place. Two logical CPU devices let
+# tests run `MirroredStrategy` in this process (`--strategy mirrored --devices 2`); the default
+# strategy uses the first.
+configure(Runtime(cpu_devices=2))
 
 from tests.cloud import MISSING, SKIP_REASON, Servers, cloud_servers  # noqa: E402
 from tests.helpers import make_train_config, write_dataset  # noqa: E402

@@ -96,7 +96,7 @@ def test_quick_bench_produces_every_figure(tiny_data: Path, tmp_path: Path) -> N
     assert run.main(["--quick", "--data-dir", str(tiny_data), "--out", str(tmp_path)]) == 0
     results = _strict_json((tmp_path / "results.json").read_text())
     figures_ = results["figures"]
-    assert set(figures_) >= {"B1_as_shipped", "B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9"}
+    assert set(figures_) >= {"B1_as_shipped", "B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10"}
     assert run.problems(figures_) == []
     for key, fig in figures_.items():
         for field in ("ours", "ratio", "keras_fit_default", "keras_fit_no_jit", "iterator", "keras_evaluate",
@@ -107,7 +107,8 @@ def test_quick_bench_produces_every_figure(tiny_data: Path, tmp_path: Path) -> N
     # What the quick plan can always measure, on any machine, is measured.
     always = {"B1": ("ours", "keras_fit_default", "keras_fit_no_jit", "ratio"), "B2": ("cost_fraction",),
               "B3": ("ours",), "B4": ("ours", "keras_evaluate", "ratio"), "B6": ("first_mb", "last_mb"),
-              "B7": ("ours",), "B8": ("alone_s", "pair_s", "ratio", "lag_s"), "B9": ("ours", "matmul_peak", "ratio")}
+              "B7": ("ours",), "B8": ("alone_s", "pair_s", "ratio", "lag_s"), "B9": ("ours", "matmul_peak", "ratio"),
+              "B10": ("ours", "one_process", "ratio", "save_ms_two", "save_ms_one")}
     for key, fields in always.items():
         for field in fields:
             _finite(figures_[key][field], f"{key}.{field}")

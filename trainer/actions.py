@@ -99,14 +99,15 @@ class Report:
 
 
 def make_actions(*, saves: SaveCheckpoints, stop_check: CheckStopRequest, displays: Sequence[Reporter],
-                 chief: bool = True) -> list[Action]:
+                 chief: bool = True, agree: Action | None = None) -> list[Action]:
     """The actions one process runs after each call, in order.
 
     The loss check comes first, so nothing from a diverged call is reported or saved; the stop
     check comes before the save, so a stop is saved at the step it was seen. Every worker checks
     the loss and takes part in every save (TF needs all workers in a save); only the chief reads
-    the evaluator's requests and feeds the displays, so on the other workers the chief's stop
-    decision has to reach them another way.
+    the evaluator's requests and feeds the displays. In a multi-worker run `agree` (every worker
+    runs it, just before the save) exchanges the stop requests, so that all workers stop, and
+    save, at the same step.
     """
     chief_only: list[Action] = [stop_check, *(Report(d) for d in displays)] if chief else []
-    return [CheckFinite(saves), *chief_only, saves]
+    return [CheckFinite(saves), *chief_only, *([agree] if agree is not None else []), saves]

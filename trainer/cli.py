@@ -23,7 +23,8 @@ RUN_DEFAULTS: dict[str, Any] = {
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="trainer", description="Train an MNIST-family classifier into a workdir of crash-safe checkpoints.",
-        epilog="Exit codes: 0 done or stopped by a signal, 2 bad input, 3 diverged, 4 no data, 5 write failed.")
+        epilog="Exit codes: 0 done or stopped by a signal, 2 bad input, 3 diverged, 4 no data, 5 write failed, "
+               "6 a worker of a multi-worker job was lost.")
     p.add_argument("--workdir", type=local_path("--workdir"), help="checkpoint folder (default runs/<dataset>-<model>)")
     p.add_argument("--dataset", help=f"fashion-mnist or mnist (default {RUN_DEFAULTS['dataset']})")
     p.add_argument("--model", help=f"softmax, mlp or cnn (default {RUN_DEFAULTS['model']})")
@@ -47,6 +48,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", default="auto", choices=["auto", "rich", "plain"], help="display (default auto)")
     p.add_argument("--threads", default="auto", metavar="INTRA[,INTER]",
                    help="TensorFlow thread pools: threads per op and ops at once (default auto: TF's choice)")
+    d = p.add_argument_group("several devices and workers (tf.distribute)")
+    d.add_argument("--strategy", choices=["auto", "default", "mirrored", "multi-worker"],
+                   help="auto (mirrored when several GPUs are visible), default, mirrored (all GPUs, or --devices "
+                        "N logical CPUs) or multi-worker (from TF_CONFIG) (default auto)")
+    d.add_argument("--devices", type=int, default=0, metavar="N", help="mirrored over N logical CPU devices")
+    d.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="run N local worker processes as one multi-worker job (default 0: this process only)")
+    d.add_argument("--collective-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="multi-worker: a worker that waits this long for another ends the job (default 300)")
     t = p.add_argument_group("subsets, warm start and transfer")
     t.add_argument("--classes", help="train on these classes only, relabelled in this order: 5,6,7 or Sandal,Shirt")
     t.add_argument("--train-examples", type=int, help="use only the first N training images (default all)")
@@ -110,15 +120,22 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         args = parser().parse_args(argv)
+        if args.workers:
+            return _launch(args, sys.argv[1:] if argv is None else argv)
         from common.tfenv import Runtime, configure, quiet_import_tensorflow
 
-        runtime = Runtime.from_flags(threads=args.threads)
+        runtime = Runtime.from_flags(threads=args.threads, cpu_devices=args.devices)
         quiet_import_tensorflow()
         configure(runtime)
+        from trainer.distribute import make_strategy
         from trainer.loop import train
 
         cfg = build_config(args)
-        train(cfg)
+        if args.collective_timeout <= 0:
+            raise UsageError(f"--collective-timeout ({args.collective_timeout}) must be positive")
+        strategy = make_strategy(args.strategy or "auto", devices=args.devices,
+                                 collective_timeout=args.collective_timeout)
+        train(cfg, strategy=strategy)
     except ProjectError as e:
         print(f"trainer: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -126,6 +143,17 @@ def main(argv: list[str] | None = None) -> int:
         print("trainer: interrupted before training started; nothing saved", file=sys.stderr)
         return 130
     return 0
+
+
+def _launch(args: argparse.Namespace, argv: list[str]) -> int:
+    """`--workers N`: start N local workers running these flags (see trainer.launcher)."""
+    from trainer.launcher import launch
+
+    if args.strategy not in (None, "multi-worker"):
+        raise UsageError(f"--workers runs a multi-worker job; drop --strategy {args.strategy}")
+    if args.devices:
+        raise UsageError("--devices goes with --strategy mirrored, not --workers")
+    return launch(args.workers, argv)
 
 
 if __name__ == "__main__":

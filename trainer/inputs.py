@@ -24,12 +24,17 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 
 def train_dataset(split: Split, *, batch_size: int, seed: int, start_step: int,
-                  prepare: Callable[[tf.Tensor], tf.Tensor]) -> tf.data.Dataset:
+                  prepare: Callable[[tf.Tensor], tf.Tensor], replicas: int = 1, first_replica: int = 0,
+                  local_replicas: int = 1) -> tf.data.Dataset:
     """Endless batches of (model inputs float32 [B, H, W, C], labels int64 [B]) from `start_step` on.
 
-    `prepare` turns stored images into model inputs (`RunSpec.prepare`).
+    `prepare` turns stored images into model inputs (`RunSpec.prepare`). Under a `tf.distribute`
+    strategy each global batch of `batch_size` is cut into `replicas` equal slices, and this
+    pipeline yields the slices `first_replica` to `first_replica + local_replicas - 1` of every
+    global batch, in that order (B = batch_size / replicas).
     """
     n = len(split)
+    per_replica = batch_size // replicas
     per_epoch = steps_per_epoch(n, batch_size)
     images = tf.constant(split.images)
     labels = tf.constant(split.labels)
@@ -39,7 +44,9 @@ def train_dataset(split: Split, *, batch_size: int, seed: int, start_step: int,
         order = tf.random.experimental.stateless_shuffle(
             tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
         )
-        return tf.data.Dataset.from_tensor_slices(tf.reshape(order[: per_epoch * batch_size], [per_epoch, batch_size]))
+        batches = tf.reshape(order[: per_epoch * batch_size], [per_epoch, replicas, per_replica])
+        mine = batches[:, first_replica:first_replica + local_replicas]
+        return tf.data.Dataset.from_tensor_slices(tf.reshape(mine, [per_epoch * local_replicas, per_replica]))
 
     def gather(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         return prepare(tf.gather(images, index)), tf.gather(labels, index)
@@ -47,7 +54,7 @@ def train_dataset(split: Split, *, batch_size: int, seed: int, start_step: int,
     return (
         tf.data.Dataset.range(first_epoch, 2**62)
         .flat_map(epoch_batches)
-        .skip(skip)
+        .skip(skip * local_replicas)
         .map(gather, num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )

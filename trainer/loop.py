@@ -28,11 +28,12 @@ from common.runconfig import RunData, RunSpec, read_run, write_run
 from common.signals import StopRequest, stop_on_signals
 from common.storage import open_storage
 from common.workdir import DONE_FILE, TB_DIR
+from trainer import distribute, warmstart
 from trainer import saver as saver_lib
-from trainer import warmstart
 from trainer.actions import Action, CheckStopRequest, LoopOutput, SaveCheckpoints, make_actions
 from trainer.config import TrainConfig
-from trainer.inputs import steps_per_epoch, train_dataset
+from trainer.distribute import Peers, Topology
+from trainer.inputs import steps_per_epoch
 from trainer.lock import WorkdirLock
 from trainer.progress import Heartbeat, Reporter, Tee, TensorBoardLog, log_line, make_reporter
 from trainer.step import TrainState, frozen_keys, make_train_loop
@@ -89,9 +90,11 @@ class Checked:
     init_plan: warmstart.InitPlan | None  # what --init-from assigns, when it applies
 
 
-def check_inputs(cfg: TrainConfig) -> Checked:
+def check_inputs(cfg: TrainConfig, topo: Topology | None = None) -> Checked:
     """Everything that can reject this start, checked before the workdir is created or written."""
     existing = check_workdir(cfg)
+    if topo is not None:
+        distribute.check_batch(cfg.spec.batch_size, topo)
     # A resume without --data-dir reads the data from where run.json says the first start found them.
     loaded = (existing or cfg.spec).load_data(cfg.data_dir)
     for text in loaded.warnings:
@@ -199,32 +202,52 @@ class Started:
     train_state: TrainState  # restored, or freshly built (and warm-started)
     step: int  # global_step at the start (0 when fresh)
     resumed_from: str | None  # the checkpoint restored, if any
-    saver: saver_lib.CheckpointSaver  # commits this run's checkpoints
+    saver: saver_lib.CheckpointSaver | distribute.ScratchSaver  # commits this run's checkpoints (on the chief)
     spent: StopRequestId | None  # the workdir's stop request, if a run already ended for it
 
 
 def restore_or_initialise(cfg: TrainConfig, checked: Checked, reporter: Reporter,
-                          strategy: tf.distribute.Strategy | None) -> Started:
-    """Restore the checkpoint to resume from, or initialise the run; tidy the workdir and say how it starts."""
-    spec = checked.existing or dataclasses.replace(cfg.spec, created=time.time(), data_source=checked.loaded.source,
-                                                   data_fingerprint=checked.loaded.fingerprint)
-    train_state = TrainState(spec, strategy or tf.distribute.get_strategy())
+                          strategy: tf.distribute.Strategy | None, peers: Peers | None = None) -> Started:
+    """Restore the checkpoint to resume from, or initialise the run; tidy the workdir and say how it starts.
+
+    Every worker of a multi-worker run restores the same checkpoint; only the chief writes the workdir.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    topo = distribute.topology(strategy)
+    spec = checked.existing or dataclasses.replace(
+        cfg.spec, created=time.time(), data_source=checked.loaded.source, data_fingerprint=checked.loaded.fingerprint,
+        strategy=topo.strategy, replicas=topo.replicas, workers=topo.workers)
+    train_state = TrainState(spec, strategy)
     resumed_from, state = find_start(cfg, train_state)
-    if checked.existing is None:  # only now: a start that cannot restore --from leaves no run.json
-        write_run(cfg.workdir, spec)
-    leftovers = saver_lib.clean_leftovers(cfg.workdir)
     start = int(train_state.step.numpy())
+    if peers is not None:  # also a barrier: the chief tidies the workdir only once every worker has read it
+        peers.same_start(start)
+    if checked.existing is None and topo.chief:  # only now: a start that cannot restore --from leaves no run.json
+        write_run(cfg.workdir, spec)
+    leftovers = saver_lib.clean_leftovers(cfg.workdir) if topo.chief else []
     reporter.message(f"resumed from {Path(resumed_from).name} (step {start})" if resumed_from else "starting fresh")
     _initialise(cfg, checked, train_state, reporter)
     if leftovers:
         reporter.message(f"removed leftovers of an interrupted save: {', '.join(sorted(leftovers))}")
-    saver = _make_saver(cfg, train_state, state, resumed_from, reporter)
+    saver = (_make_saver(cfg, train_state, state, resumed_from, reporter) if topo.chief
+             else distribute.ScratchSaver(cfg.workdir, train_state.checkpoint))
     data = checked.loaded.data
     reporter.message(f"data: {spec.dataset} from {data.source} (train {len(data.train)}, "
                      f"validation {len(data.validation)}, test {len(data.test)})")
-    spent = spent_stop_request(cfg.workdir)
-    _announce_stop_request(cfg.workdir, start, spent, reporter)
+    _announce_topology(checked.existing, topo, reporter)
+    spent = spent_stop_request(cfg.workdir) if topo.chief else None
+    if topo.chief:
+        _announce_stop_request(cfg.workdir, start, spent, reporter)
     return Started(train_state, start, resumed_from, saver, spent)
+
+
+def _announce_topology(existing: RunSpec | None, topo: Topology, reporter: Reporter) -> None:
+    """Say how this start runs, and when the run's first start split the batch among another number of replicas."""
+    reporter.message(topo.line())
+    if existing is not None and existing.replicas and existing.replicas != topo.replicas:
+        reporter.message(f"run.json records {existing.replicas} replica(s) ({existing.strategy}, "
+                         f"{existing.workers} worker(s)) at the first start; this start runs {topo.replicas}: "
+                         f"the global batch stays {existing.batch_size}")
 
 
 def _initialise(cfg: TrainConfig, checked: Checked, train_state: TrainState, reporter: Reporter) -> None:
@@ -268,18 +291,20 @@ class Ran:
 
 
 def run_training(cfg: TrainConfig, started: Started, data: datasets.Dataset, reporter: Reporter, stop: StopRequest,
-                 *, chief: bool = True) -> Ran:
+                 *, chief: bool = True, peers: Peers | None = None) -> Ran:
     """Train from the start step to `cfg.steps` or a stop, running the actions after every call.
 
     `chief=False` is for a worker of a distributed run that is not its chief: it runs only the
     actions every worker takes part in, writes no heartbeat or TensorBoard log and leaves done.json.
+    With `peers` (a multi-worker run) the stop requests go to `peers.requests`, and `stop` is set
+    on every worker at once after the workers exchanged them.
     """
     displays, heartbeat = _open_displays(cfg, started, reporter, chief)
     saves = SaveCheckpoints(lambda step: _save(started.saver, started.train_state, step),
                             every=cfg.save_every, last_step=cfg.steps, stop=stop)
     stop_check = CheckStopRequest(lambda: early_stop_request(cfg.workdir, since_step=started.step,
-                                                             spent=started.spent), stop)
-    actions = make_actions(saves=saves, stop_check=stop_check, displays=displays.reporters, chief=chief)
+                                                             spent=started.spent), peers.requests if peers else stop)
+    actions = make_actions(saves=saves, stop_check=stop_check, displays=displays.reporters, chief=chief, agree=peers)
     try:
         displays.start(first_step=started.step, total_steps=cfg.steps)
         step = run_loop(cfg, started.train_state, data, actions, reporter, stop)
@@ -312,9 +337,8 @@ def run_loop(cfg: TrainConfig, train_state: TrainState, data: datasets.Dataset, 
     """
     step = int(train_state.step.numpy())
     spec = train_state.spec
-    ds = train_dataset(data.train, batch_size=spec.batch_size, seed=spec.seed, start_step=step,
-                       prepare=spec.prepare)
-    iterator = iter(train_state.strategy.experimental_distribute_dataset(ds))
+    iterator = iter(distribute.distributed_batches(train_state.strategy, data.train, batch_size=spec.batch_size,
+                                                   seed=spec.seed, start_step=step, prepare=spec.prepare))
     loops = {False: make_train_loop(train_state, spec.batch_size)}
     while step < cfg.steps and not stop:
         n = _call_size(cfg, spec.unfreeze_at, step)
@@ -348,7 +372,7 @@ def _call(loop: Any, iterator: Any, step: int, n: int, lr: float) -> LoopOutput:
                       steps_per_sec=n / (time.perf_counter() - began), lr=lr)
 
 
-def _save(saver: saver_lib.CheckpointSaver, train_state: TrainState, step: int) -> str:
+def _save(saver: saver_lib.CheckpointSaver | distribute.ScratchSaver, train_state: TrainState, step: int) -> str:
     """Commit a checkpoint for `step`, unless a weight or shadow is not finite."""
     if not train_state.all_finite():
         raise DivergedError(f"non-finite weights at step {step}; not saved")
@@ -407,11 +431,14 @@ def _announce_stop_request(workdir: Path, start: int, spent: StopRequestId | Non
 # Phase 4: finish.
 
 def finish(cfg: TrainConfig, started: Started, ran: Ran, data: datasets.Dataset, reporter: Reporter,
-           stop: StopRequest) -> TrainResult:
-    """Say how the run ended; unless a signal ended it, evaluate the EMA weights and write done.json."""
+           stop: StopRequest, *, chief: bool = True) -> TrainResult:
+    """Say how the run ended; unless a signal ended it, evaluate the EMA weights and write done.json (chief only)."""
     final = ran.last_saved or started.resumed_from
     if stop and not stop.finish:
         reporter.message(f"stopped by {stop.reason} at step {ran.step}; saved {Path(final or '-').name}")
+        return TrainResult(started.step, ran.step, started.resumed_from, stop.reason, final, {})
+    if not chief:
+        reporter.message(f"finished at step {ran.step}; the chief evaluates the EMA weights")
         return TrainResult(started.step, ran.step, started.resumed_from, stop.reason, final, {})
     if stop:
         reporter.message(f"stopped early at step {ran.step}: {stop.reason}; saved {Path(final or '-').name}")
@@ -443,16 +470,22 @@ def train(cfg: TrainConfig, *, reporter: Reporter | None = None, stop: StopReque
           strategy: tf.distribute.Strategy | None = None) -> TrainResult:
     """Train (or resume) the run in `cfg.workdir` and return what happened.
 
-    Every check that can reject the start runs before the workdir is created or written.
+    Every check that can reject the start runs before the workdir is created or written. Under a
+    multi-worker `strategy` every worker calls this; only the chief takes the lock and writes.
 
     Raises:
-      UsageError, DataNotFoundError, CheckpointError, DivergedError, WorkdirIOError: see README.
+      UsageError, DataNotFoundError, CheckpointError, DivergedError, WorkdirIOError, WorkerLostError: see README.
     """
-    checked = check_inputs(cfg)
+    strategy = strategy or tf.distribute.get_strategy()
+    topo = distribute.topology(strategy)
+    checked = check_inputs(cfg, topo)
     reporter = reporter or make_reporter(cfg.progress, cfg.log_every)
     stop = stop if stop is not None else StopRequest()  # an unset StopRequest is falsy: `or` would drop it
-    cfg.workdir.mkdir(parents=True, exist_ok=True)
-    with WorkdirLock(cfg.workdir), stop_on_signals(stop):
-        started = restore_or_initialise(cfg, checked, reporter, strategy)
-        ran = run_training(cfg, started, checked.loaded.data, reporter, stop)
-        return finish(cfg, started, ran, checked.loaded.data, reporter, stop)
+    peers = Peers(strategy, stop) if topo.workers > 1 else None
+    if topo.chief:
+        cfg.workdir.mkdir(parents=True, exist_ok=True)
+    lock = WorkdirLock(cfg.workdir) if topo.chief else contextlib.nullcontext()
+    with lock, stop_on_signals(peers.requests if peers else stop), distribute.lost_worker_errors(topo):
+        started = restore_or_initialise(cfg, checked, reporter, strategy, peers)
+        ran = run_training(cfg, started, checked.loaded.data, reporter, stop, chief=topo.chief, peers=peers)
+        return finish(cfg, started, ran, checked.loaded.data, reporter, stop, chief=topo.chief)

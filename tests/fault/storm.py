@@ -17,8 +17,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -106,10 +108,7 @@ def run_storm(kills: int, data_dir: Path, workdir: Path, seed: int = 0) -> Storm
     """Run the storm and return its figures; problems found are listed in `stats.problems`."""
     rng = random.Random(seed)
     stats = StormStats()
-    evaluator = subprocess.Popen(
-        [sys.executable, "-m", "evaluator.cli", "--workdir", str(workdir), "--data-dir", str(data_dir),
-         "--progress", "plain", "--rescan-secs", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        cwd=REPO)
+    evaluator = start_evaluator(workdir, data_dir)
     try:
         expected: int | None = None
         for _ in range(kills):
@@ -136,14 +135,7 @@ def run_storm(kills: int, data_dir: Path, workdir: Path, seed: int = 0) -> Storm
         if _leftovers(workdir):
             stats.problems.append(f"leftovers after a clean start: {sorted(p.name for p in workdir.iterdir())}")
     finally:
-        evaluator.send_signal(signal.SIGTERM)
-        try:
-            _, err = evaluator.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            evaluator.kill()
-            err = "evaluator did not stop on SIGTERM"
-        if evaluator.returncode != 0:
-            stats.problems.append(f"evaluator exited {evaluator.returncode}: {err[-500:]}")
+        stop_evaluator(evaluator, stats.problems)
     rows = [json.loads(line) for line in (workdir / "eval" / "results.jsonl").read_text().splitlines()]
     stats.evaluations = sum(r["status"] == "ok" for r in rows)
     stats.broken_reads = sum(r["status"] == "error" for r in rows)
@@ -153,6 +145,26 @@ def run_storm(kills: int, data_dir: Path, workdir: Path, seed: int = 0) -> Storm
     return stats
 
 
+def start_evaluator(workdir: Path, data_dir: Path) -> subprocess.Popen[str]:
+    """A real evaluator watching `workdir`, rescanning every second."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "evaluator.cli", "--workdir", str(workdir), "--data-dir", str(data_dir),
+         "--progress", "plain", "--rescan-secs", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=REPO)
+
+
+def stop_evaluator(evaluator: subprocess.Popen[str], problems: list[str]) -> None:
+    """SIGTERM the evaluator; a hang or a non-zero exit is added to `problems`."""
+    evaluator.send_signal(signal.SIGTERM)
+    try:
+        _, err = evaluator.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        evaluator.kill()
+        err = "evaluator did not stop on SIGTERM"
+    if evaluator.returncode != 0:
+        problems.append(f"evaluator exited {evaluator.returncode}: {err[-500:]}")
+
+
 def _heartbeat_step(workdir: Path) -> int | None:
     try:
         return int(json.loads((workdir / "heartbeat.json").read_text()).get("step"))
@@ -160,9 +172,10 @@ def _heartbeat_step(workdir: Path) -> int | None:
         return None
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--kills", type=int, default=300)
+def main(run: Callable[..., Any] | None = None, default_kills: int = 300, description: str | None = __doc__) -> int:
+    """Run a storm (this one, or `run` with the same signature) on tiny data; print its problems and figures."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--kills", type=int, default=default_kills)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     from common.tfenv import quiet_import_tensorflow
@@ -172,7 +185,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = write_dataset(Path(tmp) / "data")
-        stats = run_storm(args.kills, data, Path(tmp) / "run", seed=args.seed)
+        stats = (run or run_storm)(args.kills, data, Path(tmp) / "run", seed=args.seed)
     for problem in stats.problems:
         print(f"problem: {problem}")
     print(stats.line())
