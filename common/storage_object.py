@@ -82,6 +82,7 @@ class ObjectStorage:
         self.lock_ttl = lock_ttl
         self.lease_ttl = lease_ttl
         self._staging: Path | None = None
+        self._pinned: dict[Path, dict[str, tuple[str, str]]] = {}  # pinned folder -> file -> (its key, its token)
 
     # --- objects ------------------------------------------------------------------------------
 
@@ -252,13 +253,16 @@ class ObjectStorage:
         """See `Storage.pin`: a download into `<tmp>/ckpt-watch-pin-<pid>-<id>/`, checked against the listing."""
         folder = Path(tempfile.mkdtemp(prefix=f"{LOCAL_PREFIX}pin-{os.getpid()}-"))
         try:
-            self._download_checkpoint(name, folder)
+            self._pinned[folder] = self._download_checkpoint(name, folder)
             yield folder / name.rpartition("/")[2]
         finally:
+            self._pinned.pop(folder, None)
             shutil.rmtree(folder, ignore_errors=True)
 
-    def _download_checkpoint(self, name: str, folder: Path) -> None:
+    def _download_checkpoint(self, name: str, folder: Path) -> dict[str, tuple[str, str]]:
+        """Download checkpoint `name`'s files into `folder`; return each file's key and token (for `adopt`)."""
         base = name.rpartition("/")[2]
+        sources = {}
         keys = self.checkpoint_files(name)
         if f"{name}.index" not in keys:
             raise Gone(f"{base}.index is gone")
@@ -272,17 +276,32 @@ class ObjectStorage:
             except FileNotFoundError:
                 raise Gone(f"{local.name} was deleted while being read") from None
             after = self._object_stat(key)
-            if after is None:
-                continue  # deleted after the download: our copy holds the complete old version
-            if after.token != before.token or local.stat().st_size != before.size:
+            if after is not None and (after.token != before.token or local.stat().st_size != before.size):
                 raise Gone(f"{local.name} was replaced while being read")
+            # Deleted after the download (`after` None): our copy holds the complete old version.
+            sources[local.name] = (key, before.token)
+        return sources
 
     def adopt(self, folder: Path, key: str) -> None:
-        """Upload the private folder `folder` as `key/`, each file verified, then remove the local folder."""
+        """Put the private folder `folder` into the bucket as `key/`, each file verified; then remove the folder.
+
+        A file pinned from an object that is still the same version is copied server-side (no upload
+        of the checkpoint's shards); the others (the best.json and state file written locally) are uploaded.
+        """
+        sources = self._pinned.get(folder, {})
         for file in sorted(p for p in folder.iterdir() if p.is_file()):
-            dest = f"{key}/{file.name}"
+            dest, source = f"{key}/{file.name}", sources.get(file.name)
+            now = self._object_stat(source[0]) if source else None
+            digest = md5_of(file)
+            if source and now is not None and now.token == source[1]:
+                self.bucket.call("copying", dest, self.fs.copy, self._path(source[0]), self._path(dest))
+                try:
+                    self.bucket.verify(dest, *digest)
+                    continue
+                except OSError:  # replaced between the check and the copy: put the bytes that were evaluated
+                    log.warning("%s changed while being copied; uploading the evaluated copy", self.describe(dest))
             self.bucket.call("uploading", dest, self.fs.put_file, str(file), self._path(dest))
-            self.bucket.verify(dest, *md5_of(file))
+            self.bucket.verify(dest, *digest)
         shutil.rmtree(folder, ignore_errors=True)
 
     def point(self, key: str, target: str) -> None:

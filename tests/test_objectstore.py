@@ -315,3 +315,47 @@ def test_a_limited_read_of_a_huge_object_fetches_only_a_range(store: ObjectStora
     monkeypatch.setattr(store.fs, "cat_file", counting)
     assert store.read("checkpoint", limit=100) == b"x" * 100
     assert calls == [4096]  # one ranged GET, not 2 MiB
+
+
+APPENDER = """
+import sys
+from common.protocol import FINGERPRINT
+from evaluator.ledger import Ledger
+ledger, steps = Ledger(sys.argv[1]), [int(s) for s in sys.argv[2].split(",")]
+for s in steps:  # each evaluator records every checkpoint it evaluated; the ledger keeps one row of each
+    ledger.append([{"checkpoint": f"model-{s}", "step": s, "split": "validation", "weights": "ema",
+                    "status": "ok", "accuracy": s / 100, "committed": 1.0, FINGERPRINT: f"fp-{s}"}])
+"""
+
+
+def test_two_evaluators_append_to_one_ledger_without_duplicates_or_losses(store: ObjectStorage) -> None:
+    """The evaluator's own Ledger in two processes on one bucket, both recording the same 12 checkpoints."""
+    from evaluator.ledger import Ledger
+
+    steps = list(range(1, 13))
+    orders = [",".join(map(str, steps)), ",".join(map(str, reversed(steps)))]
+    children = [subprocess.Popen([sys.executable, "-c", APPENDER, store.root, order]) for order in orders]
+    for child in children:
+        assert child.wait(timeout=300) == 0
+    rows = Ledger(store.root).read()  # type: ignore[arg-type]  # a URL: the ledger goes through the seam
+    assert sorted(r["step"] for r in rows) == steps
+
+
+def test_adopting_a_pinned_checkpoint_copies_its_shards_server_side(store: ObjectStorage,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    shard = os.urandom(1 << 20)
+    commit(store, "model-5", {".index": b"index-bytes", ".data-00000-of-00001": shard})
+    uploaded: list[str] = []
+    real_put = store.fs.put_file
+
+    def counting(lpath: str, rpath: str, **kwargs: object) -> None:
+        uploaded.append(rpath.rpartition("/")[2])
+        real_put(lpath, rpath, **kwargs)
+
+    monkeypatch.setattr(store.fs, "put_file", counting)
+    with store.pin("model-5") as private:
+        (private.parent / "best.json").write_bytes(b'{"step": 5}\n')  # written locally, as evaluator/best.py does
+        store.adopt(private.parent, "eval/best-5-abc")
+    assert uploaded == ["best.json"]  # the index and the shard were copied inside the store
+    assert store.names("eval/best-5-abc") == ["best.json", DATA, INDEX]
+    assert store.read(f"eval/best-5-abc/{DATA}") == shard and store.read(f"eval/best-5-abc/{INDEX}") == b"index-bytes"
