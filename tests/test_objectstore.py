@@ -359,3 +359,26 @@ def test_adopting_a_pinned_checkpoint_copies_its_shards_server_side(store: Objec
     assert uploaded == ["best.json"]  # the index and the shard were copied inside the store
     assert store.names("eval/best-5-abc") == ["best.json", DATA, INDEX]
     assert store.read(f"eval/best-5-abc/{DATA}") == shard and store.read(f"eval/best-5-abc/{INDEX}") == b"index-bytes"
+
+
+def test_a_tensorflow_checkpoint_committed_to_a_bucket_restores_from_its_pin(store: ObjectStorage,
+                                                                             tmp_path: Path) -> None:
+    """TF writes at `checkpoint_target`, the commit uploads it, a pin restores it: the layout of a local workdir."""
+    import tensorflow as tf
+
+    from common import checkpoints
+
+    weights = tf.Variable([[1.5, -2.0], [0.25, 4.0]])
+    tf.train.Checkpoint(w=weights).write(store.checkpoint_target("model-7"))
+    state = checkpoints.State(latest="model-7", paths=["model-7"], timestamps=[1.0], last_preserved_timestamp=0.0)
+    store.commit_checkpoint("model-7", state_key="checkpoint", state=checkpoints.state_bytes(state))
+    assert checkpoints.read_state(store) == state
+    assert store.checkpoint_files("model-7") == ["model-7.data-00000-of-00001", "model-7.index"]
+    # The same three objects in a local folder are what TF itself reads as a workdir.
+    for key in ("checkpoint", *store.checkpoint_files("model-7")):
+        (tmp_path / key).write_bytes(store.read(key) or b"")
+    assert tf.train.latest_checkpoint(str(tmp_path)) == str(tmp_path / "model-7")
+    restored = tf.Variable(tf.zeros([2, 2]))
+    with store.pin("model-7") as private:
+        tf.train.Checkpoint(w=restored).read(str(private)).assert_consumed()
+    assert restored.numpy().tolist() == [[1.5, -2.0], [0.25, 4.0]]
