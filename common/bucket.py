@@ -96,7 +96,7 @@ def filesystem(url: BucketURL) -> Any:
 
 def transient(error: BaseException) -> bool:
     """Whether retrying the request may help: timeouts, network errors, 5xx and throttling (429)."""
-    if isinstance(error, _FINAL):
+    if isinstance(error, _FINAL) or _precondition_failed(error):
         return False
     code = getattr(error, "code", None)
     if isinstance(code, int):
@@ -151,6 +151,30 @@ class Bucket:
         except FileNotFoundError:
             return None
 
+    def delete_if_unchanged(self, key: str, version: dict[str, Any]) -> bool:
+        """Delete object `key` only if it is still the version `head` returned; whether it is gone now.
+
+        S3: `If-Match: <ETag>` on the DELETE; GCS: `ifGenerationMatch`. (fake-gcs-server ignores the
+        latter on a DELETE, measured: there the delete is unconditional.)
+        """
+        bucket, _, name = self.url.path(key).partition("/")
+        try:
+            if self.url.scheme == "s3":
+                self.call("deleting", key, self.fs.call_s3, "delete_object", Bucket=bucket, Key=name,
+                          IfMatch=version["ETag"])
+            else:
+                from fsspec.asyn import sync
+
+                self.call("deleting", key, sync, self.fs.loop, self.fs._call, "DELETE", "b/{}/o/{}", bucket, name,
+                          ifGenerationMatch=version["generation"])
+        except FileNotFoundError:
+            return True
+        except Exception as e:
+            if _precondition_failed(e):
+                return False
+            raise
+        return True
+
     def check_bucket(self) -> None:
         """Raise UsageError (one line) when the bucket does not exist: creating it is the user's job."""
         try:
@@ -176,6 +200,11 @@ class Bucket:
             md5 = "matches" if stored in (None, data_md5) else "differs"
             raise OSError(errno.EIO, f"upload of {self.url.url(key)} did not verify: size {info.get('size')} "
                                      f"(expected {size}), MD5 {md5}")
+
+
+def _precondition_failed(error: BaseException) -> bool:
+    """Whether the store refused a conditional request because the object changed (HTTP 412)."""
+    return getattr(error, "code", None) == 412 or "pre-condition" in str(error) or "PreconditionFailed" in str(error)
 
 
 def store_md5(info: dict[str, Any]) -> bytes | None:

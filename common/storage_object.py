@@ -341,12 +341,13 @@ class ObjectStorage:
             return True
         except FileExistsError:
             pass
+        version = self.bucket.head(key)  # before the content: a delete conditional on it spares a newer holder
         current = Holder.parse(self._get(key))
-        if current is not None and not current.expired():
+        if version is None or (current is not None and not current.expired()):
             return False
         if current is not None:
             log.warning("taking over %s from %s (it %s)", self.describe(key), current.who(), current.why_free())
-        self._delete_object(key)  # a second taker may delete ours too: its own create then fails, or ours does
+        self.bucket.delete_if_unchanged(key, version)  # a second taker's delete fails: it cannot remove ours
         return False
 
     @contextlib.contextmanager

@@ -382,3 +382,23 @@ def test_a_tensorflow_checkpoint_committed_to_a_bucket_restores_from_its_pin(sto
     with store.pin("model-7") as private:
         tf.train.Checkpoint(w=restored).read(str(private)).assert_consumed()
     assert restored.numpy().tolist() == [[1.5, -2.0], [0.25, 4.0]]
+
+
+def test_a_take_over_never_deletes_a_newer_holder(cloud: Servers) -> None:
+    """The delete of an expired lock is conditional on the version that was judged expired.
+
+    On S3 only: on GCS the delete carries `ifGenerationMatch`, which fake-gcs-server ignores on a
+    DELETE (measured), so the emulator cannot show the refusal.
+    """
+    store = ObjectStorage(f"s3://{cloud.new_bucket('s3')}/run")
+    stale = Holder("other-host", 4242, "first", time.time() - 1, "")
+    store.write("trainer.lock", stale.encode())
+    judged = store.bucket.head("trainer.lock")
+    assert judged is not None
+    store.write("trainer.lock", Holder("other-host", 4343, "second", time.time() + 60, "").encode())  # a faster taker
+    assert not store.bucket.delete_if_unchanged("trainer.lock", judged)
+    held = Holder.parse(store.read("trainer.lock"))
+    assert held is not None and held.owner == "second"
+    now = store.bucket.head("trainer.lock")
+    assert now is not None and store.bucket.delete_if_unchanged("trainer.lock", now)
+    assert store.read("trainer.lock") is None
