@@ -327,12 +327,17 @@ class ObjectStorage:
             if current is None or current.expired():  # vanished meanwhile, or unreadable (a torn hand edit)
                 continue
             raise Locked(current.note or f"process {current.pid} on {current.host}")
-        with Renewer(self, key, holder):
-            try:
-                yield
-            finally:
-                if (Holder.parse(self._get(key)) or holder).owner == holder.owner:
-                    self._delete_object(key)
+        with contextlib.ExitStack() as held:
+            held.callback(self._release, key, holder)
+            held.enter_context(Renewer(self, key, holder))  # stopped first, so that no renewal races the release
+            yield
+
+    def _release(self, key: str, holder: Holder) -> None:
+        """Delete lock `key` if it is still ours (a holder that took it over after our time ran out keeps it)."""
+        version = self.bucket.head(key)
+        current = Holder.parse(self._get(key))
+        if version is not None and current is not None and current.owner == holder.owner:
+            self.bucket.delete_if_unchanged(key, version)
 
     def _create(self, key: str, holder: Holder) -> bool:
         """Create `key` holding `holder` only if absent; take over a holder that is dead or out of time."""
