@@ -10,12 +10,14 @@ the object being absent (S3 `If-None-Match: *`, GCS `ifGenerationMatch=0`). How 
     (the commit point); the staged copy goes last;
   - appends (the ledger, `*.jsonl`): one object per append, `.<name>.parts/<n>`, created only if
     absent with the next number, so two evaluators never overwrite each other; reads join them in
-    order ("compacted on read"). Other keys are appended to by a read and a rewrite;
+    order and fold many into one object ("compacted on read"). Other keys are appended to by a
+    read and a rewrite;
   - pins: each file downloaded into a private local folder, its size and token checked after; a
     file that vanished or changed meanwhile is `Gone`;
   - locks and leases: small JSON objects naming host, pid and an expiry time, renewed by a thread
     while held. A holder that stopped renewing is ignored once its time ran out; one on this host
-    whose pid is dead is ignored at once (a pid is exact on its own machine);
+    whose pid is dead is ignored at once (a pid is exact on its own machine). A take-over deletes
+    the old object only if it is still the version judged expired;
   - change notices: a thread polls the metadata (ETag or generation) of the watched names, one
     small request per name per poll whatever the number of checkpoints;
   - pointers: a small object `ckpt-watch-pointer: <target>`, followed by `read`.
