@@ -18,7 +18,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,cloud]'
 	touch $(STAMP)
 
 data: install
@@ -64,7 +64,8 @@ soak: data
 	$(BIN)/python -m tests.fault.mw_storm --kills 50
 	$(BIN)/python -m pytest -q -m soak $(PYTEST_ARGS)
 
-# Benchmarks B1-B10 against Keras fit/evaluate, tf.train.checkpoints_iterator, the trainer alone and one process (about 15 minutes).
+# Benchmarks B1-B13 against Keras fit/evaluate, tf.train.checkpoints_iterator, the trainer alone, one process
+# and a local workdir (about 16 minutes).
 bench: data
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 

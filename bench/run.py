@@ -1,4 +1,4 @@
-"""`make bench`: figures B1-B10 side by side in one run; a Rich table, bench/results.json and bench/RESULTS.md.
+"""`make bench`: figures B1-B13 side by side in one run; a Rich table, bench/results.json and bench/RESULTS.md.
 
     python -m bench.run [--quick | --plan gpu] [--only B1,B8] [--device {auto,cpu,gpu}] [--data-dir DIR] [--out DIR]
 
@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-ALL_FIGURES = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B10")  # B9 comes with B1, from the same process
+# B9 comes with B1, from the same process; B11-B13 (bucket workdirs) are measured together.
+ALL_FIGURES = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B10", "B11")
 VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
 
 # Sizes of each measurement. full: `make bench` (about 15 minutes on 2 cores). quick: about two minutes,
@@ -34,11 +35,12 @@ PLANS: dict[str, dict[str, Any]] = {
     "full": {"train_steps": 800, "repeats": 3, "experiment_repeats": 1, "b2_steps": 1000, "b3_steps": 2500,
              "b3_every": 100, "eval_repeats": 5, "b5_target": 0.91, "b5_steps": 15000, "b5_every": 500,
              "b5_epochs": 15, "b6_count": 100, "b7_repeats": 5, "b8_args": [], "matmul_size": 2048,
-             "matmul_repeats": 5, "b10_steps": 600, "b10_saves": 30},
+             "matmul_repeats": 5, "b10_steps": 600, "b10_saves": 30, "cloud_samples": 10, "cloud_poll_secs": 2.0},
     "quick": {"train_steps": 60, "repeats": 1, "experiment_repeats": 0, "b2_steps": 200, "b3_steps": 120,
               "b3_every": 20, "eval_repeats": 2, "b5_target": 0.3, "b5_steps": 200, "b5_every": 50, "b5_epochs": 3,
               "b6_count": 5, "b7_repeats": 1, "b8_args": ["--steps", "100", "--save-every", "25"],
-              "matmul_size": 1024, "matmul_repeats": 5, "b10_steps": 120, "b10_saves": 6},
+              "matmul_size": 1024, "matmul_repeats": 5, "b10_steps": 120, "b10_saves": 6, "cloud_samples": 3,
+              "cloud_poll_secs": 0.5},
     # On a GPU, oneDNN (a CPU library) does not change B1, so its second process is left out.
     "gpu": {"figures": ("B1", "B4", "B8"), "train_steps": 1000, "repeats": 2, "experiment_repeats": 0,
             "b1_as_shipped": False, "eval_repeats": 5, "b8_args": [], "matmul_size": 8192, "matmul_repeats": 5},
@@ -311,8 +313,35 @@ def b10(ctx: Context) -> dict[str, Any]:
                     "onednn": ctx.onednn}}
 
 
+def b11_b13(ctx: Context) -> dict[str, Any]:
+    """A bucket workdir on the S3 emulator: detection latency, requests per idle poll, save cost (docs/storage.md)."""
+    names = {"B11": "bucket workdir (S3 emulator): detection latency, commit -> restore start (ms)",
+             "B12": "bucket workdir: HTTP requests per idle poll, 100 checkpoints (compared with: 5)",
+             "B13": "bucket workdir: commit of one checkpoint with a 4 MiB shard (ms), S3 emulator vs local"}
+    from bench import objectstore
+    from tests.cloud import MISSING, SKIP_REASON
+
+    if MISSING:
+        return {k: {"name": n, "ours": not_measured(SKIP_REASON), "onednn": ctx.onednn} for k, n in names.items()}
+    poll = ctx.plan["cloud_poll_secs"]
+    r = objectstore.measure(samples=ctx.plan["cloud_samples"], poll_secs=poll, shard_mib=4.0)
+    latency = summary([1000 * s for s in r["detection_latency_s"]["samples"]], missing="no commit noticed")
+    p50 = value(latency)
+    requests, save = r["requests_per_idle_poll"], r["save_s"]
+    bucket, local = (summary([1000 * s for s in save[k]], missing="no save") for k in ("s3_emulator", "local"))
+    return {
+        "B11": {"name": f"{names['B11']}, --poll-secs {poll:g}", "ours": latency,
+                "target": f"p50 <= {1000 * poll + 100:.0f} ms",
+                "met": None if p50 is None else p50 <= 1000 * poll + 100, "onednn": ctx.onednn},
+        "B12": {"name": names["B12"], "ours": requests["100"], "theirs": requests["5"], "target": "constant",
+                "met": requests["100"] == requests["5"], "onednn": ctx.onednn},
+        "B13": {"name": names["B13"], "ours": bucket, "local": local, "ratio": ratio(bucket, local),
+                "target": "reported", "onednn": ctx.onednn}}
+
+
 FIGURES: dict[str, Callable[[Context], dict[str, Any]]] = {
-    "B1": b1, "B2": b2, "B3": b3, "B4": b4, "B5": b5, "B6": b6_b7, "B7": b6_b7, "B8": b8, "B10": b10}
+    "B1": b1, "B2": b2, "B3": b3, "B4": b4, "B5": b5, "B6": b6_b7, "B7": b6_b7, "B8": b8, "B10": b10,
+    "B11": b11_b13, "B12": b11_b13, "B13": b11_b13}
 
 
 def problems(results: dict[str, Any]) -> list[str]:
@@ -386,7 +415,7 @@ def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
     """(id, figure, oneDNN, ours, compared with, ratio, target/met) for display."""
     table: list[tuple[str, ...]] = []
     for key, fig in results.items():
-        fmt = "{:,.1f}" if key in ("B3", "B5", "B7", "B8", "B9") else "{:,.0f}"
+        fmt = "{:,.1f}" if key in ("B3", "B5", "B7", "B8", "B9", "B11", "B12", "B13") else "{:,.0f}"
         ours, theirs, extra = fig.get("ours", fig.get("ours_with")), None, ""
         if key.startswith("B1") and "keras_fit_default" in fig:
             theirs = fig["keras_fit_no_jit"]
@@ -415,6 +444,10 @@ def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
             theirs = fig["one_process"]
             extra = (f"one save {_text(value(fig['save_ms_two']), '{:,.1f}')} ms against "
                      f"{_text(value(fig['save_ms_one']), '{:,.1f}')} ms; one process ")
+        elif key == "B12":
+            theirs = fig["theirs"]
+        elif key == "B13":
+            theirs, extra = fig["local"], "local folder "
         elif key == "B9":
             theirs = fig["matmul_peak"]
             runs = fig.get("matmul_runs")

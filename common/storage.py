@@ -19,7 +19,9 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from common.paths import require_local
+from common.bucket import is_bucket_url
+from common.errors import UsageError
+from common.paths import is_url
 
 
 class Stat(NamedTuple):
@@ -155,15 +157,32 @@ class Storage(Protocol):
 
 
 def open_storage(workdir: str | os.PathLike[str]) -> Storage:
-    """The storage of `workdir`: `LocalStorage` for a local folder.
+    """The storage of `workdir`: `ObjectStorage` for `s3://` and `gs://`, `LocalStorage` for a local folder.
 
     Raises:
-      UsageError: `workdir` is a `scheme://` URL (not supported yet; exit 2).
+      UsageError: `workdir` is another `scheme://` URL, or a bucket that does not exist or whose
+        extra is not installed (exit 2).
     """
-    require_local("--workdir", workdir)
-    from common.storage_local import LocalStorage  # here, so that the interface imports no implementation
+    if is_bucket_url(workdir):
+        from common.storage_object import open_bucket  # here, so that the interface imports no implementation
+
+        return open_bucket(os.fspath(workdir))
+    if is_url(workdir):
+        raise UsageError(f"--workdir {os.fspath(workdir)!r}: a workdir is a local folder, s3://bucket/prefix "
+                         "or gs://bucket/prefix")
+    from common.storage_local import LocalStorage
 
     return LocalStorage(workdir)
+
+
+def checkpoint_keys(storage: Storage, name: str) -> list[str]:
+    """Keys of the files of checkpoint `name` in `storage`: its `.index`, `.data-*` shards and a Saver's `.meta`."""
+    from common.workdir import META_SUFFIX  # here: common.workdir imports this module
+
+    folder, _, base = name.rpartition("/")
+    names = storage.names(folder, base + ".*")
+    keep = [n for n in names if n in (base + ".index", base + META_SUFFIX) or n.startswith(base + ".data-")]
+    return [f"{folder}/{n}" if folder else n for n in keep]
 
 
 def as_storage(workdir: str | os.PathLike[str] | Storage) -> Storage:

@@ -34,8 +34,8 @@ from watchdog.observers.polling import PollingObserver
 from common.errors import UsageError
 from common.fileio import TMP_MARK, atomic_write_bytes, fsync_path
 from common.paths import OutsideError, remove
-from common.storage import Gone, Locked, Stat
-from common.workdir import CHECKPOINT_PREFIX, EVAL_DIR, LEASE_DIR, META_SUFFIX, lease_path
+from common.storage import Gone, Locked, Stat, checkpoint_keys
+from common.workdir import CHECKPOINT_PREFIX, EVAL_DIR, LEASE_DIR, lease_path
 
 OVERFLOW_LOGGER = "watchdog.observers.inotify_c"  # where watchdog 7 reports an overflowed inotify queue
 PIN_PREFIX = ".snapshot-"  # eval/.snapshot-<pid>-<id>/: a pinned checkpoint
@@ -112,10 +112,7 @@ class LocalStorage:
         remove(self._at(key), self.path)
 
     def checkpoint_files(self, name: str) -> list[str]:
-        folder, _, base = name.rpartition("/")
-        names = self.names(folder, base + ".*")
-        keep = [n for n in names if n in (base + ".index", base + META_SUFFIX) or n.startswith(base + ".data-")]
-        return [f"{folder}/{n}" if folder else n for n in keep]
+        return checkpoint_keys(self, name)
 
     def checkpoint_target(self, name: str) -> str:
         return str(self._at(name))

@@ -20,6 +20,7 @@ quiet_import_tensorflow()
 # strategy uses the first.
 configure(Runtime(cpu_devices=2))
 
+from tests.cloud import MISSING, SKIP_REASON, Servers, cloud_servers  # noqa: E402
 from tests.helpers import make_train_config, write_dataset  # noqa: E402
 
 
@@ -95,3 +96,18 @@ def no_leaked_threads() -> Iterator[None]:
     yield
     leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
     assert not leaked, f"threads leaked: {leaked}"
+
+
+@pytest.fixture(scope="session")
+def cloud() -> Iterator[Servers]:
+    """An S3 server and a GCS emulator on 127.0.0.1 for the whole session (skipped where the extra is missing)."""
+    if MISSING:
+        pytest.skip(SKIP_REASON)
+    with cloud_servers() as servers:
+        yield servers
+
+
+@pytest.fixture(params=["s3", "gs"])
+def bucket_workdir(request: pytest.FixtureRequest, cloud: Servers) -> str:
+    """`s3://<new bucket>/run` and `gs://<new bucket>/run`: an empty workdir in a fresh bucket of each store."""
+    return f"{request.param}://{cloud.new_bucket(request.param)}/run"

@@ -1,8 +1,8 @@
 """The storage seam's contract: what every implementation of `common.storage.Storage` must do.
 
 The contract tests take a `storage` fixture, which yields each implementation on a fresh, empty
-workdir (today only the local one; object stores add their params here). Tests of mechanisms only
-a local folder has (links pointing out, hard links) follow at the end.
+workdir: a local folder, and a bucket of the S3 server and of the GCS emulator (`tests/cloud.py`).
+Tests of mechanisms only a local folder has (links pointing out, hard links) follow at the end.
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ from common.storage_local import LocalStorage
 INDEX, DATA = "model-5.index", "model-5.data-00000-of-00001"
 
 
-@pytest.fixture(params=["local"])
+@pytest.fixture(params=["local", *(pytest.param(scheme, marks=pytest.mark.cloud) for scheme in ("s3", "gs"))])
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
-    """A fresh, empty workdir behind each implementation."""
-    assert request.param == "local"
+    """A fresh, empty workdir behind each implementation: a local folder, and a new bucket of each store."""
+    if request.param != "local":
+        cloud = request.getfixturevalue("cloud")  # the servers on 127.0.0.1 (skipped with the reason if absent)
+        return open_storage(f"{request.param}://{cloud.new_bucket(request.param)}/run")
     (tmp_path / "run").mkdir()  # a local workdir exists before anything is written into it
     return open_storage(tmp_path / "run")
 
@@ -206,9 +208,16 @@ def test_pointer_switches_atomically(storage: Storage) -> None:
     assert storage.names("eval") == ["best", "best-5-a", "best-9-b"]
 
 
-def test_a_bucket_url_is_refused_in_one_line() -> None:
-    for url in ("s3://bucket/run", "gs://bucket/run"):
-        with pytest.raises(UsageError, match=r"--workdir '.+': URLs such as s3:// or gs:// are not supported yet"):
+def test_a_url_of_another_scheme_is_refused_in_one_line() -> None:
+    for url in ("http://host/run", "file:///tmp/run"):
+        with pytest.raises(UsageError, match=r"--workdir '.+': a workdir is a local folder, s3://bucket/prefix or gs://"):
+            open_storage(url)
+
+
+@pytest.mark.cloud
+def test_a_missing_bucket_is_refused_in_one_line(cloud: object) -> None:
+    for url in ("s3://no-such-bucket/run", "gs://no-such-bucket/run"):
+        with pytest.raises(UsageError, match=r"the bucket 'no-such-bucket' does not exist \(create it first\)"):
             open_storage(url)
 
 

@@ -1,0 +1,231 @@
+"""A bucket workdir's connection: its URL, its fsspec filesystem, retries of transient errors, verified uploads.
+
+`s3://bucket/prefix` goes through `s3fs`, `gs://bucket/prefix` through `gcsfs`; both come with the
+`cloud` extra (`pip install -e '.[cloud]'`). Credentials and endpoints are found the usual way:
+  - S3: the AWS environment and config files; `AWS_ENDPOINT_URL` with `AWS_ACCESS_KEY_ID` and
+    `AWS_SECRET_ACCESS_KEY` points `s3://` at any S3-compatible server (MinIO, an emulator);
+  - GCS: Application Default Credentials; `STORAGE_EMULATOR_HOST` points `gs://` at an emulator,
+    which takes no credentials.
+Every request goes through `Bucket.call`, which retries transient failures (timeouts, refused
+connections, 5xx, throttling) with exponential backoff and logs each retry.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from common.errors import UsageError
+
+SCHEMES = ("s3", "gs")
+_URL = re.compile(r"^(s3|gs)://([^/]+)/?(.*)$")
+ATTEMPTS = 8  # tries of one request before it fails (waits 0.2, 0.4, ... 12.8 s between them: 25 s in all)
+BACKOFF_SECS = 0.2
+# Errors that say something about the request, not the network: retrying cannot help.
+_FINAL = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+log = logging.getLogger("ckpt_watch.bucket")
+T = TypeVar("T")
+
+
+def is_bucket_url(value: str | os.PathLike[str]) -> bool:
+    """Whether `value` names a workdir in a bucket (`s3://...` or `gs://...`)."""
+    return bool(_URL.match(os.fspath(value)))
+
+
+@dataclass(frozen=True)
+class BucketURL:
+    """A parsed `s3://bucket/prefix` or `gs://bucket/prefix`."""
+
+    scheme: str  # "s3" or "gs"
+    bucket: str  # the bucket's name
+    prefix: str  # the folder inside the bucket, without slashes at either end ("" for the bucket's root)
+
+    @classmethod
+    def parse(cls, url: str) -> BucketURL:
+        """Split a bucket URL. Raises UsageError naming the value when it is not one."""
+        match = _URL.match(url)
+        if not match or any(p in ("..", ".") for p in match.group(3).split("/")):
+            raise UsageError(f"--workdir {url!r}: not a bucket URL such as s3://bucket/prefix or gs://bucket/prefix")
+        return cls(match.group(1), match.group(2), match.group(3).strip("/"))
+
+    def path(self, key: str = "") -> str:
+        """The fsspec path (no scheme) of `key` under the prefix."""
+        return "/".join(p for p in (self.bucket, self.prefix, key) if p)
+
+    def url(self, key: str = "") -> str:
+        """`key` as a URL, for messages."""
+        return f"{self.scheme}://{self.path(key)}"
+
+
+def filesystem(url: BucketURL) -> Any:
+    """A fresh fsspec filesystem for the URL's store, without listing caches (every read must see the store).
+
+    Raises:
+      UsageError: the `cloud` extra is not installed.
+    """
+    try:
+        if url.scheme == "s3":
+            import s3fs
+
+            # Botocore's and s3fs' own retries are off: `Bucket.call` retries, and says so in the log.
+            fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False,
+                                   config_kwargs={"connect_timeout": 10, "read_timeout": 60,
+                                                  "retries": {"max_attempts": 1, "mode": "standard"}})
+            fs.retries = 1
+            return fs
+        # gcsfs.core.GCSFileSystem, not the `gcsfs` default: that one first asks a gRPC control API for
+        # the bucket's type, which an emulator does not serve (measured: a 60 s timeout per bucket).
+        # gcsfs retries 5xx itself (6 tries over about 30 s, silently; not configurable per instance).
+        from gcsfs.core import GCSFileSystem
+
+        token = "anon" if os.environ.get("STORAGE_EMULATOR_HOST") else None  # an emulator takes no credentials
+        return GCSFileSystem(skip_instance_cache=True, use_listings_cache=False, token=token)
+    except ImportError as e:
+        raise UsageError(f"--workdir {url.url()}: {url.scheme}:// workdirs need the cloud extra "
+                         f"(pip install -e '.[cloud]'): {e}") from e
+
+
+def transient(error: BaseException) -> bool:
+    """Whether retrying the request may help: timeouts, network errors, 5xx and throttling (429)."""
+    if isinstance(error, _FINAL) or _precondition_failed(error):
+        return False
+    code = getattr(error, "code", None)
+    if isinstance(code, int):
+        return code >= 500 or code == 429
+    return isinstance(error, OSError | TimeoutError) or type(error).__module__.split(".")[0] in ("aiohttp", "botocore")
+
+
+class Bucket:
+    """One workdir's connection to its bucket: `call` runs a request with retries."""
+
+    def __init__(self, url: BucketURL, fs: Any = None, *, attempts: int = ATTEMPTS) -> None:
+        self.url = url
+        self.fs = fs if fs is not None else filesystem(url)
+        self.attempts = attempts
+        self.retries = 0  # transient failures retried so far (for tests and figures)
+
+    def call(self, what: str, key: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)`, retried on transient errors; `what` and `key` name the request in messages.
+
+        Raises:
+          FileNotFoundError, FileExistsError, PermissionError: as the store answered.
+          OSError: a transient error persisted through every attempt (errno EIO, one line).
+        """
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                if not transient(e):
+                    raise
+                text = one_line(e)
+                if attempt == self.attempts:
+                    raise OSError(errno.EIO, f"{what} {self.url.url(key)} failed {attempt} times: {text}") from e
+                wait = BACKOFF_SECS * 2 ** (attempt - 1)
+                self.retries += 1
+                log.warning("%s %s: %s; retrying in %.1f s (attempt %d of %d)", what, self.url.url(key), text,
+                            wait, attempt + 1, self.attempts)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def head(self, key: str) -> dict[str, Any] | None:
+        """The metadata of object `key` in one request (fsspec's `info` lists too when it is absent); None if absent."""
+        path = self.url.path(key)
+        try:
+            if self.url.scheme == "s3":
+                bucket, _, name = path.partition("/")
+                reply = self.call("checking", key, self.fs.call_s3, "head_object", Bucket=bucket, Key=name)
+                return {"ETag": reply.get("ETag"), "LastModified": reply.get("LastModified"),
+                        "size": reply.get("ContentLength")}
+            from fsspec.asyn import sync
+
+            return dict(self.call("checking", key, sync, self.fs.loop, self.fs._get_object, path))
+        except FileNotFoundError:
+            return None
+
+    def delete_if_unchanged(self, key: str, version: dict[str, Any]) -> bool:
+        """Delete object `key` only if it is still the version `head` returned; whether it is gone now.
+
+        S3: `If-Match: <ETag>` on the DELETE; GCS: `ifGenerationMatch`. (fake-gcs-server ignores the
+        latter on a DELETE, measured: there the delete is unconditional.)
+        """
+        bucket, _, name = self.url.path(key).partition("/")
+        try:
+            if self.url.scheme == "s3":
+                self.call("deleting", key, self.fs.call_s3, "delete_object", Bucket=bucket, Key=name,
+                          IfMatch=version["ETag"])
+            else:
+                from fsspec.asyn import sync
+
+                self.call("deleting", key, sync, self.fs.loop, self.fs._call, "DELETE", "b/{}/o/{}", bucket, name,
+                          ifGenerationMatch=version["generation"])
+        except FileNotFoundError:
+            return True
+        except Exception as e:
+            if _precondition_failed(e):
+                return False
+            raise
+        return True
+
+    def check_bucket(self) -> None:
+        """Raise UsageError (one line) when the bucket does not exist: creating it is the user's job."""
+        try:
+            self.call("listing", "", self.fs.ls, self.url.bucket, detail=False)
+        except FileNotFoundError:
+            raise UsageError(f"--workdir {self.url.url()}: the bucket {self.url.bucket!r} does not exist "
+                             "(create it first)") from None
+        except PermissionError as e:
+            raise UsageError(f"--workdir {self.url.url()}: access denied to the bucket: {one_line(e)}") from None
+
+    def verify(self, key: str, data_md5: bytes, size: int) -> None:
+        """Check an uploaded object against the local file: its size, and its MD5 where the store gives one.
+
+        S3 gives the MD5 as the ETag of a single-part upload (a multipart ETag has a `-N` suffix and is
+        not an MD5: then only the size is checked); GCS gives `md5Hash` (base64) for every object.
+
+        Raises:
+          OSError: the object is missing or differs (errno EIO).
+        """
+        info = self.call("checking", key, self.fs.info, self.url.path(key))
+        stored = store_md5(info)
+        if info.get("size") != size or (stored is not None and stored != data_md5):
+            md5 = "matches" if stored in (None, data_md5) else "differs"
+            raise OSError(errno.EIO, f"upload of {self.url.url(key)} did not verify: size {info.get('size')} "
+                                     f"(expected {size}), MD5 {md5}")
+
+
+def _precondition_failed(error: BaseException) -> bool:
+    """Whether the store refused a conditional request because the object changed (HTTP 412)."""
+    return getattr(error, "code", None) == 412 or "pre-condition" in str(error) or "PreconditionFailed" in str(error)
+
+
+def store_md5(info: dict[str, Any]) -> bytes | None:
+    """The MD5 digest the store reports for an object, or None when it reports none."""
+    if info.get("md5Hash"):
+        return base64.b64decode(info["md5Hash"])
+    etag = str(info.get("ETag") or "").strip('"')
+    return bytes.fromhex(etag) if re.fullmatch(r"[0-9a-f]{32}", etag) else None
+
+
+def md5_of(path: str | os.PathLike[str]) -> tuple[bytes, int]:
+    """The MD5 digest and the size of a local file."""
+    digest, size = hashlib.md5(usedforsecurity=False), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.digest(), size
+
+
+def one_line(error: BaseException) -> str:
+    """An error's first line, or its type's name when it has no text."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
