@@ -34,7 +34,7 @@ from watchdog.observers.polling import PollingObserver
 from common.errors import UsageError
 from common.fileio import TMP_MARK, atomic_write_bytes, fsync_path
 from common.paths import OutsideError, remove
-from common.storage import Gone, Locked, Stat, checkpoint_keys
+from common.storage_api import Gone, Locked, Stat, checkpoint_keys
 from common.workdir import CHECKPOINT_PREFIX, EVAL_DIR, LEASE_DIR, lease_path
 
 OVERFLOW_LOGGER = "watchdog.observers.inotify_c"  # where watchdog 7 reports an overflowed inotify queue

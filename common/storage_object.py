@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from common.bucket import Bucket, BucketURL, md5_of, one_line
-from common.storage import Gone, Locked, Stat, checkpoint_keys
+from common.storage_api import Gone, Locked, Stat, checkpoint_keys
 from common.storage_local import pid_alive
 from common.workdir import EVAL_DIR, LEASE_DIR
 

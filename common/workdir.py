@@ -5,11 +5,7 @@ What the shared files hold, and their typed reads and writes, is in `common.prot
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any
-
-from common.storage import open_storage, read_json
 
 CHECKPOINT_PREFIX = "model"  # model-<step>.index, model-<step>.data-*: one checkpoint (common.checkpoints)
 META_SUFFIX = ".meta"  # the meta graph a TF1 `tf.train.Saver` writes beside each checkpoint
@@ -24,11 +20,6 @@ BEST_LINK = "best"  # eval/best -> eval/best-<step>-<id>/: the best checkpoint's
 BEST_JSON = "best.json"  # eval/best.json -> best/best.json, so both always change together
 LEASE_DIR = "leases"  # eval/leases/<checkpoint>@<pid>: checkpoints an evaluator is reading
 TB_DIR = "tb"  # TensorBoard logs: tb/train from the trainer, tb/eval from the evaluator
-
-
-def read_best(workdir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The best checkpoint's entry (eval/best.json) as written, or None (typed: common.protocol.BestEntry)."""
-    return read_json(open_storage(workdir), f"{EVAL_DIR}/{BEST_JSON}")
 
 
 def lease_path(workdir: Path, checkpoint: str, pid: int) -> Path:

@@ -45,7 +45,7 @@ def _to_stderr(message: str) -> None:
 def improves(record: Record, best: BestEntry | Mapping[str, Any] | None) -> bool:
     """Whether an ok record beats the current best (strictly: ties keep the earlier step).
 
-    `best` is the typed entry, or best.json's object as `common.workdir.read_best` returns it.
+    `best` is the typed entry, or best.json's object as `common.storage.read_best` returns it.
     """
     row = LedgerRow(record)
     if row.status != "ok" or row.accuracy is None:

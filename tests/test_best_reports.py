@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from common import checkpoints
-from common.workdir import EVAL_DIR, STOP_REQUEST_FILE, read_best
+from common.storage import read_best
+from common.workdir import EVAL_DIR, STOP_REQUEST_FILE
 from evaluator import best as best_lib
 from evaluator import cli
 from evaluator.config import EvalConfig

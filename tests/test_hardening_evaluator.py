@@ -21,8 +21,9 @@ import pytest
 from common import checkpoints, storage_local
 from common.checkpoints import CheckpointError, State
 from common.errors import WorkdirIOError
+from common.storage import read_best
 from common.storage_local import OVERFLOW_LOGGER
-from common.workdir import EVAL_DIR, lease_path, read_best
+from common.workdir import EVAL_DIR, lease_path
 from evaluator import best as best_lib
 from evaluator.config import EvalConfig
 from evaluator.ledger import FINGERPRINT, Ledger

@@ -22,8 +22,7 @@ from common import checkpoints
 from common.checkpoints import State
 from common.errors import WorkdirIOError
 from common.paths import OutsideError
-from common.storage import Storage, open_storage
-from common.workdir import read_best
+from common.storage import Storage, open_storage, read_best
 
 
 def select_kept(
