@@ -12,6 +12,7 @@ key feeds is a one-line error, never a silent fresh value.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,15 +43,19 @@ class ForeignFlags:
         if not userdata.is_reference(self.dataset):
             datasets.get_info(self.dataset)
 
+    @functools.cached_property
     def info(self) -> datasets.DatasetInfo:
-        """The dataset's class names, input spec and preprocessing (a folder's images at its default size)."""
+        """The dataset's class names, input spec and preprocessing (a folder's images at its default size).
+
+        Cached: the live table's header asks for it at every refresh, and a folder's is read from disk.
+        """
         if userdata.is_reference(self.dataset):
             return userdata.describe(self.dataset)
         return datasets.get_info(self.dataset)
 
     def load(self, data_dir: str | None) -> tuple[datasets.Dataset, datasets.DatasetInfo]:
         """The dataset and its description."""
-        info = self.info()
+        info = self.info
         if userdata.is_reference(self.dataset):
             data, warnings = userdata.load(self.dataset, info.input_spec)
             for text in warnings:
@@ -136,6 +141,7 @@ class ForeignEvaluator(SnapshotEvaluator):
         super().__init__(workdir, split, split_name=split_name, weights=weights)
         self.flags = flags
         self.model = flags.build(info)
+        self.variables = {f"{checkpoints.MODEL_KEY}/{k}": v for k, v in self.model.named_variables().items()}
         self.evaluate_model = Evaluation(self.model, lambda x: info.preprocessing.apply(x, info.input_spec))
         self.plan: KeyPlan | None = None
 
@@ -148,8 +154,7 @@ class ForeignEvaluator(SnapshotEvaluator):
 
     def _evaluate_weights(self, prefix: Path, kind: str) -> Record:
         sources = self.check(prefix).sources[kind]
-        variables = {f"{checkpoints.MODEL_KEY}/{k}": v for k, v in self.model.named_variables().items()}
-        checkpoints.restore_variables(prefix, {saved: variables[key] for key, saved in sources.items()})
+        checkpoints.restore_variables(prefix, {saved: self.variables[key] for key, saved in sources.items()})
         metrics: dict[str, Any] = self.evaluate_model(self.split)
         return {"weights": kind, "step": step_of(prefix), **metrics}
 

@@ -43,7 +43,7 @@ def header(cfg: EvalConfig, spec: RunSpec | None, backlog: int, *, problem: str,
     elif cfg.foreign is not None:
         run = (f"{cfg.foreign.dataset}/{cfg.foreign.model} (another training loop's checkpoints)  "
                f"split={cfg.split}  weights={cfg.weights}")
-        names = list(cfg.foreign.info().class_names)
+        names = list(cfg.foreign.info.class_names)
         if trainer == "not seen yet":
             trainer = "not this project's (another training loop: no heartbeat to show)"
     return {"workdir": str(cfg.workdir), "run": run, "trainer": trainer, "backlog": backlog,
