@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from common.errors import UsageError
+from common.errors import UsageError, WorkdirIOError
 
 SCHEMES = ("s3", "gs")
 _URL = re.compile(r"^(s3|gs)://([^/]+)/?(.*)$")
@@ -96,8 +96,8 @@ def filesystem(url: BucketURL) -> Any:
 
 def transient(error: BaseException) -> bool:
     """Whether retrying the request may help: timeouts, network errors, 5xx and throttling (429)."""
-    if isinstance(error, _FINAL) or _precondition_failed(error):
-        return False
+    if isinstance(error, _FINAL) or _precondition_failed(error) or "Credentials" in type(error).__name__:
+        return False  # botocore's NoCredentialsError and the like: the environment must change, not the network
     code = getattr(error, "code", None)
     if isinstance(code, int):
         return code >= 500 or code == 429
@@ -184,6 +184,10 @@ class Bucket:
                              "(create it first)") from None
         except PermissionError as e:
             raise UsageError(f"--workdir {self.url.url()}: access denied to the bucket: {one_line(e)}") from None
+        except OSError as e:  # retried in vain: the store cannot be reached
+            raise WorkdirIOError(f"--workdir {self.url.url()}: cannot reach the bucket: {one_line(e)}") from None
+        except Exception as e:  # no credentials, or another answer that no retry changes
+            raise UsageError(f"--workdir {self.url.url()}: cannot use the bucket: {one_line(e)}") from None
 
     def verify(self, key: str, data_md5: bytes, size: int) -> None:
         """Check an uploaded object against the local file: its size, and its MD5 where the store gives one.

@@ -14,10 +14,12 @@ TF appends `/.ATTRIBUTES/VARIABLE_VALUE` to each path to form the tensor key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import tensorflow as tf
@@ -25,7 +27,8 @@ from google.protobuf import text_format
 from tensorflow.python.training import checkpoint_state_pb2
 
 from common.errors import ProjectError
-from common.storage import Storage, as_storage, open_storage
+from common.paths import BucketPath, Workdir, is_bucket
+from common.storage import Gone, Storage, as_storage, open_storage
 from common.workdir import CHECKPOINT_PREFIX
 
 STATE_FILE = "checkpoint"
@@ -97,12 +100,12 @@ class State:
         return dict(zip(reversed(self.paths), reversed(self.timestamps), strict=True))
 
 
-def state_path(workdir: str | Path) -> Path:
+def state_path(workdir: str | Workdir) -> Path:
     """Where the state file of `workdir` lies."""
     return Path(workdir) / STATE_FILE
 
 
-def read_state(workdir: str | Path | Storage) -> State | None:
+def read_state(workdir: str | Workdir | Storage) -> State | None:
     """Parse the state file; None when there is none.
 
     Raises:
@@ -149,18 +152,20 @@ def state_bytes(state: State) -> bytes:
     return text_format.MessageToString(proto).encode("utf-8")
 
 
-def write_state(workdir: str | Path | Storage, state: State) -> None:
+def write_state(workdir: str | Workdir | Storage, state: State) -> None:
     """Write the state file atomically (see `Storage.write`)."""
     as_storage(workdir).write(STATE_FILE, state_bytes(state))
 
 
-def resolve(workdir: str | Path, path: str) -> Path:
+def resolve(workdir: str | Workdir, path: str) -> Workdir:
     """Resolve a checkpoint path from the state file (relative to the workdir, as TF writes it).
 
     A TF1 Saver writes absolute paths: one into the workdir by another spelling (a symlink) is the
     workdir's; so is one that names no checkpoint where it points, when the workdir holds one of that
-    file name (the workdir was moved).
+    file name (the workdir was moved). In a bucket workdir a path is relative, or a full URL.
     """
+    if is_bucket(workdir):
+        return BucketPath(path) if is_bucket(path) else BucketPath(str(workdir)) / path
     p = Path(path)
     named = p if p.is_absolute() else Path(workdir) / p
     if named.parent == Path(workdir):
@@ -173,11 +178,23 @@ def resolve(workdir: str | Path, path: str) -> Path:
     return named
 
 
-def inside(workdir: str | Path, path: str) -> bool:
+def inside(workdir: str | Workdir, path: str) -> bool:
     """Whether state-file path `path` names a checkpoint directly in `workdir` (no `..`, no elsewhere)."""
+    if is_bucket(workdir):
+        name = path[len(os.fspath(workdir)) + 1:] if path.startswith(os.fspath(workdir) + "/") else path
+        return not is_bucket(name) and name not in ("", ".", "..") and "/" not in name
     root = Path(os.path.abspath(workdir))
     target = Path(os.path.normpath(resolve(root, path)))
     return target.parent == root
+
+
+def key_in(workdir: Workdir, path: str) -> str | None:
+    """The storage key of state-file path `path` (relative, or absolute inside `workdir`), or None if outside."""
+    if is_bucket(workdir):
+        return resolve(workdir, path).name if inside(workdir, path) else None
+    target = os.path.normpath(resolve(workdir, path))
+    relative = os.path.relpath(target, os.path.abspath(workdir))
+    return None if relative == "." or relative.startswith("..") else Path(relative).as_posix()
 
 
 def files_of(prefix: str | Path) -> list[Path]:
@@ -186,12 +203,19 @@ def files_of(prefix: str | Path) -> list[Path]:
     return [prefix.parent / key for key in open_storage(prefix.parent).checkpoint_files(prefix.name)]
 
 
-def index_fingerprint(prefix: str | Path) -> str | None:
+def index_fingerprint(prefix: str | Workdir) -> str | None:
     """`<size>:<crc32>` of checkpoint `prefix`'s `.index` file, or None when it cannot be read.
 
     The index holds the checksum of every tensor, so it identifies a checkpoint's content: a
     checkpoint rewritten under the same name gets another fingerprint, a copied one keeps it.
     """
+    if is_bucket(prefix):  # one small GET: the index only
+        bucket_prefix = BucketPath(str(prefix))
+        try:
+            data = open_storage(bucket_prefix.parent).read(f"{bucket_prefix.name}.index")
+        except OSError:
+            return None
+        return None if data is None else f"{len(data)}:{zlib.crc32(data):08x}"
     crc, size = 0, 0
     try:
         with open(f"{prefix}.index", "rb") as f:
@@ -202,18 +226,41 @@ def index_fingerprint(prefix: str | Path) -> str | None:
     return f"{size}:{crc:08x}"
 
 
-def on_disk(workdir: str | Path | Storage) -> list[int]:
+@contextlib.contextmanager
+def local_copy(prefix: str | Workdir) -> Iterator[Path]:
+    """A local prefix TF can read checkpoint `prefix` from: itself, or a pinned download of a bucket's.
+
+    Raises:
+      Gone: a bucket's checkpoint vanished or changed during the download (see `Storage.pin`).
+    """
+    if is_bucket(prefix):
+        bucket_prefix = BucketPath(str(prefix))
+        with open_storage(bucket_prefix.parent).pin(bucket_prefix.name) as local:
+            yield local
+    else:
+        yield Path(prefix)
+
+
+def on_disk(workdir: str | Workdir | Storage) -> list[int]:
     """Steps of the `model-<step>` checkpoints whose index file exists, ascending."""
     names = as_storage(workdir).names("", f"{PREFIX}-*.index")
     steps = (step_of(name[: -len(".index")]) for name in names)
     return sorted(s for s in steps if s is not None)
 
 
-def check_readable(prefix: str | Path) -> str | None:
+def check_readable(prefix: str | Workdir) -> str | None:
     """Why checkpoint `prefix` cannot be read (missing, truncated, corrupt), or None if it can.
 
-    Costs one full read of the checkpoint (milliseconds for these models).
+    Costs one full read of the checkpoint (milliseconds for these models; a download from a bucket).
     """
+    if is_bucket(prefix):
+        try:
+            with local_copy(prefix) as local:
+                return check_readable(local)
+        except Gone as e:
+            return str(e)
+        except OSError as e:
+            return f"cannot download it ({e.strerror or e})"
     prefix = Path(prefix)
     index = Path(f"{prefix}.index")
     if not index.is_file():

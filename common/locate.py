@@ -11,7 +11,9 @@ from pathlib import Path
 
 from common import checkpoints
 from common.errors import UsageError
+from common.paths import BucketPath, Workdir
 from common.protocol import BestEntry
+from common.storage import open_storage
 from common.workdir import BEST_LINK, EVAL_DIR
 
 BEST = "best"  # the evaluator's best checkpoint, kept under eval/best
@@ -23,7 +25,7 @@ Which = str | int  # one of the three names above, or a step number
 class LocateError(UsageError):
     """No usable checkpoint is there; `why` says what is missing, and `source` where."""
 
-    def __init__(self, source: Path, why: str) -> None:
+    def __init__(self, source: Workdir, why: str) -> None:
         super().__init__(f"{source}: {why}")
         self.source = source
         self.why = why
@@ -41,15 +43,18 @@ class Unreadable(LocateError):
     """The checkpoint named is missing, truncated or corrupt; `source` is its prefix."""
 
 
-def best_prefix(workdir: Path) -> Path | None:
-    """The prefix of the best checkpoint's files under eval/best, or None."""
+def best_prefix(workdir: Workdir) -> Workdir | None:
+    """The prefix of the best checkpoint's files under eval/best (a bucket's: the folder it points to), or None."""
     entry = BestEntry.read(workdir)  # a best.json without a checkpoint name reads as none
     if entry is None:
         return None
+    if isinstance(workdir, BucketPath):
+        folder = open_storage(workdir).pointer(f"{EVAL_DIR}/{BEST_LINK}")
+        return None if folder is None else workdir / EVAL_DIR / folder / entry.checkpoint
     return workdir / EVAL_DIR / BEST_LINK / entry.checkpoint
 
 
-def latest_prefix(workdir: Path) -> Path | None:
+def latest_prefix(workdir: Workdir) -> Workdir | None:
     """The prefix of the checkpoint the state file names, or None when there is no state file."""
     state = checkpoints.read_state(workdir)
     if state is None or state.latest is None:
@@ -57,11 +62,12 @@ def latest_prefix(workdir: Path) -> Path | None:
     return checkpoints.resolve(workdir, state.latest)
 
 
-def locate(source: Path, which: Which = BEST_ELSE_LATEST, *, check: bool = True) -> Path:
+def locate(source: Workdir, which: Which = BEST_ELSE_LATEST, *, check: bool = True) -> Workdir:
     """The checkpoint prefix that `which` names in workdir `source`, or `source` itself if it is not a folder.
 
     Args:
-      source: a workdir, or a checkpoint prefix (`runs/x/model-1000`), which is used as it is.
+      source: a workdir, or a checkpoint prefix (`runs/x/model-1000`), which is used as it is; either
+        may be in a bucket (`s3://b/x`), whose checkpoints callers read through `checkpoints.local_copy`.
       which: for a workdir, `BEST`, `LATEST`, `BEST_ELSE_LATEST` or a step number.
       check: read the whole checkpoint to make sure it is usable. Callers that restore it at once
         may skip this: the restore reads it anyway and raises `CheckpointError`.
@@ -76,7 +82,7 @@ def locate(source: Path, which: Which = BEST_ELSE_LATEST, *, check: bool = True)
       CheckpointError: the workdir's state file is broken.
       ValueError: `which` is none of the above.
     """
-    prefix = _in_workdir(source, which) if source.is_dir() else source
+    prefix = _in_workdir(source, which) if is_workdir(source) else source
     if check:
         why = checkpoints.check_readable(prefix)
         if why:
@@ -84,10 +90,22 @@ def locate(source: Path, which: Which = BEST_ELSE_LATEST, *, check: bool = True)
     return prefix
 
 
-def _by_step(workdir: Path, step: int) -> Path:
+def is_workdir(source: Workdir) -> bool:
+    """Whether `source` is a workdir rather than a checkpoint prefix (in a bucket: has no `.index` object)."""
+    return not _has_index(source) if isinstance(source, BucketPath) else source.is_dir()
+
+
+def _has_index(prefix: Workdir) -> bool:
+    """Whether checkpoint `prefix`'s `.index` file (or object) exists."""
+    if isinstance(prefix, BucketPath):
+        return open_storage(prefix.parent).stat(f"{prefix.name}.index") is not None
+    return Path(f"{prefix}.index").exists()
+
+
+def _by_step(workdir: Workdir, step: int) -> Workdir:
     """`model-<step>`, else the listed checkpoint of that step (a TF1 Saver's `<name>-<step>`)."""
     own = workdir / checkpoints.name_for(step)
-    if Path(f"{own}.index").exists():
+    if _has_index(own):
         return own
     state = checkpoints.read_state(workdir)
     for name in state.paths if state is not None else []:
@@ -96,7 +114,7 @@ def _by_step(workdir: Path, step: int) -> Path:
     return own
 
 
-def _in_workdir(workdir: Path, which: Which) -> Path:
+def _in_workdir(workdir: Workdir, which: Which) -> Workdir:
     """The prefix `which` names in `workdir`, before any check that it can be read."""
     if isinstance(which, int):
         return _by_step(workdir, which)

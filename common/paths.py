@@ -1,8 +1,9 @@
 """Path checks every program applies before it writes or deletes: local paths only, deletes stay inside.
 
 Two rules from the README's promise that nothing of the user's is lost:
-  - a `scheme://` path (a bucket URL) is refused, since `pathlib.Path` would quietly turn
-    `s3://bucket/run` into the local folder `s3:/bucket/run`;
+  - a workdir is a local `Path` or, for `s3://` and `gs://`, a `BucketPath`, never a `Path` of a URL,
+    since `pathlib.Path` would quietly turn `s3://bucket/run` into the local folder `s3:/bucket/run`;
+    any other `scheme://` path is refused;
   - a delete goes ahead only when the path, with every link resolved, lies inside the folder the
     program owns (the workdir, or an output folder it created). A link is removed as a link.
 """
@@ -14,6 +15,7 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeAlias
 
 from common.errors import UsageError, WorkdirIOError
 
@@ -34,6 +36,66 @@ def require_local(flag: str, value: str | os.PathLike[str] | None) -> None:
     if value is not None and is_url(value):
         raise UsageError(f"{flag} {os.fspath(value)!r}: URLs such as s3:// or gs:// are not supported yet; "
                          "give a local folder")
+
+
+class BucketPath:
+    """A bucket workdir's URL (`s3://bucket/prefix`), or a key under it, carried where a local one is a `Path`.
+
+    Joins with `/` keep the `//` that `Path` would collapse. `os.fspath` gives the URL, so that
+    `open_storage` and the protocol's `read(workdir)` take it as they take a local folder; what only
+    a local folder can do (TF paths, `mkdir`, links) asks `is_bucket(workdir)` first.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def __truediv__(self, key: str | os.PathLike[str]) -> BucketPath:
+        return BucketPath(f"{self.url}/{os.fspath(key).strip('/')}")
+
+    def __fspath__(self) -> str:
+        return self.url
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"BucketPath({self.url!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BucketPath) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    @property
+    def name(self) -> str:
+        """The last part of the URL (`model-5` of `s3://b/run/model-5`)."""
+        return self.url.rpartition("/")[2]
+
+    @property
+    def parent(self) -> BucketPath:
+        """The URL without its last part."""
+        return BucketPath(self.url.rpartition("/")[0])
+
+
+Workdir: TypeAlias = Path | BucketPath  # a local folder, or a bucket's s3:// or gs:// prefix
+
+
+def is_bucket(value: str | os.PathLike[str]) -> bool:
+    """Whether `value` is an `s3://` or `gs://` URL (a bucket workdir)."""
+    return re.match(r"^(s3|gs)://", os.fspath(value)) is not None
+
+
+def as_workdir(value: str | os.PathLike[str]) -> Workdir:
+    """`value` as a workdir: a `BucketPath` for `s3://` and `gs://`, else a local `Path`.
+
+    Raises:
+      UsageError: `value` is another `scheme://` URL.
+    """
+    if isinstance(value, BucketPath) or is_bucket(value):
+        return BucketPath(os.fspath(value))
+    require_local("the path", value)
+    return Path(value)
 
 
 def is_inside(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:
@@ -89,6 +151,23 @@ def local_path(flag: str) -> Callable[[str], Path]:
     return convert
 
 
+def workdir_path(flag: str) -> Callable[[str], Workdir]:
+    """An argparse `type` for a workdir or checkpoint flag: a local `Path`, or a `BucketPath` for s3:// and gs://."""
+    local = local_path(flag)
+
+    def convert(value: str) -> Workdir:
+        return BucketPath(value) if is_bucket(value) else local(value)
+
+    convert.__name__ = "path"
+    return convert
+
+
+def workdir_text(flag: str) -> Callable[[str], str]:
+    """Like `workdir_path`, for flags whose value the program keeps as a string."""
+    local = local_text(flag)
+    return lambda value: value if is_bucket(value) else local(value)
+
+
 def local_text(flag: str) -> Callable[[str], str]:
     """Like `local_path`, for flags whose value the program keeps as a string."""
 
@@ -98,3 +177,11 @@ def local_text(flag: str) -> Callable[[str], str]:
 
     convert.__name__ = "path"
     return convert
+
+
+def local_only(workdir: Workdir, what: str) -> Path:
+    """`workdir` as a local `Path`; a bucket's is refused (exit 2) for `what`, which does not take one yet."""
+    if isinstance(workdir, BucketPath):
+        raise UsageError(f"{what} --workdir {workdir}: a bucket workdir is not supported here yet; "
+                         "give a local folder")
+    return workdir

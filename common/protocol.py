@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from common.paths import Workdir
 from common.storage import open_storage, read_json, write_json
 from common.workdir import BEST_JSON, DONE_FILE, EVAL_DIR, HEARTBEAT_FILE, STOP_REQUEST_FILE
 
@@ -97,11 +98,11 @@ class EarlyStopRequest:
         return {**self.extra, "step": self.step, "reason": self.reason, "time": self.time, "pid": self.pid}
 
     @classmethod
-    def read(cls, workdir: Path) -> EarlyStopRequest | None:
+    def read(cls, workdir: Workdir) -> EarlyStopRequest | None:
         """The workdir's stop request, or None if there is none or it cannot be read."""
         return cls.from_json(read_json(open_storage(workdir), STOP_REQUEST_FILE))
 
-    def write(self, workdir: Path) -> None:
+    def write(self, workdir: Workdir) -> None:
         write_json(open_storage(workdir), STOP_REQUEST_FILE, self.to_json())
 
 
@@ -144,10 +145,10 @@ class TrainerHeartbeat:
         return {**self.extra, **_without_none(fields | {SPENT_KEY: spent})}
 
     @classmethod
-    def read(cls, workdir: Path) -> TrainerHeartbeat | None:
+    def read(cls, workdir: Workdir) -> TrainerHeartbeat | None:
         return cls.from_json(read_json(open_storage(workdir), HEARTBEAT_FILE))
 
-    def write(self, workdir: Path) -> None:
+    def write(self, workdir: Workdir) -> None:
         write_json(open_storage(workdir), HEARTBEAT_FILE, self.to_json())
 
 
@@ -182,10 +183,10 @@ class TrainingDone:
                 "stop_reason": self.stop_reason, "ema_metrics": self.ema_metrics, SPENT_KEY: spent}
 
     @classmethod
-    def read(cls, workdir: Path) -> TrainingDone | None:
+    def read(cls, workdir: Workdir) -> TrainingDone | None:
         return cls.from_json(read_json(open_storage(workdir), DONE_FILE))
 
-    def write(self, workdir: Path) -> None:
+    def write(self, workdir: Workdir) -> None:
         write_json(open_storage(workdir), DONE_FILE, self.to_json())
 
 
@@ -218,7 +219,7 @@ class BestEntry:
         return {**self.extra, **{k: getattr(self, k) for k in _BEST_SCHEMA}}
 
     @classmethod
-    def read(cls, workdir: Path) -> BestEntry | None:
+    def read(cls, workdir: Workdir) -> BestEntry | None:
         """The workdir's best checkpoint (eval/best.json), or None if there is none yet or it is unreadable."""
         return cls.from_json(read_json(open_storage(workdir), f"{EVAL_DIR}/{BEST_JSON}"))
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from common import __version__
 from common.errors import UsageError
 from common.inputspec import InputSpec, Preprocessing
+from common.paths import Workdir
 from common.storage import open_storage, write_json
 from common.workdir import RUN_FILE
 
@@ -250,7 +251,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def read_run(workdir: str | Path) -> RunSpec | None:
+def read_run(workdir: str | Workdir) -> RunSpec | None:
     """Read `run.json`; None if the workdir has none.
 
     Raises:
@@ -303,6 +304,6 @@ def _fields_from_json(data: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def write_run(workdir: str | Path, spec: RunSpec) -> None:
+def write_run(workdir: str | Workdir, spec: RunSpec) -> None:
     """Write `run.json` atomically."""
     write_json(open_storage(workdir), RUN_FILE, spec.to_json())

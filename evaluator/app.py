@@ -10,6 +10,7 @@ from rich.console import Console, Group
 
 from common.errors import UsageError
 from common.keymap import parse_map
+from common.paths import BucketPath
 from common.protocol import BestEntry
 from common.signals import StopRequest, stop_on_signals
 from common.tf1graph import GraphFlags
@@ -22,9 +23,16 @@ from evaluator.loop import json_lines, run_once, run_watch
 def config_from(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(workdir=args.workdir, split=args.split, weights=args.weights, policy=args.policy,
                       data_dir=args.data_dir, rescan_secs=args.rescan_secs, poll=args.poll,
-                      poll_secs=args.poll_secs, exit_when_done=args.exit_when_done, patience=args.patience,
+                      poll_secs=_poll_secs(args), exit_when_done=args.exit_when_done, patience=args.patience,
                       min_delta=args.min_delta, per_class=args.per_class, graph=graph_flags(args),
                       foreign=foreign_flags(args))
+
+
+def _poll_secs(args: argparse.Namespace) -> float:
+    """--poll-secs, by default 1 s, or 2 s for a bucket: each poll is a few requests over the network."""
+    if args.poll_secs is not None:
+        return float(args.poll_secs)
+    return 2.0 if isinstance(args.workdir, BucketPath) else 1.0
 
 
 def foreign_flags(args: argparse.Namespace) -> ForeignFlags | None:

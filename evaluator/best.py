@@ -26,7 +26,7 @@ from typing import Any
 from common import checkpoints, locate
 from common.checkpoints import State
 from common.fileio import atomic_write_bytes
-from common.paths import OutsideError
+from common.paths import BucketPath, OutsideError, Workdir
 from common.protocol import BestEntry, LedgerRow
 from common.storage import Gone, Storage, open_storage
 from common.workdir import BEST_JSON, BEST_LINK, EVAL_DIR
@@ -56,7 +56,7 @@ def improves(record: Record, best: BestEntry | Mapping[str, Any] | None) -> bool
     return float(row.accuracy) > float(-1.0 if accuracy is None else accuracy)
 
 
-def promote(workdir: Path, private_prefix: Path, record: Record, *, warn: Warn = _to_stderr) -> BestEntry:
+def promote(workdir: Workdir, private_prefix: Path, record: Record, *, warn: Warn = _to_stderr) -> BestEntry:
     """Make the pinned folder holding `private_prefix` the new best; return its best.json entry.
 
     The folder becomes `eval/best-<step>-<id>/` (`Storage.adopt`), then the `best` pointer is
@@ -87,7 +87,7 @@ def promote(workdir: Path, private_prefix: Path, record: Record, *, warn: Warn =
     return entry
 
 
-def catch_up(workdir: Path, records: list[Record], *, weights: str, warn: Warn = _to_stderr) -> BestEntry | None:
+def catch_up(workdir: Workdir, records: list[Record], *, weights: str, warn: Warn = _to_stderr) -> BestEntry | None:
     """Promote the ledger's best validation result if eval/best lags behind it; return the new entry or None.
 
     The ledger is written before a promotion, so a promotion that failed (full disk) or was cut
@@ -118,7 +118,7 @@ def catch_up(workdir: Path, records: list[Record], *, weights: str, warn: Warn =
 class BestKeeper:
     """Keeps eval/best up to date through one evaluator run, and says why when it lags behind."""
 
-    def __init__(self, workdir: Path, *, weights: str, warn: Warn = _to_stderr) -> None:
+    def __init__(self, workdir: Workdir, *, weights: str, warn: Warn = _to_stderr) -> None:
         self.workdir = workdir
         self.weights = weights  # whose results rank checkpoints (the primary weights)
         self.warn = warn
@@ -168,7 +168,7 @@ def _remove(storage: Storage, key: str, warn: Warn) -> None:
         warn(f"cannot delete {storage.describe(key)}: {e.strerror or e}")
 
 
-def adopt_copied_best(workdir: Path, *, warn: Warn = _to_stderr) -> None:
+def adopt_copied_best(workdir: Workdir, *, warn: Warn = _to_stderr) -> None:
     """Turn an `eval/best` that is a real folder (a workdir copied with `cp -rL` or `scp -r`) into a link.
 
     The folder keeps its files and stays the best: it is renamed to `eval/best-<step>-<id>/` and
@@ -178,6 +178,8 @@ def adopt_copied_best(workdir: Path, *, warn: Warn = _to_stderr) -> None:
     A repair of local copies only, so it looks at the local folder: copying a bucket keeps
     `eval/best.json`, the pointer, as it is.
     """
+    if isinstance(workdir, BucketPath):
+        return
     storage = open_storage(workdir)
     eval_dir = workdir / EVAL_DIR
     link, described = eval_dir / BEST_LINK, eval_dir / BEST_JSON
@@ -199,10 +201,10 @@ def adopt_copied_best(workdir: Path, *, warn: Warn = _to_stderr) -> None:
     warn(f"{link} was a folder, not a link (a copied workdir?): kept it as {target}, linked from {link}")
 
 
-def clean_stale(workdir: Path, *, warn: Warn = _to_stderr) -> None:
+def clean_stale(workdir: Workdir, *, warn: Warn = _to_stderr) -> None:
     """Remove best folders the `best` pointer no longer names, leftovers of interrupted switches and dead readers."""
     storage = open_storage(workdir)
-    if not (workdir / EVAL_DIR).is_dir():
+    if isinstance(workdir, Path) and not (workdir / EVAL_DIR).is_dir():
         return
     try:
         adopt_copied_best(workdir, warn=warn)
@@ -217,7 +219,7 @@ def clean_stale(workdir: Path, *, warn: Warn = _to_stderr) -> None:
     else:
         for name in storage.names(EVAL_DIR, f"{_FOLDER_PREFIX}*"):
             path = workdir / EVAL_DIR / name  # a file of that name is not ours (locally; a store has no such kinds)
-            if name != current and (path.is_dir() or path.is_symlink()):
+            if name != current and (isinstance(path, BucketPath) or path.is_dir() or path.is_symlink()):
                 _remove(storage, f"{EVAL_DIR}/{name}", warn)
     for name in storage.names(EVAL_DIR, ".*.link-*"):
         _remove(storage, f"{EVAL_DIR}/{name}", warn)
@@ -225,6 +227,6 @@ def clean_stale(workdir: Path, *, warn: Warn = _to_stderr) -> None:
         warn(problem)
 
 
-def best_prefix(workdir: Path) -> Path | None:
+def best_prefix(workdir: Workdir) -> Workdir | None:
     """The prefix of the best checkpoint's files under eval/best, or None (see `common.locate`)."""
     return locate.best_prefix(workdir)

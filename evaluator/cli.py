@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from common.errors import ProjectError, UsageError
-from common.paths import local_path, local_text
+from common.paths import local_path, local_text, workdir_path
 
 DEFAULT_WORKDIR = Path("runs") / "fashion-mnist-cnn"
 DEFAULT_NICE = 10  # evaluations compute with the CPU the trainer leaves (bench B8 measures the pair)
@@ -35,7 +35,8 @@ def parser() -> argparse.ArgumentParser:
                    help="folder holding the four IDX files (default: the usual places)")
     p.add_argument("--rescan-secs", type=float, default=10.0, help="rescan without events this often (default 10)")
     p.add_argument("--poll", action="store_true", help="poll instead of inotify (network filesystems)")
-    p.add_argument("--poll-secs", type=float, default=1.0, help="polling interval with --poll (default 1)")
+    p.add_argument("--poll-secs", type=float, help="polling interval with --poll, and of a bucket workdir "
+                   "(default 1; 2 for a bucket)")
     p.add_argument("--exit-when-done", action="store_true",
                    help="watch mode: exit 0 once the finished run's last checkpoint is evaluated")
     p.add_argument("--patience", type=int, default=0,
@@ -59,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _workdir(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", type=local_path("--workdir"), default=DEFAULT_WORKDIR,
+    p.add_argument("--workdir", type=workdir_path("--workdir"), default=DEFAULT_WORKDIR,
                    help=f"the trainer's workdir (default {DEFAULT_WORKDIR})")
 
 

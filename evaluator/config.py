@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from common.errors import UsageError
+from common.paths import BucketPath, Workdir
 from common.tf1graph import GraphFlags
 from evaluator.core import WEIGHT_CHOICES
 from evaluator.foreign import ForeignFlags
@@ -18,7 +19,7 @@ MAX_INTERVAL_SECS = 86400.0  # --rescan-secs, --poll-secs and --silent-secs: lon
 class EvalConfig:
     """Everything one `evaluator` invocation needs."""
 
-    workdir: Path  # the trainer's workdir
+    workdir: Workdir  # the trainer's workdir: a local folder or a bucket
     split: str = "validation"  # validation or test
     weights: str = "ema"  # ema, raw or both
     policy: str = "all"  # all: every pending checkpoint, oldest first; latest: only the newest
@@ -54,9 +55,12 @@ class EvalConfig:
             raise UsageError("--tf1-graph needs --dataset: the workdir has no run.json to say which")
         if self.patience and self.split != "validation":
             raise UsageError("--patience watches the validation split; drop --split test")
+        if isinstance(self.workdir, BucketPath) and (self.graph is not None or self.foreign is not None):
+            raise UsageError(f"--{'tf1-graph' if self.graph is not None else 'model'} goes with a local --workdir, "
+                             f"not {self.workdir}")
 
 
-def require_folder(workdir: Path) -> None:
+def require_folder(workdir: Workdir) -> None:
     """Refuse a workdir that exists but is not a folder (a file given by mistake)."""
-    if workdir.exists() and not workdir.is_dir():
+    if isinstance(workdir, Path) and workdir.exists() and not workdir.is_dir():
         raise UsageError(f"--workdir {workdir}: this is a file, not a folder")

@@ -13,6 +13,7 @@ import numpy as np
 from common import checkpoints, datasets, loader
 from common.checkpoints import CheckpointError
 from common.evaluation import Evaluation
+from common.paths import Workdir
 from common.runconfig import RunSpec
 from common.storage import Gone, open_storage
 from evaluator.ledger import FAILED, FINGERPRINT, Record
@@ -33,7 +34,7 @@ class SnapshotEvaluator:
     Subclasses say how one kind of weights of a snapshot is evaluated (`_evaluate_weights`).
     """
 
-    def __init__(self, workdir: Path, split: datasets.Split, *, split_name: str, weights: str) -> None:
+    def __init__(self, workdir: Workdir, split: datasets.Split, *, split_name: str, weights: str) -> None:
         if weights not in WEIGHT_CHOICES:
             raise ValueError(f"`weights` ({weights!r}) must be one of {sorted(WEIGHT_CHOICES)}")
         self.workdir = workdir
@@ -106,7 +107,7 @@ class SnapshotEvaluator:
 class CheckpointEvaluator(SnapshotEvaluator):
     """Evaluate checkpoints of one of this project's runs: its model, built from run.json."""
 
-    def __init__(self, workdir: Path, spec: RunSpec, split: datasets.Split, *, split_name: str,
+    def __init__(self, workdir: Workdir, spec: RunSpec, split: datasets.Split, *, split_name: str,
                  weights: str) -> None:
         super().__init__(workdir, split, split_name=split_name, weights=weights)
         self.spec = spec

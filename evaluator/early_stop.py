@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 from common.errors import WorkdirIOError
+from common.paths import Workdir
 from common.protocol import EarlyStopRequest
 from common.workdir import STOP_REQUEST_FILE
 from evaluator.rows import Row
@@ -33,7 +33,7 @@ def without_improvement(rows: list[Row], *, min_delta: float) -> tuple[int, Row 
     return count, best
 
 
-def check_patience(workdir: Path, rows: list[Row], *, patience: int, min_delta: float) -> str:
+def check_patience(workdir: Workdir, rows: list[Row], *, patience: int, min_delta: float) -> str:
     """Ask the trainer to stop if patience ran out; return the request's reason, or "" if not asked.
 
     Raises:
@@ -49,7 +49,7 @@ def check_patience(workdir: Path, rows: list[Row], *, patience: int, min_delta: 
     return reason
 
 
-def request_stop(workdir: Path, step: int | None, reason: str) -> None:
+def request_stop(workdir: Workdir, step: int | None, reason: str) -> None:
     """Write the stop request for `step`, unless the workdir's request already names that step.
 
     Raises:

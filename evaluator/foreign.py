@@ -24,6 +24,7 @@ from common.checkpoints import READ_ERRORS, CheckpointError
 from common.errors import UsageError
 from common.evaluation import Evaluation
 from common.keymap import KeyMap, map_keys
+from common.paths import Workdir
 from evaluator.core import SnapshotEvaluator
 from evaluator.ledger import Record
 
@@ -136,7 +137,7 @@ def _check(kind: str, flag: str, assign: dict[str, str], targets: dict[str, tf.V
 class ForeignEvaluator(SnapshotEvaluator):
     """Evaluate another training loop's checkpoints with the flags' model, through the planned key mapping."""
 
-    def __init__(self, workdir: Path, flags: ForeignFlags, info: datasets.DatasetInfo, split: datasets.Split, *,
+    def __init__(self, workdir: Workdir, flags: ForeignFlags, info: datasets.DatasetInfo, split: datasets.Split, *,
                  split_name: str, weights: str) -> None:
         super().__init__(workdir, split, split_name=split_name, weights=weights)
         self.flags = flags
@@ -171,7 +172,7 @@ def step_of(prefix: Path) -> int | None:
     return checkpoints.saver_step(prefix)
 
 
-def prepare(workdir: Path, flags: ForeignFlags, *, split_name: str, weights: str,
+def prepare(workdir: Workdir, flags: ForeignFlags, *, split_name: str, weights: str,
             data_dir: str | None, newest: Path | None) -> ForeignEvaluator:
     """The core for a `--model` workdir; the mapping is planned now on `newest`, if there is a checkpoint yet.
 

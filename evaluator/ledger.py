@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import WorkdirIOError
+from common.paths import Workdir
 from common.protocol import FINGERPRINT, LedgerRow
 from common.storage import open_storage
 from common.workdir import EVAL_DIR, LEDGER_FILE
@@ -55,7 +56,7 @@ def candidate_keys(checkpoint: str, *, fingerprint: str | None, committed: float
 class Ledger:
     """Reads and appends the evaluation records of one workdir."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Workdir) -> None:
         self.storage = open_storage(workdir)
         self.key = f"{EVAL_DIR}/{LEDGER_FILE}"
         self.path = Path(self.storage.describe(self.key))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 
 from common.checkpoints import CheckpointError
 from common.errors import ProjectError, UsageError
@@ -62,7 +63,7 @@ def run_watch(cfg: EvalConfig, display: Display, stop: StopRequest) -> None:
     session = Session(cfg)
     wake = Wake()
     stop.on_set.append(wake.set)
-    while not stop and not cfg.workdir.is_dir():
+    while not stop and isinstance(cfg.workdir, Path) and not cfg.workdir.is_dir():  # a bucket's prefix is there
         require_folder(cfg.workdir)
         display.update([], session.status(0) | {"state": f"waiting for {cfg.workdir} to appear"})
         wake.wait(0.5)

@@ -21,7 +21,7 @@ from common import checkpoints, datasets
 from common.errors import UsageError
 from common.loader import load_model
 from common.locate import BEST, NoBest, Unreadable, locate
-from common.paths import remove
+from common.paths import Workdir, local_only, remove
 from common.runconfig import RunSpec, read_run
 from common.tf1graph import GraphFlags, SaverGraph, meta_of, missing_file
 from common.workdir import EVAL_DIR
@@ -46,7 +46,7 @@ def resolve(workdir: Path, step: str, *, tf1: bool = False) -> tuple[int, Path]:
     if step == BEST:
         try:
             # Not checked here: the restore that follows reads the whole checkpoint anyway.
-            prefix = locate(workdir, BEST, check=False)
+            prefix = Path(locate(workdir, BEST, check=False))
         except NoBest:
             raise UsageError(f"{workdir}: no best checkpoint yet (it is kept from validation evaluations)") from None
         number = checkpoints.saver_step(prefix.name) if tf1 else checkpoints.read_step(prefix)
@@ -60,7 +60,7 @@ def resolve(workdir: Path, step: str, *, tf1: bool = False) -> tuple[int, Path]:
         known = sorted({int(r["step"]) for r in records if r.get("step") is not None})
         raise UsageError(f"step {wanted} is not in the ledger (evaluated steps: {', '.join(map(str, known))})")
     try:
-        return wanted, locate(workdir, wanted, check=not tf1)
+        return wanted, Path(locate(workdir, wanted, check=not tf1))
     except Unreadable as e:
         raise UsageError(f"step {wanted} is no longer on disk ({e.why})") from None
 
@@ -173,7 +173,7 @@ def plot_curve(records: list[Record], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(workdir: Path, *, step: str = "best", split_name: str = "validation",
+def write_report(workdir: Workdir, *, step: str = "best", split_name: str = "validation",
                  data_dir: str | None = None, warn: Callable[[str], None] = print_warning,
                  graph: GraphFlags | None = None) -> Path:
     """Write eval/report-<step>/ and return it; `warn` shows what is odd about the data's source.
@@ -184,6 +184,7 @@ def write_report(workdir: Path, *, step: str = "best", split_name: str = "valida
       UsageError: no run.json, an empty ledger, a step not in the ledger or no longer on disk.
       CheckpointError: the checkpoint cannot be restored.
     """
+    workdir = local_only(workdir, "evaluator report")
     if graph is None:
         number, prefix, split, preds, names = _own_run(workdir, step, split_name, data_dir, warn)
     else:

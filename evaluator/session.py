@@ -15,8 +15,9 @@ from typing import Any
 
 from common import checkpoints, models, usermodel
 from common.errors import UsageError
+from common.paths import BucketPath, Workdir
 from common.runconfig import RunSpec, read_run
-from common.storage import open_storage
+from common.storage import Storage, open_storage
 from common.workdir import TB_DIR
 from evaluator import foreign, tf1core
 from evaluator.best import BestKeeper, clean_stale
@@ -62,14 +63,17 @@ class Session:
         self.spec: RunSpec | None = None
         self.first_seen: dict[Candidate, float] = {}
         self.problem = ""  # the current setup or state-file problem, shown until it clears
-        self.tensorboard = TensorBoardSink(cfg.workdir / TB_DIR / "eval")
+        bucket = isinstance(cfg.workdir, BucketPath)  # TF cannot write TensorBoard logs to S3 or an emulator
+        self.tensorboard = TensorBoardSink(None if bucket else Path(cfg.workdir) / TB_DIR / "eval")
         self.stop_requested = ""  # the reason of the stop request this session wrote, if any
         self.notes: list[str] = []  # one-off warnings (refused deletes, lost events), newest last
         self.unsent: list[str] = []  # notes the watch loop has not printed yet
         self.data_warnings: list[str] = []  # about where the data came from (RunSpec.load_data)
         self.best = BestKeeper(cfg.workdir, weights=self.weights[0], warn=self.note)
         self.deferred: set[Candidate] = set()  # failed in this scan cycle: retried in the next one
-        self._fingerprints: dict[Path, tuple[str, str | None]] = {}  # prefix -> (Stat.token, fingerprint)
+        self._fingerprints: dict[Workdir, tuple[str, str | None]] = {}  # prefix -> (Stat.token, fingerprint)
+        if bucket:
+            self.note("TensorBoard logs are not written for a bucket workdir")
 
     def prepare(self) -> SnapshotEvaluator:
         """Build the model from run.json (or import a TF1 Saver's graph, with --tf1-graph) and load the split (once)."""
@@ -107,13 +111,13 @@ class Session:
         for name in names:
             prefix = checkpoints.resolve(self.cfg.workdir, name)
             fingerprint = self._fingerprint(name, prefix) if checkpoints.inside(self.cfg.workdir, name) else None
-            found.append(Candidate(name, stamps.get(name) or _index_mtime(prefix), fingerprint))
+            found.append(Candidate(name, stamps.get(name) or _index_mtime(self.storage, prefix), fingerprint))
         now = time.time()
         for cand in found:
             self.first_seen.setdefault(cand, now)
         return sorted(found, key=lambda c: (c.committed, c.step or 0))
 
-    def _fingerprint(self, name: str, prefix: Path) -> str | None:
+    def _fingerprint(self, name: str, prefix: Workdir) -> str | None:
         """The .index fingerprint, read again only when the file changed (its `Stat.token`)."""
         try:
             stat = self.storage.stat(f"{Path(name).name}.index")
@@ -222,8 +226,11 @@ class Session:
         return header(self.cfg, self.spec, backlog, problem=self.problem, warnings=warnings + self.notes)
 
 
-def _index_mtime(prefix: Path) -> float:
+def _index_mtime(storage: Storage, prefix: Workdir) -> float:
     try:
+        if isinstance(prefix, BucketPath):
+            stat = storage.stat(f"{prefix.name}.index")
+            return stat.mtime if stat else 0.0
         return Path(f"{prefix}.index").stat().st_mtime
     except OSError:
         return 0.0

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 
 from common.errors import WorkdirIOError
+from common.paths import Workdir
 from common.storage import Gone, open_storage
 
 __all__ = ["Gone", "lease"]
 
 
 @contextlib.contextmanager
-def lease(workdir: Path, checkpoint: str) -> Iterator[None]:
+def lease(workdir: Workdir, checkpoint: str) -> Iterator[None]:
     """Tell the trainer's retention that this process is reading `checkpoint` (see `Storage.leased`).
 
     Raises:

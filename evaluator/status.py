@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
+from common.paths import Workdir
 from common.protocol import TrainerHeartbeat, TrainingDone
 from common.runconfig import RunSpec
 from evaluator.config import EvalConfig
@@ -13,7 +13,7 @@ from evaluator.ledger import FAILED, Ledger
 from evaluator.rows import Row
 
 
-def trainer_status(workdir: Path, silent_secs: float) -> tuple[str, str]:
+def trainer_status(workdir: Workdir, silent_secs: float) -> tuple[str, str]:
     """A line on the trainer (from done.json and heartbeat.json), and a warning if it went silent."""
     done = TrainingDone.read(workdir)
     if done is not None:

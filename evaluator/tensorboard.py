@@ -12,13 +12,14 @@ from evaluator.ledger import Record
 class TensorBoardSink:
     """Write `<split>/accuracy/<weights>` and `<split>/loss/<weights>` for each ok record."""
 
-    def __init__(self, logdir: Path) -> None:
+    def __init__(self, logdir: Path | None) -> None:
+        """`logdir` None (a bucket workdir, which TF cannot write to here) writes nothing."""
         self.logdir = logdir
         self._writer: tf.summary.SummaryWriter | None = None
 
     def write(self, records: list[Record]) -> None:
         ok = [r for r in records if r.get("status") == "ok" and r.get("step") is not None]
-        if not ok:
+        if not ok or self.logdir is None:
             return
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(str(self.logdir))

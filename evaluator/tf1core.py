@@ -16,6 +16,7 @@ from pathlib import Path
 from common import checkpoints, datasets
 from common.checkpoints import CheckpointError, State
 from common.errors import UsageError
+from common.paths import BucketPath, Workdir
 from common.tf1graph import GraphFlagError, GraphFlags, SaverGraph, meta_of, read_saver_step, saver_format
 from evaluator.core import SnapshotEvaluator
 from evaluator.ledger import Record
@@ -34,18 +35,18 @@ class WrongWorkdirKind(UsageError):
 FLAG_ERRORS = (GraphFlagError, WrongWorkdirKind)
 
 
-def listed_prefix(workdir: Path, state: State | None) -> Path | None:
+def listed_prefix(workdir: Workdir, state: State | None) -> Path | None:
     """The newest listed checkpoint of the workdir whose files are there, or None."""
-    if state is None:
+    if state is None or isinstance(workdir, BucketPath):  # TF1 Saver workdirs are local (EvalConfig)
         return None
     for name in reversed([*state.paths, state.latest or ""]):
-        prefix = checkpoints.resolve(workdir, name)
+        prefix = Path(checkpoints.resolve(workdir, name))
         if name and checkpoints.inside(workdir, name) and Path(f"{prefix}.index").exists():
             return prefix
     return None
 
 
-def check_kind(workdir: Path, *, tf1: bool) -> Path | None:
+def check_kind(workdir: Workdir, *, tf1: bool) -> Path | None:
     """Refuse a workdir whose checkpoints are not of the kind the flags say; return the newest one there.
 
     Raises:
@@ -68,7 +69,7 @@ def check_kind(workdir: Path, *, tf1: bool) -> Path | None:
 class GraphEvaluator(SnapshotEvaluator):
     """Evaluate TF1 Saver checkpoints through their meta graph, with EMA and/or raw weights."""
 
-    def __init__(self, workdir: Path, flags: GraphFlags, split: datasets.Split, *, split_name: str,
+    def __init__(self, workdir: Workdir, flags: GraphFlags, split: datasets.Split, *, split_name: str,
                  weights: str) -> None:
         super().__init__(workdir, split, split_name=split_name, weights=weights)
         self.flags = flags
@@ -88,7 +89,7 @@ class GraphEvaluator(SnapshotEvaluator):
     def evaluate(self, name: str, *, committed: float, detected: float, fingerprint: str | None = None,
                  keep: Callable[[Path, list[Record]], None] | None = None) -> list[Record]:
         if checkpoints.inside(self.workdir, name):
-            _await_meta(checkpoints.resolve(self.workdir, name))
+            _await_meta(Path(checkpoints.resolve(self.workdir, name)))
         return super().evaluate(name, committed=committed, detected=detected, fingerprint=fingerprint, keep=keep)
 
     def _evaluate_weights(self, prefix: Path, kind: str) -> Record:
@@ -130,7 +131,7 @@ def _await_meta(prefix: Path) -> None:
         time.sleep(META_POLL_SECS)
 
 
-def prepare(workdir: Path, flags: GraphFlags, *, split_name: str, weights: str,
+def prepare(workdir: Workdir, flags: GraphFlags, *, split_name: str, weights: str,
             data_dir: str | None) -> GraphEvaluator:
     """The core for a --tf1-graph workdir, its flags checked on the newest checkpoint's graph.
 

@@ -11,9 +11,9 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 from common.checkpoints import STATE_FILE
+from common.paths import Workdir
 from common.storage import open_storage
 from common.workdir import DONE_FILE, RUN_FILE
 
@@ -63,7 +63,7 @@ class Wake:
 
 
 @contextlib.contextmanager
-def watching(workdir: Path, wake: Wake, *, poll: bool, poll_secs: float = 1.0) -> Iterator[None]:
+def watching(workdir: Workdir, wake: Wake, *, poll: bool, poll_secs: float = 1.0) -> Iterator[None]:
     """Wake the loop whenever the state file (or run.json, done.json) may have changed (see `Storage.watch`)."""
     with open_storage(workdir).watch(WATCHED_NAMES, wake.set, on_lost=wake.overflowed, poll=poll,
                                      poll_secs=poll_secs):

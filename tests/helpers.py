@@ -142,3 +142,17 @@ def mnist_model(name: str, *, seed: int = 0) -> Any:
     from common import datasets, models
 
     return models.build(name, num_classes=10, input_shape=datasets.MNIST_INPUT.shape, seed=seed)
+
+
+def two_evaluators_at_once(workdir: str, data_dir: Path) -> None:
+    """Run two `evaluator --once --weights both` processes on `workdir` at the same time; both must exit 0."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "evaluator.cli", "--workdir", workdir, "--data-dir", str(data_dir),
+           "--once", "--weights", "both"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1]) for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err

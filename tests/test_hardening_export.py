@@ -106,11 +106,9 @@ def test_export_folder_follows_the_umask(workdir: Path, tmp_path: Path, capsys: 
 
 
 @pytest.mark.parametrize("argv", [
-    ["trainer", "--workdir", "s3://bucket/run", "--steps", "5"],
-    ["trainer", "--init-from", "gs://bucket/run", "--workdir", "local"],
-    ["evaluator", "--workdir", "s3://bucket/run", "--once"],
+    ["trainer", "--data-dir", "gs://bucket/data", "--workdir", "local"],
     ["evaluator", "export", "--workdir", "local", "--out", "gs://bucket/export"],
-    ["predict", "--model", "s3://bucket/export", "x.png"],
+    ["predict", "--model", "local", "--labels", "s3://bucket/labels.txt", "x.png"],
 ])
 def test_a_bucket_url_is_refused_not_made_a_local_folder(argv: list[str], tmp_path: Path) -> None:
     program, *rest = argv
@@ -119,6 +117,25 @@ def test_a_bucket_url_is_refused_not_made_a_local_folder(argv: list[str], tmp_pa
                           capture_output=True, text=True, cwd=tmp_path, env=os.environ | {"PYTHONPATH": str(ROOT)})
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "URLs such as s3:// or gs:// are not supported yet" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no ./s3:/bucket/run, nothing else either
+
+
+@pytest.mark.parametrize("argv", [
+    ["trainer", "--workdir", "s3://bucket/run", "--steps", "5"],
+    ["evaluator", "--workdir", "s3://bucket/run", "--once"],
+    ["predict", "--model", "s3://bucket/run", "x.png"],
+])
+def test_a_bucket_workdir_without_credentials_is_one_line_not_a_local_folder(argv: list[str], tmp_path: Path) -> None:
+    program, *rest = argv
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {
+        "PYTHONPATH": str(ROOT), "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}  # never the network: no credentials fail first
+    done = subprocess.run([sys.executable, "-c", f"import sys; from {program_module(program)} import main; "
+                           "sys.exit(main(sys.argv[1:]))", *rest],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "s3://bucket" in done.stderr and "cannot use the bucket" in done.stderr
     assert list(tmp_path.iterdir()) == []  # no ./s3:/bucket/run, nothing else either
 
 

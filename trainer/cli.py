@@ -10,7 +10,7 @@ from typing import Any
 
 from common.errors import ProjectError, UsageError
 from common.keymap import parse_map
-from common.paths import local_path, local_text
+from common.paths import local_text, workdir_path, workdir_text
 
 # Settings that define a run (stored in run.json). Unset flags take run.json's value on resume.
 RUN_DEFAULTS: dict[str, Any] = {
@@ -25,7 +25,8 @@ def parser() -> argparse.ArgumentParser:
         prog="trainer", description="Train an image classifier into a workdir of crash-safe checkpoints.",
         epilog="Exit codes: 0 done or stopped by a signal, 2 bad input, 3 diverged, 4 no data, 5 write failed, "
                "6 a worker of a multi-worker job was lost.")
-    p.add_argument("--workdir", type=local_path("--workdir"), help="checkpoint folder (default runs/<dataset>-<model>)")
+    p.add_argument("--workdir", type=workdir_path("--workdir"),
+                   help="checkpoint folder, s3://bucket/prefix or gs://bucket/prefix (default runs/<dataset>-<model>)")
     p.add_argument("--dataset", help=f"fashion-mnist, mnist, folder:PATH, npz:PATH or module.path:function "
                    f"(default {RUN_DEFAULTS['dataset']})")
     p.add_argument("--model", help=f"softmax, mlp, cnn or module.path:function (default {RUN_DEFAULTS['model']})")
@@ -73,7 +74,7 @@ def _transfer_flags(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("subsets, warm start and transfer")
     t.add_argument("--classes", help="train on these classes only, relabelled in this order: 5,6,7 or Sandal,Shirt")
     t.add_argument("--train-examples", type=int, help="use only the first N training images (default all)")
-    t.add_argument("--init-from", type=local_text("--init-from"), metavar="CKPT_OR_WORKDIR",
+    t.add_argument("--init-from", type=workdir_text("--init-from"), metavar="CKPT_OR_WORKDIR",
                    help="initialise from another run (first start only)")
     t.add_argument("--init-map", action="append", default=[], metavar="OLD=NEW",
                    help="restore saved OLD into NEW; one '*' each, e.g. model/fc1/*=model/fc2/*")

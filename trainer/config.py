@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from common.errors import UsageError
+from common.paths import Workdir
 from common.runconfig import RunSpec
 from trainer.warmstart import InitSpec
 
@@ -17,7 +17,7 @@ class TrainConfig:
     """Everything one `trainer` invocation needs."""
 
     spec: RunSpec  # what defines the run (stored in run.json)
-    workdir: Path  # where checkpoints, run.json and the state file live
+    workdir: Workdir  # where checkpoints, run.json and the state file live: a local folder or a bucket
     steps: int = DEFAULT_STEPS  # train until global_step reaches this
     save_every: int = 1000  # steps between checkpoints (one is always saved at the end)
     keep: int = 5  # newest checkpoints kept (like max_to_keep); 0 keeps all

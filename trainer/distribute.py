@@ -25,6 +25,7 @@ import tensorflow as tf
 from common import checkpoints
 from common.datasets import Split
 from common.errors import UsageError, WorkerLostError
+from common.paths import Workdir
 from common.signals import StopRequest
 from trainer.actions import LoopOutput
 from trainer.inputs import train_dataset
@@ -150,11 +151,11 @@ class ScratchSaver:
     """A non-chief worker's part in a save: TF needs every worker to write; this one writes to a private
     temporary folder outside the workdir and removes it at once (as TF's multi-worker guides do)."""
 
-    def __init__(self, workdir: Path, checkpoint: tf.train.Checkpoint) -> None:
+    def __init__(self, workdir: Workdir, checkpoint: tf.train.Checkpoint) -> None:
         self.workdir = workdir
         self._write = tf.function(lambda prefix: checkpoint.write(prefix))
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int) -> Workdir:
         """Take part in the save of `step`; return the chief's prefix for it."""
         name = checkpoints.name_for(step)
         folder = tempfile.mkdtemp(prefix="trainer-worker-")

@@ -7,10 +7,10 @@ import json
 import os
 import socket
 import time
-from pathlib import Path
 from types import TracebackType
 
 from common.errors import UsageError
+from common.paths import Workdir
 from common.storage import Locked, open_storage
 
 LOCK_FILE = "trainer.lock"
@@ -19,7 +19,7 @@ LOCK_FILE = "trainer.lock"
 class WorkdirLock:
     """Hold the workdir's trainer lock for the life of a `with` block."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Workdir) -> None:
         self.workdir = workdir
         self._held = contextlib.ExitStack()
 

@@ -23,10 +23,11 @@ from common.checkpoints import CheckpointError, State
 from common.errors import DivergedError, UsageError
 from common.evaluation import Evaluation
 from common.loader import build_model
+from common.paths import BucketPath, Workdir
 from common.protocol import EarlyStopRequest, StopRequestId, TrainerHeartbeat, TrainingDone
 from common.runconfig import RunData, RunSpec, read_run, write_run
 from common.signals import StopRequest, stop_on_signals
-from common.storage import open_storage
+from common.storage import Gone, open_storage
 from common.workdir import DONE_FILE, TB_DIR
 from trainer import distribute, warmstart
 from trainer import saver as saver_lib
@@ -116,6 +117,9 @@ def check_inputs(cfg: TrainConfig, topo: Topology | None = None) -> Checked:
 def from_prefix(cfg: TrainConfig) -> Path:
     """The readable checkpoint that `--from` names (a prefix, or a name in the workdir)."""
     assert cfg.resume_from is not None
+    if isinstance(cfg.workdir, BucketPath):
+        raise UsageError(f"--from {cfg.resume_from}: --from goes with a local --workdir; a bucket workdir "
+                         "resumes from its state file")
     prefix = Path(cfg.resume_from)
     if not Path(f"{prefix}.index").exists() and not prefix.is_absolute():
         prefix = cfg.workdir / prefix
@@ -125,7 +129,7 @@ def from_prefix(cfg: TrainConfig) -> Path:
     return prefix
 
 
-def _resume_candidates(workdir: Path) -> tuple[list[str], State | None]:
+def _resume_candidates(workdir: Workdir) -> tuple[list[str], State | None]:
     """Checkpoints to try, best first: the state file's choice, its others newest first, then the rest on disk."""
     try:
         state = checkpoints.read_state(workdir)
@@ -162,11 +166,10 @@ def find_start(cfg: TrainConfig, train_state: TrainState) -> tuple[str | None, S
         if not checkpoints.inside(cfg.workdir, path):
             warn(f"skipping checkpoint {path}: the state file's path points outside the workdir")
             continue
-        prefix = checkpoints.resolve(cfg.workdir, path)
-        why = checkpoints.check_readable(prefix)
+        found = checkpoints.resolve(cfg.workdir, path)
+        why = _restore_if_readable(train_state, found)
         if why is None:
-            restore(train_state, prefix)
-            return str(prefix), state
+            return str(found), state
         warn(f"skipping checkpoint {path}: {why}")
     if candidates:
         raise CheckpointError(f"{cfg.workdir}: no readable checkpoint among {', '.join(candidates)}; "
@@ -174,7 +177,19 @@ def find_start(cfg: TrainConfig, train_state: TrainState) -> tuple[str | None, S
     return None, state
 
 
-def _state_or_none(workdir: Path) -> State | None:
+def _restore_if_readable(train_state: TrainState, prefix: Workdir) -> str | None:
+    """Restore checkpoint `prefix` (a bucket's through a local download) if readable; else say why not."""
+    try:
+        with checkpoints.local_copy(prefix) as local:
+            why = checkpoints.check_readable(local)
+            if why is None:
+                restore(train_state, local)
+            return why
+    except Gone as e:
+        return str(e)
+
+
+def _state_or_none(workdir: Workdir) -> State | None:
     try:
         return checkpoints.read_state(workdir)
     except CheckpointError as e:
@@ -182,7 +197,7 @@ def _state_or_none(workdir: Path) -> State | None:
         return None
 
 
-def _initial_state(workdir: Path, state: State | None) -> State:
+def _initial_state(workdir: Workdir, state: State | None) -> State:
     """The saver's view of what is committed: the state file, else the readable checkpoints on disk."""
     if state is not None:
         return state
@@ -325,6 +340,10 @@ def _open_displays(cfg: TrainConfig, started: Started, reporter: Reporter,
     # Written before done.json goes, so that a spent request stays on record if this run is killed.
     heartbeat.start(first_step=started.step, total_steps=cfg.steps)
     remove_done(cfg.workdir)
+    if isinstance(cfg.workdir, BucketPath):
+        reporter.message("TensorBoard logs are not written for a bucket workdir (TF cannot reach an S3 or "
+                         "emulated GCS endpoint)")
+        return Tee(reporter, heartbeat), heartbeat
     return Tee(reporter, heartbeat, TensorBoardLog(cfg.workdir / TB_DIR / "train")), heartbeat
 
 
@@ -383,12 +402,12 @@ def _save(saver: saver_lib.CheckpointSaver | distribute.ScratchSaver, train_stat
 # (read) and done.json (read, removed at the start of a run, written at its end). Only the
 # functions below touch them.
 
-def remove_done(workdir: Path) -> None:
+def remove_done(workdir: Workdir) -> None:
     """Remove done.json: from now on the run is not finished."""
     open_storage(workdir).delete(DONE_FILE)
 
 
-def early_stop_request(workdir: Path, *, since_step: int,
+def early_stop_request(workdir: Workdir, *, since_step: int,
                        spent: StopRequestId | None = None) -> EarlyStopRequest | None:
     """An evaluator's stop request made at or after `since_step` and not spent already, if there is one."""
     request = EarlyStopRequest.read(workdir)
@@ -397,7 +416,7 @@ def early_stop_request(workdir: Path, *, since_step: int,
     return None if request.id == spent else request
 
 
-def spent_stop_request(workdir: Path) -> StopRequestId | None:
+def spent_stop_request(workdir: Workdir) -> StopRequestId | None:
     """The id of the workdir's stop request if a trainer already ended the run for it, or after it.
 
     A request is honoured once: done.json (or, after a later start removed it, heartbeat.json)
@@ -416,7 +435,7 @@ def spent_stop_request(workdir: Path) -> StopRequestId | None:
     return None
 
 
-def _announce_stop_request(workdir: Path, start: int, spent: StopRequestId | None, reporter: Reporter) -> None:
+def _announce_stop_request(workdir: Workdir, start: int, spent: StopRequestId | None, reporter: Reporter) -> None:
     """Say why the workdir's stop request will not stop this run, if it will not."""
     request = EarlyStopRequest.read(workdir)
     if request is None:
@@ -482,7 +501,7 @@ def train(cfg: TrainConfig, *, reporter: Reporter | None = None, stop: StopReque
     reporter = reporter or make_reporter(cfg.progress, cfg.log_every)
     stop = stop if stop is not None else StopRequest()  # an unset StopRequest is falsy: `or` would drop it
     peers = Peers(strategy, stop) if topo.workers > 1 else None
-    if topo.chief:
+    if topo.chief and isinstance(cfg.workdir, Path):  # a bucket's prefix needs no folder
         cfg.workdir.mkdir(parents=True, exist_ok=True)
     lock = WorkdirLock(cfg.workdir) if topo.chief else contextlib.nullcontext()
     with lock, stop_on_signals(peers.requests if peers else stop), distribute.lost_worker_errors(topo):

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from common.paths import Workdir
 from common.protocol import SPENT_KEY, StopRequestId, TrainerHeartbeat
 
 
@@ -146,7 +147,7 @@ class Heartbeat:
     record while done.json is gone. `extra` fields go into every write too.
     """
 
-    def __init__(self, workdir: Path, every_secs: float = 1.0, extra: dict[str, Any] | None = None, *,
+    def __init__(self, workdir: Workdir, every_secs: float = 1.0, extra: dict[str, Any] | None = None, *,
                  spent: StopRequestId | None = None) -> None:
         self.workdir = workdir
         self.every_secs = every_secs

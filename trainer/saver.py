@@ -21,7 +21,7 @@ import tensorflow as tf
 from common import checkpoints
 from common.checkpoints import State
 from common.errors import WorkdirIOError
-from common.paths import OutsideError
+from common.paths import BucketPath, OutsideError, Workdir
 from common.storage import Storage, open_storage, read_best
 
 
@@ -66,7 +66,7 @@ def _raise_io(what: str, error: Exception) -> None:
 class CheckpointSaver:
     """Writes `model-<step>` checkpoints into a workdir and keeps its state file true."""
 
-    def __init__(self, workdir: Path, checkpoint: tf.train.Checkpoint, *, state: State, keep: int,
+    def __init__(self, workdir: Workdir, checkpoint: tf.train.Checkpoint, *, state: State, keep: int,
                  keep_every_hours: float, anchor: float) -> None:
         self.workdir = workdir
         self.storage: Storage = open_storage(workdir)
@@ -79,7 +79,7 @@ class CheckpointSaver:
         # inside a tf.function that happens at tracing only (measured: 24.6 -> 12.6 ms per save).
         self._write = tf.function(lambda prefix: checkpoint.write(prefix))
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int) -> Workdir:
         """Commit a checkpoint for `step`; return its prefix."""
         name = checkpoints.name_for(step)
         try:
@@ -140,7 +140,7 @@ class CheckpointSaver:
 
     def _delete(self, path: str) -> None:
         """Delete a checkpoint's files, only if they lie in this workdir."""
-        key = _key_in(self.workdir, path)
+        key = checkpoints.key_in(self.workdir, path)
         try:
             for file in [] if key is None else self.storage.checkpoint_files(key):
                 self.storage.delete(file)
@@ -148,14 +148,7 @@ class CheckpointSaver:
             return
 
 
-def _key_in(workdir: Path, path: str) -> str | None:
-    """The storage key of state-file path `path` (relative, or absolute inside `workdir`), or None if outside."""
-    target = os.path.normpath(checkpoints.resolve(workdir, path))
-    relative = os.path.relpath(target, os.path.abspath(workdir))
-    return None if relative == "." or relative.startswith("..") else Path(relative).as_posix()
-
-
-def unlisted(workdir: Path, state: State) -> list[str]:
+def unlisted(workdir: Workdir, state: State) -> list[str]:
     """Checkpoints on disk that `state` does not list and whose step is below the newest it lists."""
     named = [state.latest or "", *state.paths]
     listed = {Path(p).name for p in named if p and checkpoints.inside(workdir, p)}
@@ -166,13 +159,16 @@ def unlisted(workdir: Path, state: State) -> list[str]:
     return [n for n in names if n not in listed]
 
 
-def clean_leftovers(workdir: Path) -> list[str]:
+def clean_leftovers(workdir: Workdir) -> list[str]:
     """Remove what an interrupted save left (TF's `<name>_temp/` folders, our temp files); return their names."""
     return open_storage(workdir).clean_leftovers()
 
 
-def workdir_writable(workdir: Path) -> str | None:
+def workdir_writable(workdir: Workdir) -> str | None:
     """Why `workdir` cannot be written (or created), or None if it can (a local check, before any write)."""
+    if isinstance(workdir, BucketPath):
+        open_storage(workdir)  # refuses a missing bucket, exit 2
+        return None
     probe = workdir
     while not probe.exists():
         if probe.parent == probe:

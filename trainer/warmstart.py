@@ -6,6 +6,8 @@ read from the source's `ema/...` shadows, the tutorial's `variables_to_restore` 
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import fnmatch
 from pathlib import Path
@@ -17,6 +19,8 @@ from common.checkpoints import CheckpointError
 from common.errors import UsageError
 from common.keymap import map_keys
 from common.locate import BEST_ELSE_LATEST, NoCheckpoint, Unreadable, locate
+from common.paths import as_workdir
+from common.storage import Gone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +61,25 @@ class InitPlan:
 
 
 def resolve_source(source: str) -> Path:
-    """A checkpoint prefix from `--init-from`: a prefix, or a workdir's best (else latest) checkpoint."""
+    """A local checkpoint prefix from `--init-from`: a prefix, or a workdir's best (else latest) checkpoint.
+
+    A bucket's (`s3://b/run`) is downloaded into a private folder, kept until the process exits
+    (the plan reads its shapes, the start its tensors) and then removed.
+    """
     try:
-        return locate(Path(source), BEST_ELSE_LATEST)
+        located = locate(as_workdir(source), BEST_ELSE_LATEST)
+        return _DOWNLOADS.enter_context(checkpoints.local_copy(located))
     except NoCheckpoint:
         raise UsageError(f"--init-from {source}: a folder without checkpoints") from None
     except Unreadable as e:
         raise UsageError(f"--init-from {source}: {e.why}") from None
+    except Gone as e:
+        raise UsageError(f"--init-from {source}: {e}") from None
+
+
+# The downloads of bucket checkpoints that --init-from reads, removed at exit.
+_DOWNLOADS = contextlib.ExitStack()
+atexit.register(_DOWNLOADS.close)
 
 
 def plan(spec: InitSpec, targets: dict[str, tuple[int, ...]]) -> InitPlan:

@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from common import datasets, userdata
+from common import checkpoints, datasets, userdata
 from common.errors import UsageError
 from common.inputspec import InputSpec
 from common.loader import load_model
-from common.locate import BEST_ELSE_LATEST, NoCheckpoint, Unreadable, locate
+from common.locate import BEST_ELSE_LATEST, NoCheckpoint, Unreadable, is_workdir, locate
+from common.paths import Workdir
 from common.runconfig import read_run
-from common.storage import open_storage, read_json
+from common.storage import Gone, open_storage, read_json
 from evaluator.serving.export import LABELS_FILE, MARKER_FILE
 from evaluator.serving.images import ImageError, plain_resize, preprocess, read_as_trained, read_gray
 from evaluator.serving.labels import read_labels
@@ -59,15 +60,22 @@ def _merge(n: int, ok: list[int], probs: np.ndarray, errors: list[str | None]) -
     return out
 
 
-def own_model(path: Path, *, preprocess: bool) -> tuple[Classifier, list[str]]:
-    """A classifier from an export folder, a workdir (best, else latest, EMA) or a checkpoint prefix."""
-    if (path / "saved_model.pb").is_file():
+def own_model(path: Workdir, *, preprocess: bool) -> tuple[Classifier, list[str]]:
+    """A classifier from an export folder, a workdir (best, else latest, EMA) or a checkpoint prefix.
+
+    A workdir or prefix may be in a bucket (`s3://b/run`): the checkpoint is downloaded to load it.
+    """
+    if isinstance(path, Path) and (path / "saved_model.pb").is_file():
         return _from_export(path, preprocess)
     workdir, prefix = _checkpoint_of(path)
     spec = read_run(workdir)
     if spec is None:
         raise UsageError(f"{workdir}: no run.json beside the checkpoint")
-    model = load_model(spec, prefix, "ema")
+    try:
+        with checkpoints.local_copy(prefix) as local:
+            model = load_model(spec, local, "ema")
+    except Gone as e:
+        raise UsageError(f"--model {path}: {prefix.name} went away while being read ({e})") from None
     forward = tf.function(lambda x: tf.nn.softmax(model(spec.prepare(x))))
 
     def classify(files: list[Path]) -> list[np.ndarray | str]:
@@ -78,13 +86,14 @@ def own_model(path: Path, *, preprocess: bool) -> tuple[Classifier, list[str]]:
     return classify, list(spec.class_names)
 
 
-def _checkpoint_of(path: Path) -> tuple[Path, Path]:
+def _checkpoint_of(path: Workdir) -> tuple[Workdir, Workdir]:
     """The workdir and checkpoint prefix that `--model PATH` names."""
-    workdir = path if path.is_dir() else path.parent
+    whole = is_workdir(path)
+    workdir = path if whole else path.parent
     try:
         # A workdir's checkpoint is read in full by the restore that follows; a prefix is checked here
         # so that a path that is nothing usable gets the message below.
-        return workdir, locate(path, BEST_ELSE_LATEST, check=not path.is_dir())
+        return workdir, locate(path, BEST_ELSE_LATEST, check=not whole)
     except NoCheckpoint:
         raise UsageError(f"--model {path}: not an export, and a workdir without checkpoints") from None
     except Unreadable as e:

@@ -21,8 +21,9 @@ from common.errors import UsageError, WorkdirIOError
 from common.fileio import atomic_write_json
 from common.loader import load_model
 from common.locate import BEST, LATEST, NoBest, Unreadable, locate
-from common.paths import remove
+from common.paths import BucketPath, Workdir, remove
 from common.runconfig import RunSpec, read_run, write_run
+from common.storage import Gone
 from common.workdir import RUN_FILE
 
 FROZEN_FILE = "frozen_graph.pb"
@@ -36,7 +37,7 @@ FROZEN_INPUT = "images"  # the dataset's stored images: uint8 [N, 28, 28] for MN
 FROZEN_OUTPUTS = ("probabilities", "classes")
 
 
-def resolve(workdir: Path, step: str) -> Path:
+def resolve(workdir: Workdir, step: str) -> Workdir:
     """The checkpoint prefix that `--step N|best|latest` names in `workdir`."""
     if not (step.isdigit() or step in (BEST, LATEST)):
         raise UsageError(f"--step ({step!r}) must be a step number, 'best' or 'latest'")
@@ -86,7 +87,7 @@ class Exported(tf.Module):
         return self._outputs(tf.map_fn(decode, image_bytes, fn_output_signature=stored))
 
 
-def export(workdir: Path, *, step: str = "best", weights: str = "ema", out: Path | None = None,
+def export(workdir: Workdir, *, step: str = "best", weights: str = "ema", out: Path | None = None,
            frozen: bool = False) -> Path:
     """Write the export atomically (a temp folder renamed into place) and return its path."""
     spec = read_run(workdir)
@@ -94,11 +95,17 @@ def export(workdir: Path, *, step: str = "best", weights: str = "ema", out: Path
         raise UsageError(f"{workdir}: no run.json (not a trainer workdir)")
     if weights not in ("ema", "raw"):
         raise UsageError(f"--weights ({weights!r}) must be ema or raw")
-    prefix = resolve(workdir, step)
-    number = checkpoints.read_step(prefix)
-    target = Path(os.path.abspath(out if out is not None else workdir / "export" / str(number)))
-    check_target(target)
-    model = load_model(spec, prefix, weights)
+    if out is None and isinstance(workdir, BucketPath):
+        raise UsageError(f"--workdir {workdir}: give --out, a local folder for the export")
+    located = resolve(workdir, step)
+    try:
+        with checkpoints.local_copy(located) as prefix:  # a bucket's: downloaded, and removed after the load
+            number = checkpoints.read_step(prefix)
+            target = Path(os.path.abspath(out if out is not None else Path(workdir) / "export" / str(number)))
+            check_target(target)
+            model = load_model(spec, prefix, weights)
+    except Gone as e:
+        raise UsageError(f"{located.name}: cannot be exported ({e})") from None
 
     def fill(tmp: Path) -> None:
         labels = write_labels(tmp, spec.class_names)
@@ -108,7 +115,7 @@ def export(workdir: Path, *, step: str = "best", weights: str = "ema", out: Path
             "serving_default": module.serve_images, "predict_image_bytes": module.serve_bytes}))
         if frozen:
             (tmp / FROZEN_FILE).write_bytes(freeze(module, spec).SerializeToString())
-        write_marker(tmp, workdir, prefix.name, number, weights)
+        write_marker(tmp, workdir, located.name, number, weights)
 
     write_folder(target, fill)
     return target
@@ -148,11 +155,16 @@ def write_labels(folder: Path, class_names: tuple[str, ...]) -> Path:
     return labels
 
 
-def write_marker(folder: Path, workdir: Path, checkpoint: str, step: int | None, weights: str,
+def write_marker(folder: Path, workdir: Workdir, checkpoint: str, step: int | None, weights: str,
                  **extra: str) -> None:
     """`export.json`: what was exported, from where (and it marks the folder as an export)."""
     atomic_write_json(folder / MARKER_FILE, {"checkpoint": checkpoint, "step": step, "weights": weights,
-                                             "workdir": str(Path(os.path.abspath(workdir))), **extra})
+                                             "workdir": _where(workdir), **extra})
+
+
+def _where(workdir: Workdir) -> str:
+    """The workdir as export.json records it: an absolute local path, or the bucket's URL."""
+    return str(workdir) if isinstance(workdir, BucketPath) else os.path.abspath(workdir)
 
 
 def is_export(folder: Path) -> bool:

@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import ProjectError, UsageError
-from common.paths import local_path
+from common.paths import local_path, workdir_path
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="predict", description=__doc__.split("\n\n")[0], epilog=(
         "Exit codes: 0 all predicted, 1 some file failed (one line each on stderr), 2 bad model or flags."))
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", type=local_path("--model"),
-                        help="an export folder, a workdir (best, else latest) or a checkpoint")
+    source.add_argument("--model", type=workdir_path("--model"),
+                        help="an export folder, a workdir (best, else latest) or a checkpoint; a workdir or "
+                        "checkpoint may be in a bucket (s3://bucket/prefix, gs://bucket/prefix)")
     source.add_argument("--graph", type=local_path("--graph"), help="a foreign frozen GraphDef .pb")
     p.add_argument("images", nargs="+", help="image files or folders (PNG, JPEG, BMP, GIF)")
     p.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")

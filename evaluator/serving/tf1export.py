@@ -16,6 +16,7 @@ from tensorflow.python.util import deprecation
 
 from common.errors import UsageError
 from common.locate import BEST, LATEST, LocateError, locate
+from common.paths import Workdir, local_only
 from common.tf1graph import GraphFlags, SaverGraph, meta_of, missing_file, read_saver_step
 from evaluator.serving.export import (
     FROZEN_FILE,
@@ -33,7 +34,7 @@ def resolve(workdir: Path, step: str) -> Path:
     if not (step.isdigit() or step in (BEST, LATEST)):
         raise UsageError(f"--step ({step!r}) must be a step number, 'best' or 'latest'")
     try:
-        prefix = locate(workdir, int(step) if step.isdigit() else step, check=False)
+        prefix = Path(locate(workdir, int(step) if step.isdigit() else step, check=False))
     except LocateError as e:
         raise UsageError(f"{workdir}: {e.why} (run the evaluator first, or use --step latest)") from None
     if not os.path.realpath(prefix).startswith(os.path.realpath(workdir) + os.sep):
@@ -87,7 +88,7 @@ def save_model(graph_def: tf.compat.v1.GraphDef, path: str) -> None:
         builder.save()
 
 
-def export_graph(workdir: Path, flags: GraphFlags, *, step: str = "best", weights: str = "ema",
+def export_graph(workdir: Workdir, flags: GraphFlags, *, step: str = "best", weights: str = "ema",
                  out: Path | None = None, frozen: bool = False) -> Path:
     """Write the export of a TF1 Saver checkpoint atomically and return its path.
 
@@ -96,6 +97,7 @@ def export_graph(workdir: Path, flags: GraphFlags, *, step: str = "best", weight
       CheckpointError: the checkpoint cannot be restored (for EMA weights: it has no shadows).
       WorkdirIOError: the export cannot be written.
     """
+    workdir = local_only(workdir, "evaluator export --tf1-graph")
     if weights not in ("ema", "raw"):
         raise UsageError(f"--weights ({weights!r}) must be ema or raw")
     prefix = resolve(workdir, step)

@@ -10,7 +10,6 @@ import signal
 import stat
 import struct
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +28,7 @@ from evaluator.config import EvalConfig
 from evaluator.core import CheckpointEvaluator
 from evaluator.ledger import Ledger
 from evaluator.loop import run_once
-from tests.helpers import Recorder, Spy, make_train_config, watch_beside_trainer
+from tests.helpers import Recorder, Spy, make_train_config, two_evaluators_at_once, watch_beside_trainer
 from tests.helpers import run_trainer_cli as run_cli
 from trainer import saver as saver_lib
 from trainer.loop import train
@@ -164,14 +163,7 @@ def test_retention_pressure_with_a_slow_evaluator(tmp_path: Path, tiny_data: Pat
 
 
 def test_two_evaluators_keep_one_consistent_ledger(trained_config: Any, tiny_data: Path) -> None:
-    cmd = [sys.executable, "-m", "evaluator.cli", "--workdir", str(trained_config.workdir),
-           "--data-dir", str(tiny_data),
-           "--once", "--weights", "both"]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
-             for _ in range(2)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
+    two_evaluators_at_once(str(trained_config.workdir), tiny_data)
     rows = Ledger(trained_config.workdir).read()
     keys = [(r["checkpoint"], r["weights"]) for r in rows]
     assert sorted(keys) == sorted((f"model-{s}", w) for s in (20, 40, 60) for w in ("ema", "raw"))
