@@ -42,7 +42,7 @@ eval-once: install
 # Two pytest workers, a test file each at a time: the storms mostly wait on TensorFlow starting in a
 # subprocess, so two files share the two cores well (13:03 serial against 10:39 in one measurement).
 test: data
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check common trainer evaluator tests bench

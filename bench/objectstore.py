@@ -28,9 +28,8 @@ from common.bucket import Bucket, BucketURL, filesystem
 from common.storage import Storage
 from common.storage_local import LocalStorage
 from common.storage_object import ObjectStorage
+from evaluator.wakeups import BUCKET_WATCHED_NAMES as WATCHED
 from tests.cloud import FlakyProxy, Servers, cloud_servers
-
-WATCHED = ("checkpoint", "done.json", "run.json")  # evaluator.wakeups.WATCHED_NAMES
 
 
 def commit(storage: Storage, step: int, shard: bytes) -> float:

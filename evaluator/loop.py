@@ -12,6 +12,7 @@ from pathlib import Path
 
 from common.checkpoints import CheckpointError
 from common.errors import ProjectError, UsageError
+from common.paths import BucketPath
 from common.signals import StopRequest
 from common.workdir import DONE_FILE
 from evaluator.config import EvalConfig, require_folder
@@ -73,7 +74,12 @@ def run_watch(cfg: EvalConfig, display: Display, stop: StopRequest) -> None:
     with watching(cfg.workdir, wake, poll=cfg.poll, poll_secs=cfg.poll_secs), contextlib.closing(session):
         show = _Refresh(session, display, wake)
         show("watching", 0)
+        scan = True
         while not stop:
+            if not scan:  # nothing can have changed: only the header's trainer line is refreshed
+                show("waiting for the trainer" if session.problem else "watching", 0)
+                scan = _wait(session, wake)
+                continue
             todo = _scan(session)
             if todo and not stop:
                 show(f"evaluating {todo[0].name}", len(todo))
@@ -87,9 +93,23 @@ def run_watch(cfg: EvalConfig, display: Display, stop: StopRequest) -> None:
                 show(_finished_state(session), 0)
                 return
             show("waiting for the trainer" if session.problem else "watching", 0)
-            if wake.wait(cfg.rescan_secs):
-                wake.settle(SETTLE_QUIET_SECS, SETTLE_MAX_SECS)
-            session.deferred.clear()  # a new scan cycle: retry what failed in the last one
+            scan = _wait(session, wake)
+
+
+def _wait(session: Session, wake: Wake) -> bool:
+    """Wait for a notice or --rescan-secs; return whether to rescan the workdir.
+
+    A local workdir is rescanned either way (inotify may lose events). A bucket's poller misses no
+    commit, so there only a notice, a checkpoint that failed for a reason here or a problem shown
+    (which may have been a network error) is worth the rescan's requests, whose number grows with
+    the checkpoints listed.
+    """
+    noticed = wake.wait(session.cfg.rescan_secs)
+    if noticed:
+        wake.settle(SETTLE_QUIET_SECS, SETTLE_MAX_SECS)
+    retry = bool(session.deferred)
+    session.deferred.clear()  # a new scan cycle: retry what failed in the last one
+    return noticed or retry or bool(session.problem) or not isinstance(session.cfg.workdir, BucketPath)
 
 
 class _Refresh:

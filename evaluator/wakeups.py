@@ -3,6 +3,10 @@
 A notice never carries content: it only wakes the loop, which re-reads the state file. When
 notices may have been lost (locally: the kernel's inotify queue overflowed, which watchdog only
 logs), the wake-up is counted as an overflow, so the loop rescans and reports it in its own format.
+
+A bucket workdir is polled for the state file alone, one metadata request per poll: the trainer
+commits the state file again after it writes done.json there (`checkpoints.announce`), and the
+first commit follows run.json, so no change the loop acts on goes unnoticed.
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ import time
 from collections.abc import Iterator
 
 from common.checkpoints import STATE_FILE
-from common.paths import Workdir
+from common.paths import BucketPath, Workdir
 from common.storage import open_storage
 from common.workdir import DONE_FILE, RUN_FILE
 
 WATCHED_NAMES = frozenset({STATE_FILE, DONE_FILE, RUN_FILE})
+BUCKET_WATCHED_NAMES = frozenset({STATE_FILE})  # one request per poll (see the module's docstring)
 
 
 class Wake:
@@ -65,6 +70,7 @@ class Wake:
 @contextlib.contextmanager
 def watching(workdir: Workdir, wake: Wake, *, poll: bool, poll_secs: float = 1.0) -> Iterator[None]:
     """Wake the loop whenever the state file (or run.json, done.json) may have changed (see `Storage.watch`)."""
-    with open_storage(workdir).watch(WATCHED_NAMES, wake.set, on_lost=wake.overflowed, poll=poll,
+    names = BUCKET_WATCHED_NAMES if isinstance(workdir, BucketPath) else WATCHED_NAMES
+    with open_storage(workdir).watch(names, wake.set, on_lost=wake.overflowed, poll=poll,
                                      poll_secs=poll_secs):
         yield

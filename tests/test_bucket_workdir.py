@@ -7,10 +7,6 @@ process (their `main`), as a user's command line would call them.
 from __future__ import annotations
 
 import json
-import random
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +16,10 @@ from PIL import Image
 
 from common import checkpoints
 from common.paths import BucketPath
-from common.storage import Stat, Storage, open_storage
+from common.storage import open_storage
 from common.workdir import DONE_FILE, STOP_REQUEST_FILE
 from evaluator.config import EvalConfig
 from evaluator.ledger import Ledger
-from tests.cloud import Servers
 from tests.helpers import Spy, run_evaluator_cli, run_trainer_cli, two_evaluators_at_once, watch_beside_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,92 +158,6 @@ def test_two_evaluators_on_one_bucket_workdir(bucket_workdir: str, tiny_data: Pa
     keys = [(r["checkpoint"], r["weights"]) for r in rows if r["status"] == "ok"]
     assert sorted(set(keys)) == [(f"model-{s}", w) for s in (10, 20, 30) for w in ("ema", "raw")]  # none lost
     assert len(keys) == len(set(keys))  # none twice
-
-
-def _launch_trainer(workdir: str, data_dir: Path) -> tuple[subprocess.Popen[str], str]:
-    """Start a trainer that saves every 10 steps for ever; return it and its first line (how it started)."""
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", "--workdir", workdir, "--data-dir", str(data_dir),
-                             "--model", "mlp", "--steps", "100000000", "--save-every", "10", "--steps-per-loop", "5",
-                             "--keep", "3", "--progress", "plain", "--log-every", "100000000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
-    assert proc.stdout is not None
-    first = proc.stdout.readline().strip()  # printed once the restore is done, before the first step
-    return proc, first
-
-
-def _committed_step(storage: Storage, workdir: str) -> int | None:
-    """The step of the checkpoint the state file names, after checking that it reads in full."""
-    state = checkpoints.read_state(storage)
-    if state is None or state.latest is None:
-        return None
-    prefix = checkpoints.resolve(workdir, state.latest)
-    why = checkpoints.check_readable(prefix)
-    assert why is None, f"the state file names {state.latest}, which is not readable: {why}"
-    with checkpoints.local_copy(prefix) as local:
-        return checkpoints.read_step(local)
-
-
-def _await_commit(storage: Storage, before: Stat | None, proc: subprocess.Popen[str]) -> None:
-    """Wait until the trainer commits a checkpoint (the state file changes), for at most a minute."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        now = storage.stat(checkpoints.STATE_FILE)
-        if now is not None and (before is None or now.token != before.token):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"the trainer committed nothing within a minute (exit {proc.poll()})")
-
-
-def kill_storm(workdir: str, data_dir: Path, *, kills: int, seed: int = 0) -> list[int]:
-    """SIGKILL a trainer `kills` times at random instants, an evaluator watching; return the committed steps.
-
-    After each kill the state file must name a checkpoint that reads in full, and the relaunch must
-    resume from exactly that one.
-    """
-    rng = random.Random(seed)
-    storage = open_storage(workdir)
-    watcher = subprocess.Popen([sys.executable, "-m", "evaluator.cli", "--workdir", workdir, "--data-dir",
-                                str(data_dir), "--poll-secs", "0.2"], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, cwd=REPO)
-    committed: list[int] = []
-    try:
-        expected = "starting fresh"
-        for _ in range(kills):
-            before = storage.stat(checkpoints.STATE_FILE)
-            proc, first = _launch_trainer(workdir, data_dir)
-            assert first.startswith(expected), (first, expected)
-            _await_commit(storage, before, proc)
-            time.sleep(rng.uniform(0.0, 0.3))  # saves land every few tens of milliseconds: kills hit them
-            proc.kill()
-            proc.communicate(timeout=60)  # also closes its pipe
-            step = _committed_step(storage, workdir)
-            if step is not None:
-                committed.append(step)
-                expected = f"resumed from model-{step} (step {step})"
-        assert watcher.poll() is None, "the evaluator died during the storm"
-    finally:
-        watcher.kill()
-        watcher.wait(timeout=60)
-    return committed
-
-
-@pytest.mark.slow
-def test_kill_storm_with_an_evaluator_watching(cloud: Servers, tiny_data: Path) -> None:
-    # One store in `make test` (about 75 s for 10 kills here: each relaunch imports TF); both, 100 kills each,
-    # under `make soak`. The commit itself is stormed on both stores in tests/test_objectstore.py.
-    workdir = f"s3://{cloud.new_bucket('s3')}/run"
-    committed = kill_storm(workdir, tiny_data, kills=10)
-    assert len(committed) == 10 and committed == sorted(committed)  # training went on from kill to kill
-    rows = Ledger(BucketPath(workdir)).read()
-    assert rows and {r["status"] for r in rows} <= {"ok", "gone"}  # never a partial checkpoint read
-
-
-@pytest.mark.soak
-def test_kill_storm_soak(bucket_workdir: str, tiny_data: Path) -> None:
-    committed = kill_storm(bucket_workdir, tiny_data, kills=100, seed=1)
-    assert len(committed) == 100 and committed == sorted(committed)
-    rows = Ledger(BucketPath(bucket_workdir)).read()
-    assert rows and {r["status"] for r in rows} <= {"ok", "gone"}
 
 
 def test_predict_and_init_from_read_a_bucket_workdir(bucket_workdir: str, tiny_data: Path, tmp_path: Path,

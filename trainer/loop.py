@@ -466,6 +466,8 @@ def finish(cfg: TrainConfig, started: Started, ran: Ran, data: datasets.Dataset,
     # The request this run stopped for, else the one it found spent: neither stops a later run.
     TrainingDone(step=ran.step, checkpoint=Path(final or "").name, time=time.time(), stop_reason=stop.reason,
                  ema_metrics=metrics, spent_stop_request=ran.honoured or started.spent).write(cfg.workdir)
+    if isinstance(cfg.workdir, BucketPath):  # its evaluator polls the state file alone
+        checkpoints.announce(cfg.workdir, f"the trainer finished at step {ran.step}")
     return TrainResult(started.step, ran.step, started.resumed_from, stop.reason, final, metrics)
 
 
