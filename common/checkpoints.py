@@ -266,8 +266,11 @@ def check_readable(prefix: str | Workdir) -> str | None:
     Costs one full read of the checkpoint (milliseconds for these models; a download from a bucket).
     """
     if is_bucket(prefix):
+        bucket_prefix = BucketPath(str(prefix))
         try:
-            with local_copy(prefix) as local:
+            if open_storage(bucket_prefix.parent).stat(f"{bucket_prefix.name}.index") is None:
+                return f"{bucket_prefix.name}.index is missing"  # said as for a local disk
+            with local_copy(bucket_prefix) as local:
                 return check_readable(local)
         except Gone as e:
             return str(e)

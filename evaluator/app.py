@@ -13,7 +13,9 @@ from common.keymap import parse_map
 from common.paths import BucketPath
 from common.protocol import BestEntry
 from common.signals import StopRequest, stop_on_signals
+from common.storage import open_storage
 from common.tf1graph import GraphFlags
+from common.workdir import EVAL_DIR
 from evaluator.config import EvalConfig
 from evaluator.display import Display, LiveTable, PlainLines, header_text, per_class_tables, render_table
 from evaluator.foreign import ForeignFlags
@@ -98,8 +100,8 @@ def report(args: argparse.Namespace) -> None:
     out = write_report(args.workdir, step=args.step, split_name=args.split, data_dir=args.data_dir,
                        graph=graph_flags(args))
     print(f"report written to {out}/")
-    for path in sorted(out.iterdir()):
-        print(f"  {path.name}")
+    for name in open_storage(args.workdir).names(f"{EVAL_DIR}/{out.name}"):
+        print(f"  {name}")
     _warn_skipped_ledger_lines(args)
 
 
@@ -110,7 +112,8 @@ def _warn_skipped_ledger_lines(args: argparse.Namespace) -> None:
     ledger = Ledger(args.workdir)
     ledger.read()
     if ledger.skipped:
-        print(f"evaluator: warning: skipped {ledger.skipped} unreadable line(s) of {ledger.path}", file=sys.stderr)
+        print(f"evaluator: warning: skipped {ledger.skipped} unreadable line(s) of "
+              f"{ledger.storage.describe(ledger.key)}", file=sys.stderr)
 
 
 def export(args: argparse.Namespace) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,15 @@ from common import checkpoints, datasets
 from common.errors import UsageError
 from common.loader import load_model
 from common.locate import BEST, NoBest, Unreadable, locate
-from common.paths import Workdir, local_only, remove
+from common.paths import BucketPath, Workdir, local_only, remove
 from common.runconfig import RunSpec, read_run
+from common.storage import Gone, Storage, open_storage
 from common.tf1graph import GraphFlags, SaverGraph, meta_of, missing_file
 from common.workdir import EVAL_DIR
 from evaluator.ledger import Ledger, Record
 
 GRID = 6  # misclassified examples are shown in a GRID x GRID image
+METRICS_FILE = "metrics.json"  # written last: a report folder that holds it is complete
 
 
 def print_warning(text: str) -> None:
@@ -35,21 +38,26 @@ def print_warning(text: str) -> None:
     print(f"evaluator: warning: {text}", file=sys.stderr)
 
 
-def resolve(workdir: Path, step: str, *, tf1: bool = False) -> tuple[int, Path]:
+def resolve(workdir: Workdir, step: str, *, tf1: bool = False) -> tuple[int | None, Workdir]:
     """The step and checkpoint prefix that `--step N|best` names; UsageError when it cannot be used.
 
     `tf1`: a TF1 Saver workdir, whose step is in the checkpoint's name (its restore checks the files).
+    The step of a bucket's best checkpoint is None: it is read from the download that the report makes
+    anyway. A bucket's checkpoint is not checked here either: its download and restore check it.
     """
     records = [r for r in Ledger(workdir).read() if r.get("status") == "ok"]
     if not records:
         raise UsageError(f"{workdir}: the ledger is empty; run 'evaluator --once' first")
+    bucket = isinstance(workdir, BucketPath)
     if step == BEST:
         try:
             # Not checked here: the restore that follows reads the whole checkpoint anyway.
-            prefix = Path(locate(workdir, BEST, check=False))
+            prefix = locate(workdir, BEST, check=False)
         except NoBest:
             raise UsageError(f"{workdir}: no best checkpoint yet (it is kept from validation evaluations)") from None
-        number = checkpoints.saver_step(prefix.name) if tf1 else checkpoints.read_step(prefix)
+        if bucket:
+            return None, prefix
+        number = checkpoints.saver_step(prefix.name) if tf1 else checkpoints.read_step(Path(prefix))
         if number is None:
             raise UsageError(f"{prefix.name}: the best checkpoint's name carries no step")
         return number, prefix
@@ -60,29 +68,41 @@ def resolve(workdir: Path, step: str, *, tf1: bool = False) -> tuple[int, Path]:
         known = sorted({int(r["step"]) for r in records if r.get("step") is not None})
         raise UsageError(f"step {wanted} is not in the ledger (evaluated steps: {', '.join(map(str, known))})")
     try:
-        return wanted, Path(locate(workdir, wanted, check=not tf1))
+        return wanted, locate(workdir, wanted, check=not tf1 and not bucket)
     except Unreadable as e:
         raise UsageError(f"step {wanted} is no longer on disk ({e.why})") from None
 
 
-def _own_run(workdir: Path, step: str, split_name: str, data_dir: str | None,
-             warn: Callable[[str], None]) -> tuple[int, Path, datasets.Split, np.ndarray, tuple[str, ...]]:
-    """Step, checkpoint, split, predictions and class names for a workdir of this project's trainer."""
+def _own_run(workdir: Workdir, step: str, split_name: str, data_dir: str | None,
+             warn: Callable[[str], None]) -> tuple[int, Workdir, datasets.Split, np.ndarray, tuple[str, ...]]:
+    """Step, checkpoint, split, predictions and class names for a workdir of this project's trainer.
+
+    A bucket's checkpoint is read from a local download; one that vanishes during it is a UsageError.
+    """
     spec = read_run(workdir)
     if spec is None:
         raise UsageError(f"{workdir}: no run.json (not a trainer workdir; a TF1 Saver workdir needs --tf1-graph)")
-    number, prefix = resolve(workdir, step)
+    number, located = resolve(workdir, step)
     loaded = spec.load_data(data_dir)
     for text in loaded.warnings:
         warn(text)
     split = loaded.data.split(split_name)
-    return number, prefix, split, predict(spec, prefix, split.images), spec.class_names
+    try:
+        with checkpoints.local_copy(located) as prefix:
+            number = checkpoints.read_step(prefix) if number is None else number
+            preds = predict(spec, prefix, split.images)
+    except Gone as e:
+        what = f"step {number}" if number is not None else f"the best checkpoint {located.name}"
+        raise UsageError(f"{what} is no longer in the bucket ({e})") from None
+    return number, located, split, preds, spec.class_names
 
 
 def _graph_run(workdir: Path, graph: GraphFlags, step: str, split_name: str,
                data_dir: str | None) -> tuple[int, Path, datasets.Split, np.ndarray, tuple[str, ...]]:
-    """The same for a TF1 Saver workdir: its meta graph with the EMA shadows restored."""
-    number, prefix = resolve(workdir, step, tf1=True)
+    """The same for a TF1 Saver workdir (a local one): its meta graph with the EMA shadows restored."""
+    number, located = resolve(workdir, step, tf1=True)
+    assert number is not None  # only a bucket's best has its step read later
+    prefix = Path(located)
     missing = missing_file(prefix)
     if missing:
         raise UsageError(f"step {number} is no longer on disk ({missing} is missing)")
@@ -175,41 +195,80 @@ def plot_curve(records: list[Record], path: Path) -> None:
 
 def write_report(workdir: Workdir, *, step: str = "best", split_name: str = "validation",
                  data_dir: str | None = None, warn: Callable[[str], None] = print_warning,
-                 graph: GraphFlags | None = None) -> Path:
+                 graph: GraphFlags | None = None) -> Workdir:
     """Write eval/report-<step>/ and return it; `warn` shows what is odd about the data's source.
 
-    `graph`: the --tf1-graph flags of a TF1 Saver workdir (which has no run.json).
+    Args:
+      workdir: a local folder, or a bucket (`BucketPath`): its report is built in a local temporary
+        folder and uploaded, `metrics.json` last.
+      graph: the --tf1-graph flags of a TF1 Saver workdir (which has no run.json); local only.
 
     Raises:
-      UsageError: no run.json, an empty ledger, a step not in the ledger or no longer on disk.
+      UsageError: no run.json, an empty ledger, a step not in the ledger or no longer on disk (or in
+        the bucket), --tf1-graph with a bucket.
       CheckpointError: the checkpoint cannot be restored.
     """
-    workdir = local_only(workdir, "evaluator report")
     if graph is None:
         number, prefix, split, preds, names = _own_run(workdir, step, split_name, data_dir, warn)
     else:
+        workdir = local_only(workdir, "evaluator report --tf1-graph")
         number, prefix, split, preds, names = _graph_run(workdir, graph, step, split_name, data_dir)
     confusion = np.zeros((len(names), len(names)), dtype=np.int64)
     np.add.at(confusion, (split.labels, preds), 1)
-    out = workdir / EVAL_DIR / f"report-{number}"
-    tmp = out.with_name(f".{out.name}-{secrets.token_hex(3)}")
-    tmp.mkdir(parents=True)
-    per_class = per_class_metrics(confusion, names)
-    (tmp / "confusion.txt").write_text(confusion_text(confusion, names))
-    (tmp / "per_class.txt").write_text("".join(
-        f"{r['class']:<14} precision {_pct(r['precision'])}  recall {_pct(r['recall'])}  "
-        f"accuracy {_pct(r['accuracy'])}  ({r['examples']} images)\n" for r in per_class))
-    plot_confusion(confusion, names, tmp / "confusion.png")
-    shown = plot_misclassified(split, preds, names, tmp / "misclassified.png")
-    plot_curve(Ledger(workdir).read(), tmp / "accuracy_curve.png")
+    key = f"{EVAL_DIR}/report-{number}"
     summary = {"step": number, "checkpoint": str(prefix), "split": split_name, "weights": "ema",
                "accuracy": float(np.trace(confusion) / confusion.sum()), "confusion": confusion.tolist(),
-               "class_names": list(names), "per_class": per_class, "misclassified_shown": shown}
-    (tmp / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+               "class_names": list(names), "per_class": per_class_metrics(confusion, names)}
+
+    def fill(folder: Path) -> None:
+        _write_files(folder, summary, confusion, split, preds, Ledger(workdir).read())
+
+    if isinstance(workdir, BucketPath):
+        with tempfile.TemporaryDirectory(prefix="evaluator-report-") as tmp:
+            fill(Path(tmp))
+            upload_report(open_storage(workdir), key, Path(tmp))
+        return workdir / key
+    out = workdir / key
+    tmp_out = out.with_name(f".{out.name}-{secrets.token_hex(3)}")
+    tmp_out.mkdir(parents=True)
+    fill(tmp_out)
     if out.exists() or out.is_symlink():
         remove(out, workdir)
-    os.rename(tmp, out)
+    os.rename(tmp_out, out)
     return out
+
+
+def _write_files(folder: Path, summary: dict[str, Any], confusion: np.ndarray, split: datasets.Split,
+                 preds: np.ndarray, records: list[Record]) -> None:
+    """Write the report's files into `folder`; `summary` (metrics.json, completed here) goes last."""
+    names = tuple(summary["class_names"])
+    (folder / "confusion.txt").write_text(confusion_text(confusion, names))
+    (folder / "per_class.txt").write_text("".join(
+        f"{r['class']:<14} precision {_pct(r['precision'])}  recall {_pct(r['recall'])}  "
+        f"accuracy {_pct(r['accuracy'])}  ({r['examples']} images)\n" for r in summary["per_class"]))
+    plot_confusion(confusion, names, folder / "confusion.png")
+    summary["misclassified_shown"] = plot_misclassified(split, preds, names, folder / "misclassified.png")
+    plot_curve(records, folder / "accuracy_curve.png")
+    (folder / METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def upload_report(storage: Storage, key: str, folder: Path) -> None:
+    """Put the files of the local `folder` under `key/` in `storage`, replacing a report that is there.
+
+    A reader that finds `metrics.json` finds the complete report beside it: an older report's
+    `metrics.json` goes first, its objects that the new one does not rewrite go before the new
+    `metrics.json`, which is written last.
+    """
+    old = storage.names(key)
+    files = sorted(p.name for p in folder.iterdir())
+    if METRICS_FILE in old:
+        storage.delete(f"{key}/{METRICS_FILE}")
+    for name in files:
+        if name != METRICS_FILE:
+            storage.write(f"{key}/{name}", (folder / name).read_bytes())
+    for name in sorted(set(old) - set(files)):
+        storage.delete(f"{key}/{name}")
+    storage.write(f"{key}/{METRICS_FILE}", (folder / METRICS_FILE).read_bytes())
 
 
 def _pct(x: float | None) -> str:

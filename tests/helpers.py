@@ -156,3 +156,17 @@ def two_evaluators_at_once(workdir: str, data_dir: Path) -> None:
     for proc in procs:
         _, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err
+
+
+def committed_step(storage: Any, workdir: str) -> int | None:
+    """The step of the checkpoint the state file names (in a bucket too), after checking that it reads in full."""
+    from common import checkpoints
+
+    state = checkpoints.read_state(storage)
+    if state is None or state.latest is None:
+        return None
+    prefix = checkpoints.resolve(workdir, state.latest)
+    why = checkpoints.check_readable(prefix)
+    assert why is None, f"the state file names {state.latest}, which is not readable: {why}"
+    with checkpoints.local_copy(prefix) as local:
+        return checkpoints.read_step(local)

@@ -16,11 +16,20 @@ from PIL import Image
 
 from common import checkpoints
 from common.paths import BucketPath
-from common.storage import open_storage
+from common.storage import Storage, open_storage
 from common.workdir import DONE_FILE, STOP_REQUEST_FILE
 from evaluator.config import EvalConfig
 from evaluator.ledger import Ledger
-from tests.helpers import Spy, run_evaluator_cli, run_trainer_cli, two_evaluators_at_once, watch_beside_trainer
+from tests.cloud import Servers
+from tests.fault.mw_storm import Job
+from tests.helpers import (
+    Spy,
+    committed_step,
+    run_evaluator_cli,
+    run_trainer_cli,
+    two_evaluators_at_once,
+    watch_beside_trainer,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,11 +129,8 @@ def test_a_truncated_object_and_a_garbage_state_file(bucket_workdir: str, tiny_d
     assert checkpoints.read_state(storage).latest == "model-30"  # type: ignore[union-attr]
 
 
-def test_an_object_deleted_during_the_download_is_gone(bucket_workdir: str, tiny_data: Path,
-                                                       capsys: pytest.CaptureFixture[str],
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    assert _train(bucket_workdir, tiny_data, 10, capsys, "--keep", "0")[0] == 0
-    storage = open_storage(bucket_workdir)
+def _delete_shards_during_downloads(storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on, a download of a checkpoint's data shard finds it deleted (retention, as the download starts)."""
     fs = storage.bucket.fs  # type: ignore[attr-defined]
     real_get = fs.get_file
 
@@ -134,6 +140,13 @@ def test_an_object_deleted_during_the_download_is_gone(bucket_workdir: str, tiny
         return real_get(remote, local, **kwargs)
 
     monkeypatch.setattr(fs, "get_file", delete_first)
+
+
+def test_an_object_deleted_during_the_download_is_gone(bucket_workdir: str, tiny_data: Path,
+                                                       capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _train(bucket_workdir, tiny_data, 10, capsys, "--keep", "0")[0] == 0
+    _delete_shards_during_downloads(open_storage(bucket_workdir), monkeypatch)
     code, _, err = run_evaluator_cli(["--workdir", bucket_workdir, "--data-dir", str(tiny_data), "--once"], capsys)
     assert code == 0, err
     assert [r["status"] for r in Ledger(BucketPath(bucket_workdir)).read()] == ["gone"]
@@ -180,9 +193,109 @@ def test_predict_and_init_from_read_a_bucket_workdir(bucket_workdir: str, tiny_d
     assert "restored from model/" in out + err  # the table of what the new run took from model-20
 
 
+REPORT_FILES = ["accuracy_curve.png", "confusion.png", "confusion.txt", "metrics.json", "misclassified.png",
+                "per_class.txt"]
+
+
+def test_report_of_a_bucket_workdir_is_uploaded_metrics_last(bucket_workdir: str, tiny_data: Path,
+                                                             capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _train(bucket_workdir, tiny_data, 20, capsys, "--keep", "0")[0] == 0
+    assert run_evaluator_cli(["--workdir", bucket_workdir, "--data-dir", str(tiny_data), "--once"], capsys)[0] == 0
+    storage = open_storage(bucket_workdir)
+    step = json.loads(storage.read("eval/best.json") or b"{}")["step"]
+    code, out, err = run_evaluator_cli(["report", "--workdir", bucket_workdir, "--data-dir", str(tiny_data)], capsys)
+    assert code == 0, err
+    assert out.splitlines() == [f"report written to {bucket_workdir}/eval/report-{step}/",
+                                *(f"  {name}" for name in REPORT_FILES)]
+    assert storage.names(f"eval/report-{step}") == REPORT_FILES
+    metrics = json.loads(storage.read(f"eval/report-{step}/metrics.json") or b"{}")
+    assert metrics["step"] == step and metrics["checkpoint"].startswith(f"{bucket_workdir}/eval/best-")
+    assert sum(map(sum, metrics["confusion"])) == 50
+    assert (storage.read(f"eval/report-{step}/confusion.png") or b"").startswith(b"\x89PNG")
+
+    # A second report of a step replaces the first: what it does not rewrite goes, metrics.json comes last.
+    storage.write("eval/report-10/stale.txt", b"from an older report")
+    storage.write("eval/report-10/metrics.json", b"{}")
+    written: list[str] = []
+    real_write = storage.write
+    monkeypatch.setattr(storage, "write", lambda key, data: (written.append(key), real_write(key, data))[1])
+    code, out, err = run_evaluator_cli(["report", "--workdir", bucket_workdir, "--data-dir", str(tiny_data),
+                                        "--step", "10", "--split", "test"], capsys)
+    assert code == 0, err
+    assert written[-1] == "eval/report-10/metrics.json" and len(written) == len(REPORT_FILES)
+    assert storage.names("eval/report-10") == REPORT_FILES
+    assert json.loads(storage.read("eval/report-10/metrics.json") or b"{}")["split"] == "test"
+
+    _delete_shards_during_downloads(storage, monkeypatch)
+    code, _, err = run_evaluator_cli(["report", "--workdir", bucket_workdir, "--data-dir", str(tiny_data),
+                                      "--step", "20"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "step 20 is no longer in the bucket (model-20.data-" in err and "deleted while being read" in err
+
+
+def test_trainer_from_a_checkpoint_of_a_bucket(bucket_workdir: str, tiny_data: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _train(bucket_workdir, tiny_data, 20, capsys, "--keep", "0")[0] == 0
+    storage = open_storage(bucket_workdir)
+    code, out, err = _train(bucket_workdir, tiny_data, 30, capsys, "--keep", "0", "--from", "model-10")
+    assert code == 0, err
+    assert "resumed from model-10 (step 10)" in out
+    assert checkpoints.read_state(storage).paths == ["model-10", "model-20", "model-30"]  # type: ignore[union-attr]
+    code, out, err = _train(bucket_workdir, tiny_data, 30, capsys, "--keep", "0", "--from",
+                            f"{bucket_workdir}/model-20")
+    assert code == 0, err
+    assert "resumed from model-20 (step 20)" in out
+    local = tmp_path / "local"  # a local run may start from a bucket's checkpoint too
+    code, out, err = run_trainer_cli(["--workdir", str(local), "--data-dir", str(tiny_data), "--model", "softmax",
+                                      "--steps", "40", "--save-every", "10", "--from", f"{bucket_workdir}/model-30"],
+                                     capsys)
+    assert code == 0, err
+    assert "resumed from model-30 (step 30)" in out and checkpoints.on_disk(local) == [40]
+
+    before = storage.read(checkpoints.STATE_FILE)
+    shards = [k for k in storage.checkpoint_files("model-10") if ".data-" in k]
+    storage.write(shards[0], b"cut")
+    elsewhere = f"{bucket_workdir.partition('://')[0]}://no-such-bucket-here/run/model-10"
+    for name, why in (("model-5", "--from model-5: model-5.index is missing"), ("model-10", "--from model-10: "),
+                      ("../run/model-20", "--from ../run/model-20: not a checkpoint of a bucket"),
+                      (elsewhere, f"--from {elsewhere}: {elsewhere.rpartition('/')[0]}: the bucket "
+                                  "'no-such-bucket-here' does not exist")):
+        code, _, err = _train(bucket_workdir, tiny_data, 40, capsys, "--from", name)
+        assert code == 2 and err.count("\n") == 1 and why in err, err
+    _delete_shards_during_downloads(storage, monkeypatch)
+    code, _, err = _train(bucket_workdir, tiny_data, 40, capsys, "--from", "model-20")
+    assert code == 2 and err.count("\n") == 1 and "--from model-20: model-20.data-" in err, err
+    assert storage.read(checkpoints.STATE_FILE) == before  # a refused start changed nothing
+
+
 def test_what_a_bucket_workdir_does_not_take_yet_is_one_line(bucket_workdir: str, tiny_data: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run_evaluator_cli(["report", "--workdir", bucket_workdir, "--data-dir", str(tiny_data)], capsys)
+    code, _, err = run_evaluator_cli(["report", "--workdir", bucket_workdir, "--data-dir", str(tiny_data),
+                                      "--tf1-graph", "--input", "x:0", "--output", "y:0", "--dataset", "mnist"], capsys)
     assert code == 2 and err.count("\n") == 1 and "a bucket workdir is not supported here yet" in err
-    code, _, err = _train(bucket_workdir, tiny_data, 10, capsys, "--from", "model-5")
-    assert code == 2 and err.count("\n") == 1 and "--from goes with a local --workdir" in err
+    assert "evaluator report --tf1-graph --workdir" in err
+
+
+@pytest.mark.slow
+def test_a_two_worker_job_on_a_bucket_workdir(cloud: Servers, tiny_data: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # On S3 only: a job costs two TensorFlow imports side by side (about 11 s here).
+    workdir = f"s3://{cloud.new_bucket('s3')}/run"
+    job = Job(["--workdir", workdir, "--data-dir", str(tiny_data), "--model", "softmax", "--steps", "20",
+               "--save-every", "10", "--steps-per-loop", "5", "--keep", "0", "--progress", "plain"])
+    assert job.finish() == 0, job.err[-5:]
+    assert any(line.startswith("[worker 0] ") and " trainer final step=20 " in line for line in job.out), job.out
+    assert "[worker 1] finished at step 20; the chief evaluates the EMA weights" in job.out
+    storage = open_storage(workdir)
+    assert committed_step(storage, workdir) == 20
+    run = json.loads(storage.read("run.json") or b"{}")
+    assert (run["strategy"], run["replicas"], run["workers"]) == ("multi-worker", 2, 2)
+    # Only the chief wrote the bucket, and what a single trainer writes: no lock left, no scratch part.
+    assert {n for n in storage.names() if not n.startswith("model-")} == {"checkpoint", "done.json",
+                                                                          "heartbeat.json", "run.json"}
+    code, _, err = run_evaluator_cli(["--workdir", workdir, "--data-dir", str(tiny_data), "--once"], capsys)
+    assert code == 0, err
+    rows = Ledger(BucketPath(workdir)).read()
+    assert sorted((r["checkpoint"], r["status"]) for r in rows) == [("model-10", "ok"), ("model-20", "ok")]

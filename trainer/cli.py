@@ -46,8 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-every-hours", type=float, default=0.0, help="also keep one per H hours (default 0, off)")
     p.add_argument("--data-dir", type=local_text("--data-dir"),
                    help="folder holding the four IDX files (default: the usual places)")
-    p.add_argument("--from", dest="resume_from", type=local_text("--from"), metavar="PATH",
-                   help="resume from this checkpoint")
+    p.add_argument("--from", dest="resume_from", type=workdir_text("--from"), metavar="PATH",
+                   help="resume from this checkpoint (a name in the workdir, a local prefix, or s3:// or gs://)")
     p.add_argument("--steps-per-loop", type=int, default=20, help="steps per tf.function call (default 20)")
     p.add_argument("--log-every", type=int, default=100, help="steps between plain log lines (default 100)")
     p.add_argument("--progress", default="auto", choices=["auto", "rich", "plain"], help="display (default auto)")

@@ -23,7 +23,7 @@ from common.checkpoints import CheckpointError, State
 from common.errors import DivergedError, UsageError
 from common.evaluation import Evaluation
 from common.loader import build_model
-from common.paths import BucketPath, Workdir
+from common.paths import BucketPath, Workdir, is_bucket
 from common.protocol import EarlyStopRequest, StopRequestId, TrainerHeartbeat, TrainingDone
 from common.runconfig import RunData, RunSpec, read_run, write_run
 from common.signals import StopRequest, stop_on_signals
@@ -114,18 +114,32 @@ def check_inputs(cfg: TrainConfig, topo: Topology | None = None) -> Checked:
     return Checked(existing, loaded, init_plan)
 
 
-def from_prefix(cfg: TrainConfig) -> Path:
-    """The readable checkpoint that `--from` names (a prefix, or a name in the workdir)."""
-    assert cfg.resume_from is not None
-    if isinstance(cfg.workdir, BucketPath):
-        raise UsageError(f"--from {cfg.resume_from}: --from goes with a local --workdir; a bucket workdir "
-                         "resumes from its state file")
-    prefix = Path(cfg.resume_from)
-    if not Path(f"{prefix}.index").exists() and not prefix.is_absolute():
-        prefix = cfg.workdir / prefix
-    why = checkpoints.check_readable(prefix)
+def from_prefix(cfg: TrainConfig) -> Workdir:
+    """The readable checkpoint that `--from` names (see `from_named`); a bucket's is downloaded to check it."""
+    prefix = from_named(cfg)
+    try:
+        why = checkpoints.check_readable(prefix)
+    except UsageError as e:  # another bucket's: missing, or not ours to read (its message names --workdir)
+        raise UsageError(f"--from {cfg.resume_from}: {str(e).removeprefix('--workdir ')}") from None
     if why:
         raise UsageError(f"--from {cfg.resume_from}: {why}")
+    return prefix
+
+
+def from_named(cfg: TrainConfig) -> Workdir:
+    """The prefix `--from` names: a bucket URL, a local prefix (existing, or absolute), else a name in the workdir."""
+    text = cfg.resume_from
+    assert text is not None
+    if is_bucket(text):
+        prefix: Workdir = BucketPath(text)
+    elif Path(f"{text}.index").exists() or Path(text).is_absolute():
+        return Path(text)
+    else:
+        prefix = cfg.workdir / text
+    parts = str(prefix).partition("://")[2].split("/")
+    if isinstance(prefix, BucketPath) and (len(parts) < 2 or any(p in ("", ".", "..") for p in parts)):
+        raise UsageError(f"--from {text}: not a checkpoint of a bucket (give a name such as model-10, or a "
+                         "prefix such as s3://bucket/run/model-10)")
     return prefix
 
 
@@ -158,8 +172,10 @@ def restore(train_state: TrainState, prefix: Path) -> int:
 def find_start(cfg: TrainConfig, train_state: TrainState) -> tuple[str | None, State | None]:
     """Restore the checkpoint to resume from (if any); return its path and the state file's content."""
     if cfg.resume_from is not None:
-        prefix = from_prefix(cfg)
-        restore(train_state, prefix)
+        prefix = from_named(cfg)  # checked before the first write; a bucket's is downloaded again here
+        why = _restore_if_readable(train_state, prefix)
+        if why:
+            raise UsageError(f"--from {cfg.resume_from}: {why}")
         return str(prefix), _state_or_none(cfg.workdir)
     candidates, state = _resume_candidates(cfg.workdir)
     for path in candidates:

@@ -18,6 +18,7 @@ from common import checkpoints
 from common.paths import BucketPath
 from common.storage import Stat, Storage, open_storage
 from evaluator.ledger import Ledger
+from tests.helpers import committed_step
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,18 +34,6 @@ def _launch_trainer(workdir: str, data_dir: Path) -> tuple[subprocess.Popen[str]
     assert proc.stdout is not None
     first = proc.stdout.readline().strip()  # printed once the restore is done, before the first step
     return proc, first
-
-
-def _committed_step(storage: Storage, workdir: str) -> int | None:
-    """The step of the checkpoint the state file names, after checking that it reads in full."""
-    state = checkpoints.read_state(storage)
-    if state is None or state.latest is None:
-        return None
-    prefix = checkpoints.resolve(workdir, state.latest)
-    why = checkpoints.check_readable(prefix)
-    assert why is None, f"the state file names {state.latest}, which is not readable: {why}"
-    with checkpoints.local_copy(prefix) as local:
-        return checkpoints.read_step(local)
 
 
 def _await_commit(storage: Storage, before: Stat | None, proc: subprocess.Popen[str]) -> None:
@@ -80,7 +69,7 @@ def kill_storm(workdir: str, data_dir: Path, *, kills: int, seed: int = 0) -> li
             time.sleep(rng.uniform(0.0, 0.3))  # saves land every few tens of milliseconds: kills hit them
             proc.kill()
             proc.communicate(timeout=60)  # also closes its pipe
-            step = _committed_step(storage, workdir)
+            step = committed_step(storage, workdir)
             if step is not None:
                 committed.append(step)
                 expected = f"resumed from model-{step} (step {step})"
