@@ -249,6 +249,10 @@ class ObjectStorage:
         self.write(state_key, state)
         for file in files:
             file.unlink()
+        if self._staging is not None:
+            with contextlib.suppress(OSError):  # empty unless another checkpoint is staged there
+                self._staging.rmdir()
+                self._staging = None
 
     @contextlib.contextmanager
     def pin(self, name: str) -> Iterator[Path]:

@@ -59,7 +59,8 @@ class Ledger:
     def __init__(self, workdir: Workdir) -> None:
         self.storage = open_storage(workdir)
         self.key = f"{EVAL_DIR}/{LEDGER_FILE}"
-        self.path = Path(self.storage.describe(self.key))
+        self.where = self.storage.describe(self.key)  # for messages: a path, or a bucket's URL
+        self.path = Path(self.where)  # a local workdir's ledger file
         self.skipped = 0  # lines that could not be read (not UTF-8, not a JSON object)
         self._records: list[Record] = []
         self._done: set[tuple[Any, ...]] = set()
@@ -95,7 +96,7 @@ class Ledger:
                     self._write(b"".join(LedgerRow(r).to_line() for r in new))
                     self._refresh()
         except OSError as e:
-            raise WorkdirIOError(f"cannot write the ledger {self.path}: {e.strerror or e}") from e
+            raise WorkdirIOError(f"cannot write the ledger {self.where}: {e.strerror or e}") from e
         return new
 
     def _new(self, records: list[Record]) -> list[Record]:

@@ -65,5 +65,5 @@ def result_warnings(rows: list[Row], ledger: Ledger, *, best_problem: str) -> li
     if best_problem:
         warnings.append(best_problem)
     if ledger.skipped:
-        warnings.append(f"skipped {ledger.skipped} unreadable line(s) of {ledger.path}")
+        warnings.append(f"skipped {ledger.skipped} unreadable line(s) of {ledger.where}")
     return warnings
