@@ -46,11 +46,23 @@ def record_key(record: Record) -> tuple[Any, ...]:
     return (*version_key(record), record.get("split"), record.get("weights"))
 
 
+def commit_key(record: Record) -> tuple[Any, ...]:
+    """The commit a record is about (name and commit time), whatever was read of it.
+
+    A checkpoint deleted between the listing and the read has no fingerprint: if its commit was
+    already evaluated, that result stands, and no `gone` row is added for it.
+    """
+    return (record.get("checkpoint"), "at", record.get("committed"), record.get("split"), record.get("weights"))
+
+
 def candidate_keys(checkpoint: str, *, fingerprint: str | None, committed: float, split: str,
-                   weights: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+                   weights: str) -> tuple[tuple[Any, ...], ...]:
     """The keys under which an evaluation of this checkpoint may already be recorded (new, then old rows)."""
-    return ((*_version(checkpoint, fingerprint, committed), split, weights),
+    keys = ((*_version(checkpoint, fingerprint, committed), split, weights),
             (checkpoint, "committed", committed, split, weights))
+    if fingerprint is None:
+        keys += (commit_key({"checkpoint": checkpoint, "committed": committed, "split": split, "weights": weights}),)
+    return keys
 
 
 class Ledger:
@@ -105,7 +117,8 @@ class Ledger:
         failed: set[tuple[Any, ...]] = set()
         for r in records:
             key = record_key(r)
-            if key in self._done or key in done:
+            known = (key, commit_key(r)) if r.get(FINGERPRINT) is None else (key,)
+            if any(k in self._done or k in done for k in known):
                 continue
             if r.get("status") == FAILED:
                 mark = (*key, r.get("reason"))
@@ -113,7 +126,7 @@ class Ledger:
                     continue
                 failed.add(mark)
             else:
-                done.add(key)
+                done.update((key, commit_key(r)))
             new.append(r)
         return new
 
@@ -148,7 +161,7 @@ class Ledger:
         if obj.get("status") == FAILED:
             self._failed.add((*record_key(obj), obj.get("reason")))
         else:
-            self._done.add(record_key(obj))
+            self._done.update((record_key(obj), commit_key(obj)))
 
     def _terminate_torn_line(self) -> None:
         """End a last line that a crashed writer left without its newline, so the next line stays whole."""

@@ -143,6 +143,25 @@ def test_ledger_dedupes_and_skips_broken_lines(tmp_path: Path) -> None:
     assert ledger.read() == [row]
 
 
+def test_a_commit_evaluated_then_deleted_before_a_rescan_reads_it_is_not_recorded_gone(workdir: Path,
+                                                                                      tiny_data: Path) -> None:
+    # The race a kill storm found: retention deletes model-20 between the listing and the fingerprint's read.
+    session = Session(eval_config(workdir, tiny_data))
+    (first, *_) = session.listed()
+    session.evaluate(first)
+    for path in checkpoints.files_of(workdir / first.name):
+        path.unlink()
+    (again, *_) = session.listed()
+    assert again.name == first.name and again.fingerprint is None and not again.on_disk
+    assert again not in session.pending(session.listed())
+    gone = {"checkpoint": first.name, "committed": first.committed, "split": "validation", "weights": "ema",
+            "index_fingerprint": None, "status": "gone"}
+    assert session.ledger.append([gone]) == []  # the evaluation of that commit stands
+    other = gone | {"committed": first.committed + 1}  # another commit under the name, gone before any read
+    assert session.ledger.append([other]) == [other]
+    session.close()
+
+
 def test_watch_evaluates_all_and_exits_when_done(workdir: Path, tiny_data: Path) -> None:
     spy = Spy()
     run_watch(eval_config(workdir, tiny_data, exit_when_done=True), spy, StopRequest())
