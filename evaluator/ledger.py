@@ -58,8 +58,8 @@ def commit_key(record: Record) -> tuple[Any, ...]:
 def candidate_keys(checkpoint: str, *, fingerprint: str | None, committed: float, split: str,
                    weights: str) -> tuple[tuple[Any, ...], ...]:
     """The keys under which an evaluation of this checkpoint may already be recorded (new, then old rows)."""
-    keys = ((*_version(checkpoint, fingerprint, committed), split, weights),
-            (checkpoint, "committed", committed, split, weights))
+    keys: tuple[tuple[Any, ...], ...] = ((*_version(checkpoint, fingerprint, committed), split, weights),
+                                         (checkpoint, "committed", committed, split, weights))
     if fingerprint is None:
         keys += (commit_key({"checkpoint": checkpoint, "committed": committed, "split": split, "weights": weights}),)
     return keys
