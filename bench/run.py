@@ -39,7 +39,7 @@ PLANS: dict[str, dict[str, Any]] = {
     "quick": {"train_steps": 60, "repeats": 1, "experiment_repeats": 0, "b2_steps": 200, "b3_steps": 120,
               "b3_every": 20, "eval_repeats": 2, "b5_target": 0.3, "b5_steps": 200, "b5_every": 50, "b5_epochs": 3,
               "b6_count": 5, "b7_repeats": 1, "b8_args": ["--steps", "100", "--save-every", "25"],
-              "matmul_size": 1024, "matmul_repeats": 5, "b10_steps": 120, "b10_saves": 6, "cloud_samples": 3,
+              "matmul_size": 1024, "matmul_repeats": 5, "b10_steps": 60, "b10_saves": 3, "cloud_samples": 3,
               "cloud_poll_secs": 0.5},
     # On a GPU, oneDNN (a CPU library) does not change B1, so its second process is left out.
     "gpu": {"figures": ("B1", "B4", "B8"), "train_steps": 1000, "repeats": 2, "experiment_repeats": 0,

@@ -85,6 +85,7 @@ class ObjectStorage:
         self.lease_ttl = lease_ttl
         self._staging: Path | None = None
         self._pinned: dict[Path, dict[str, tuple[str, str]]] = {}  # pinned folder -> file -> (its key, its token)
+        self._parts: dict[tuple[str, str], bytes] = {}  # (appended part's key, its token) -> its bytes
 
     # --- objects ------------------------------------------------------------------------------
 
@@ -173,11 +174,12 @@ class ObjectStorage:
         folder = _parts_folder(key)
         for _ in range(5):
             base = self._object_stat(key)
-            names = self.names(folder, "[0-9]*", hidden=True)
+            listed = self._part_tokens(folder)
+            names = sorted(listed)
             folded = max((n for n in names if n.endswith(FOLDED)), default=None)
             upto = int(folded.split(".")[0]) if folded else 0
             parts = [n for n in names if not n.endswith(FOLDED) and int(n) > upto]
-            chunks = [self._get(f"{folder}/{n}") for n in ([folded] if folded else []) + parts]
+            chunks = [self._part(f"{folder}/{n}", listed[n]) for n in ([folded] if folded else []) + parts]
             own = self._get(key) if base is not None else b""
             if own is None or any(c is None for c in chunks):
                 continue
@@ -192,6 +194,24 @@ class ObjectStorage:
             return stat, data[offset:]
         raise OSError(f"{self.describe(key)} kept changing while being read")
 
+    def _part_tokens(self, folder: str) -> dict[str, str]:
+        """The appended parts in `folder` (and a folded base), each with its token: one listing."""
+        try:
+            infos = self.bucket.call("listing", folder, self.fs.ls, self._path(folder), detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        tokens = {info["name"].rstrip("/").rpartition("/")[2]: _stat(info).token for info in infos}
+        return {name: token for name, token in tokens.items() if fnmatch.fnmatch(name, "[0-9]*")}
+
+    def _part(self, key: str, token: str) -> bytes | None:
+        """An appended part's bytes: a part is created once and never rewritten, so each version is read once."""
+        data = self._parts.get((key, token))
+        if data is None:
+            data = self._get(key)
+            if data is not None:
+                self._parts[(key, token)] = data
+        return data
+
     def _fold(self, folder: str, names: list[str], data: bytes, upto: int) -> None:
         """Write parts 1..`upto` as one object `<upto>.folded`, then delete the objects it replaces."""
         try:
@@ -202,6 +222,7 @@ class ObjectStorage:
         for name in names:
             if int(name.split(".")[0]) <= upto:
                 self._delete_object(f"{folder}/{name}")
+        self._parts = {k: v for k, v in self._parts.items() if not k[0].startswith(f"{folder}/")}
 
     def names(self, folder: str = "", pattern: str = "*", *, hidden: bool = False) -> list[str]:
         try:

@@ -90,7 +90,7 @@ def proxied(cloud: Servers, monkeypatch: pytest.MonkeyPatch) -> Iterator[FlakyPr
 
 
 def _idle_requests_per_poll(cfg: EvalConfig, cloud: Servers, monkeypatch: pytest.MonkeyPatch,
-                            polls: int = 15) -> float:
+                            polls: int = 10) -> float:
     with proxied(cloud, monkeypatch) as proxy, monkeypatch.context() as patch, Watcher(cfg, patch) as watcher:
         _until(lambda: watcher.polls >= 1, "the first poll")  # after the first scan, which found nothing new
         first = watcher.polls
@@ -108,13 +108,13 @@ def test_an_idle_evaluator_makes_one_request_per_poll_whatever_the_checkpoints(
     # --rescan-secs of an hour: within the window the header is not refreshed either, only polls happen.
     cfg = EvalConfig(workdir=BucketPath(workdir), data_dir=str(tiny_data), poll_secs=0.2, rescan_secs=3600.0)
     per_poll = {}
-    for steps in (3, 12):
+    for steps in (2, 8):
         _train(workdir, tiny_data, steps, capsys)
         loop.run_once(cfg)  # everything evaluated: the watch below has nothing to do
         per_poll[steps] = _idle_requests_per_poll(cfg, cloud, monkeypatch)
-    assert len(Ledger(BucketPath(workdir)).read()) == 12
+    assert len(Ledger(BucketPath(workdir)).read()) == 8
     # One HEAD of the state file per poll (one more may be in flight at either end of the window).
-    assert all(1.0 <= v <= 1.0 + 1 / 15 for v in per_poll.values()), per_poll
+    assert all(1.0 <= v <= 1.0 + 1 / 10 for v in per_poll.values()), per_poll
 
 
 def test_timed_refreshes_of_a_bucket_workdir_do_not_rescan_it(

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -107,6 +108,26 @@ def test_appends_are_one_object_each_and_two_writers_lose_nothing(store: ObjectS
     rows = [json.loads(line) for line in data.splitlines()]
     assert sorted((r["w"], r["i"]) for r in rows) == [(w, i) for w in "ab" for i in range(20)]
     assert store.names("eval") == ["results.jsonl"]  # the parts folder is not a workdir entry
+
+
+def test_a_reader_gets_each_appended_part_once(store: ObjectStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(5):
+        store.append("eval/results.jsonl", f"{i}\n".encode())
+    fetched: list[str] = []
+    real_get = store._get
+
+    def counting_get(key: str, *args: Any, **kwargs: Any) -> bytes | None:
+        fetched.append(key)
+        return real_get(key, *args, **kwargs)
+
+    monkeypatch.setattr(store, "_get", counting_get)
+    assert store.read("eval/results.jsonl") == b"0\n1\n2\n3\n4\n"
+    assert len(fetched) == 5
+    store.append("eval/results.jsonl", b"5\n")
+    other = ObjectStorage(store.root)  # a reader of its own
+    other.append("eval/results.jsonl", b"6\n")
+    assert store.read("eval/results.jsonl") == b"0\n1\n2\n3\n4\n5\n6\n"
+    assert len(fetched) == 7  # the two new parts only: a part is never rewritten
 
 
 def test_a_reader_folds_many_parts_and_other_readers_see_the_same_bytes(store: ObjectStorage) -> None:
@@ -260,6 +281,7 @@ def test_transient_errors_are_retried_and_logged(cloud: Servers, caplog: pytest.
 COMMITTER = """
 import hashlib, sys
 from pathlib import Path
+from typing import Any
 from common.storage_object import ObjectStorage
 store, step = ObjectStorage(sys.argv[1]), int(sys.argv[2])
 while True:
