@@ -36,9 +36,9 @@ PLANS: dict[str, dict[str, Any]] = {
              "b3_every": 100, "eval_repeats": 5, "b5_target": 0.91, "b5_steps": 15000, "b5_every": 500,
              "b5_epochs": 15, "b6_count": 100, "b7_repeats": 5, "b8_args": [], "matmul_size": 2048,
              "matmul_repeats": 5, "b10_steps": 600, "b10_saves": 30, "cloud_samples": 10, "cloud_poll_secs": 2.0},
-    "quick": {"train_steps": 60, "repeats": 1, "experiment_repeats": 0, "b2_steps": 200, "b3_steps": 120,
-              "b3_every": 20, "eval_repeats": 2, "b5_target": 0.3, "b5_steps": 200, "b5_every": 50, "b5_epochs": 3,
-              "b6_count": 5, "b7_repeats": 1, "b8_args": ["--steps", "100", "--save-every", "25"],
+    "quick": {"train_steps": 60, "repeats": 1, "experiment_repeats": 0, "b2_steps": 150, "b3_steps": 80,
+              "b3_every": 20, "eval_repeats": 2, "b5_target": 0.3, "b5_steps": 150, "b5_every": 50, "b5_epochs": 3,
+              "b6_count": 3, "b7_repeats": 1, "b8_args": ["--steps", "60", "--save-every", "20"],
               "matmul_size": 1024, "matmul_repeats": 5, "b10_steps": 60, "b10_saves": 3, "cloud_samples": 3,
               "cloud_poll_secs": 0.5},
     # On a GPU, oneDNN (a CPU library) does not change B1, so its second process is left out.

@@ -43,7 +43,7 @@ def _await_commit(storage: Storage, before: Stat | None, proc: subprocess.Popen[
         now = storage.stat(checkpoints.STATE_FILE)
         if now is not None and (before is None or now.token != before.token):
             return
-        time.sleep(0.05)
+        time.sleep(0.1)
     raise AssertionError(f"the trainer committed nothing within a minute (exit {proc.poll()})")
 
 
@@ -56,7 +56,7 @@ def kill_storm(workdir: str, data_dir: Path, *, kills: int, seed: int = 0) -> li
     rng = random.Random(seed)
     storage = open_storage(workdir)
     watcher = subprocess.Popen([sys.executable, "-m", "evaluator.cli", "--workdir", workdir, "--data-dir",
-                                str(data_dir), "--poll-secs", "0.2"], stdout=subprocess.DEVNULL,
+                                str(data_dir), "--poll-secs", "0.5"], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, cwd=REPO)
     committed: list[int] = []
     try:
