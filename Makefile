@@ -41,6 +41,8 @@ eval-once: install
 # Tests make their own tiny data; the real dataset is fetched so that the `realdata` tests run too.
 # Two pytest workers, a test file each at a time: the storms mostly wait on TensorFlow starting in a
 # subprocess, so two files share the two cores well (13:03 serial against 10:39 in one measurement).
+# The longest files go first, in tests/conftest.py's order (--no-loadscope-reorder keeps it), so that
+# no long file starts last and runs alone at the end.
 test: data
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
