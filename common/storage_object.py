@@ -196,12 +196,17 @@ class ObjectStorage:
 
     def _part_tokens(self, folder: str) -> dict[str, str]:
         """The appended parts in `folder` (and a folded base), each with its token: one listing."""
+        return {name: _stat(info).token for name, info in self._listing(folder).items()
+                if fnmatch.fnmatch(name, "[0-9]*")}
+
+    def _listing(self, folder: str) -> dict[str, dict[str, Any]]:
+        """The entries directly in `folder` (the workdir's root for ""), by name, with fsspec's details."""
         try:
-            infos = self.bucket.call("listing", folder, self.fs.ls, self._path(folder), detail=True)
+            infos = self.bucket.call("listing", folder, self.fs.ls, self._path(folder) if folder else self.url.path(),
+                                     detail=True)
         except (FileNotFoundError, NotADirectoryError):
             return {}
-        tokens = {info["name"].rstrip("/").rpartition("/")[2]: _stat(info).token for info in infos}
-        return {name: token for name, token in tokens.items() if fnmatch.fnmatch(name, "[0-9]*")}
+        return {info["name"].rstrip("/").rpartition("/")[2]: info for info in infos}
 
     def _part(self, key: str, token: str) -> bytes | None:
         """An appended part's bytes: a part is created once and never rewritten, so each version is read once."""
@@ -225,12 +230,7 @@ class ObjectStorage:
         self._parts = {k: v for k, v in self._parts.items() if not k[0].startswith(f"{folder}/")}
 
     def names(self, folder: str = "", pattern: str = "*", *, hidden: bool = False) -> list[str]:
-        try:
-            paths = self.bucket.call("listing", folder, self.fs.ls, self._path(folder) if folder else self.url.path(),
-                                     detail=False)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        names = {p.rstrip("/").rpartition("/")[2] for p in paths}
+        names = set(self._listing(folder))
         if not hidden:  # `.<name>.parts/` holds the appends to <name>: it is that entry
             names = {n[1:-len(".parts")] if n.startswith(".") and n.endswith(".parts") else n for n in names}
         return sorted(fnmatch.filter(names, pattern))
