@@ -411,47 +411,70 @@ def _onednn_text(x: Any) -> str:
     return word.get(x, "—")
 
 
+Cells = tuple[Any, Any, str]  # (this project, compared with, text before "compared with")
+
+
+def _ours(fig: dict[str, Any]) -> Any:
+    return fig.get("ours", fig.get("ours_with"))
+
+
+def _b1_cells(fig: dict[str, Any], fmt: str) -> Cells:
+    return (_ours(fig), fig["keras_fit_no_jit"],
+            f"Keras fit: default compile {_text(fig['keras_fit_default'], fmt)}; jit_compile=False ")
+
+
+def _b3_cells(fig: dict[str, Any], fmt: str) -> Cells:
+    return _ours(fig), fig["iterator"], (
+        f"p95 ours {_text(fig['ours_p95'], fmt)}, iterator {_text(fig['iterator_p95'], fmt)}; "
+        f"checkpoints_iterator ({fig['iterator_yielded']} of {fig['checkpoints']} yielded) p50 ")
+
+
+def _b8_cells(fig: dict[str, Any], fmt: str) -> Cells:
+    return fig["pair_s"], fig["alone_s"], (
+        f"{fig['evaluated']} of {fig['checkpoints']} checkpoints evaluated, lag commit -> result "
+        f"p50 {_text(value(fig['lag_s']), fmt)} s, max {_text(fig['lag_max_s'], fmt)} s; trainer alone ")
+
+
+def _b9_cells(fig: dict[str, Any], fmt: str) -> Cells:
+    runs: Any = fig.get("matmul_runs")
+    if not measured(runs):
+        return _ours(fig), fig["matmul_peak"], ""
+    return _ours(fig), fig["matmul_peak"], f"float32 matmul, {_text(runs, fmt)} over {runs['n']} runs, fastest "
+
+
+def _b10_cells(fig: dict[str, Any], fmt: str) -> Cells:
+    return _ours(fig), fig["one_process"], (
+        f"one save {_text(value(fig['save_ms_two']), '{:,.1f}')} ms against "
+        f"{_text(value(fig['save_ms_one']), '{:,.1f}')} ms; one process ")
+
+
+# How each figure fills the "this project" and "compared with" cells. B1 and its variants compare with
+# Keras fit when they measured it; any other figure shows its own value and nothing to compare with.
+_CELLS: dict[str, Callable[[dict[str, Any], str], Cells]] = {
+    "B2": lambda fig, fmt: (_ours(fig), fig["ours_without"],
+                            f"cost {100 * fig['cost_fraction']:+.1f}%; without EMA and saves "),
+    "B3": _b3_cells,
+    "B4": lambda fig, fmt: (_ours(fig), fig["keras_evaluate"], ""),
+    "B4_batch_sizes": lambda fig, fmt: (" / ".join(fmt.format(v) for v in fig["by_size"].values()), None, ""),
+    "B5": lambda fig, fmt: (_ours(fig), fig["keras_fit"], ""),
+    "B6": lambda fig, fmt: (fig["last_mb"], fig["first_mb"],
+                            f"growth {100 * fig['growth_fraction']:+.1f}%; after the first "),
+    "B8": _b8_cells,
+    "B9": _b9_cells,
+    "B10": _b10_cells,
+    "B12": lambda fig, fmt: (_ours(fig), fig["theirs"], ""),
+    "B13": lambda fig, fmt: (_ours(fig), fig["local"], "local folder "),
+}
+_ONE_DECIMAL = ("B3", "B5", "B7", "B8", "B9", "B11", "B12", "B13")
+
+
 def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
     """(id, figure, oneDNN, ours, compared with, ratio, target/met) for display."""
     table: list[tuple[str, ...]] = []
     for key, fig in results.items():
-        fmt = "{:,.1f}" if key in ("B3", "B5", "B7", "B8", "B9", "B11", "B12", "B13") else "{:,.0f}"
-        ours, theirs, extra = fig.get("ours", fig.get("ours_with")), None, ""
-        if key.startswith("B1") and "keras_fit_default" in fig:
-            theirs = fig["keras_fit_no_jit"]
-            extra = f"Keras fit: default compile {_text(fig['keras_fit_default'], fmt)}; jit_compile=False "
-        elif key == "B2":
-            theirs, extra = fig["ours_without"], f"cost {100 * fig['cost_fraction']:+.1f}%; without EMA and saves "
-        elif key == "B3":
-            theirs = fig["iterator"]
-            extra = (f"p95 ours {_text(fig['ours_p95'], fmt)}, iterator {_text(fig['iterator_p95'], fmt)}; "
-                     f"checkpoints_iterator ({fig['iterator_yielded']} of {fig['checkpoints']} yielded) p50 ")
-        elif key == "B4":
-            theirs = fig["keras_evaluate"]
-        elif key == "B4_batch_sizes":
-            ours = " / ".join(fmt.format(v) for v in fig["by_size"].values())
-        elif key == "B5":
-            theirs = fig["keras_fit"]
-        elif key == "B6":
-            ours, theirs = fig["last_mb"], fig["first_mb"]
-            extra = f"growth {100 * fig['growth_fraction']:+.1f}%; after the first "
-        elif key == "B8":
-            ours = fig["pair_s"]
-            extra = (f"{fig['evaluated']} of {fig['checkpoints']} checkpoints evaluated, lag commit -> result "
-                     f"p50 {_text(value(fig['lag_s']), fmt)} s, max {_text(fig['lag_max_s'], fmt)} s; trainer alone ")
-            theirs = fig["alone_s"]
-        elif key == "B10":
-            theirs = fig["one_process"]
-            extra = (f"one save {_text(value(fig['save_ms_two']), '{:,.1f}')} ms against "
-                     f"{_text(value(fig['save_ms_one']), '{:,.1f}')} ms; one process ")
-        elif key == "B12":
-            theirs = fig["theirs"]
-        elif key == "B13":
-            theirs, extra = fig["local"], "local folder "
-        elif key == "B9":
-            theirs = fig["matmul_peak"]
-            runs = fig.get("matmul_runs")
-            extra = f"float32 matmul, {_text(runs, fmt)} over {runs['n']} runs, fastest " if measured(runs) else ""
+        fmt = "{:,.1f}" if key in _ONE_DECIMAL else "{:,.0f}"
+        cells = _CELLS.get(key) or (_b1_cells if "keras_fit_default" in fig else None)
+        ours, theirs, extra = cells(fig, fmt) if cells else (_ours(fig), None, "")
         note = f" ({fig['note']})" if fig.get("note") else ""
         met = fig.get("met")
         target = fig.get("target", "")

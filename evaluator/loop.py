@@ -76,22 +76,19 @@ def run_watch(cfg: EvalConfig, display: Display, stop: StopRequest) -> None:
         show("watching", 0)
         scan = True
         while not stop:
-            if not scan:  # nothing can have changed: only the header's trainer line is refreshed
-                show("waiting for the trainer" if session.problem else "watching", 0)
-                scan = _wait(session, wake)
-                continue
-            todo = _scan(session)
-            if todo and not stop:
-                show(f"evaluating {todo[0].name}", len(todo))
-                if todo[0].on_disk:
-                    session.evaluate(todo[0])
-                else:  # the rest are names without files too (see Session.pending)
-                    session.record_unread(todo)
-                continue
-            session.sync_best()
-            if cfg.exit_when_done and session.problem == "" and session.storage.stat(DONE_FILE):
-                show(_finished_state(session), 0)
-                return
+            if scan:  # otherwise nothing can have changed, and only the header's trainer line is refreshed
+                todo = _scan(session)
+                if todo and not stop:
+                    show(f"evaluating {todo[0].name}", len(todo))
+                    if todo[0].on_disk:
+                        session.evaluate(todo[0])
+                    else:  # the rest are names without files too (see Session.pending)
+                        session.record_unread(todo)
+                    continue
+                session.sync_best()
+                if cfg.exit_when_done and session.problem == "" and session.storage.stat(DONE_FILE):
+                    show(_finished_state(session), 0)
+                    return
             show("waiting for the trainer" if session.problem else "watching", 0)
             scan = _wait(session, wake)
 
