@@ -147,6 +147,13 @@ def test_data_order_is_a_function_of_step(tiny_data: Path) -> None:
     assert not np.array_equal(full[0], full[11])  # epoch 2 is shuffled anew
 
 
+def test_the_training_pipeline_runs_without_the_autotuning_thread(tiny_data: Path) -> None:
+    # Its iterator could take tens of seconds to drop at the end of a run (trainer/inputs.py).
+    split = load("mnist", str(tiny_data)).train
+    ds = train_dataset(split, batch_size=50, seed=3, start_step=0, prepare=lambda x: tf.cast(x, tf.float32))
+    assert ds.options().autotune.enabled is False
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--dataset", "cifar"], "unknown dataset 'cifar'"),
     (["--model", "resnet"], "unknown model 'resnet'"),
