@@ -226,7 +226,8 @@ def detection_latency(workdir: Path, data_dir: str | None, *, model: str, steps:
             _stop(iterator, 0 if train_secs is None else 60)
     state = checkpoints.read_state(workdir)
     assert state is not None
-    committed = {Path(p).name: state.timestamp_of(p) for p in state.paths}
+    stamps = state.timestamps_by_path()
+    committed = {Path(p).name: stamps.get(p, 0.0) for p in state.paths}
     rows = [json.loads(line) for line in (workdir / "eval" / "results.jsonl").read_text().splitlines()]
     ours = [1000 * (r["started"] - r["committed"]) for r in rows if r["status"] == "ok"]
     seen = [json.loads(line) for line in iterator_log.read_text().splitlines()]

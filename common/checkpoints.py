@@ -89,10 +89,6 @@ class State:
     timestamps: list[float] = dataclasses.field(default_factory=list)
     last_preserved_timestamp: float = 0.0
 
-    def timestamp_of(self, path: str) -> float:
-        """The save time recorded for `path` (0.0 when the file did not record one)."""
-        return self.timestamps_by_path().get(path, 0.0)
-
     def timestamps_by_path(self) -> dict[str, float]:
         """Every path's recorded save time (the first, if listed twice); empty when they do not pair up."""
         if len(self.timestamps) != len(self.paths):

@@ -85,7 +85,8 @@ class CheckpointSaver:
         try:
             self._make_room(name)
             self._write(tf.constant(self.storage.checkpoint_target(name)))
-            entries = [(p, self.state.timestamp_of(p)) for p in self.state.paths] + [(name, time.time())]
+            stamps = self.state.timestamps_by_path()
+            entries = [(p, stamps.get(p, 0.0)) for p in self.state.paths] + [(name, time.time())]
             kept, last = select_kept(entries, keep=self.keep, keep_every_hours=self.keep_every_hours,
                                      anchor=self.anchor, protected=self.protected())
             new_state = State(latest=name, paths=[p for p, _ in kept], timestamps=[t for _, t in kept],
@@ -113,7 +114,8 @@ class CheckpointSaver:
         if name in self.state.paths:
             index = self.state.paths.index(name)
             paths = self.state.paths[:index] + self.state.paths[index + 1:]
-            stamps = [self.state.timestamp_of(p) for p in paths]
+            by_path = self.state.timestamps_by_path()
+            stamps = [by_path.get(p, 0.0) for p in paths]
             latest = self.state.latest if self.state.latest != name else (paths[-1] if paths else None)
             self.state = State(latest=latest, paths=paths, timestamps=stamps,
                                last_preserved_timestamp=self.state.last_preserved_timestamp)
