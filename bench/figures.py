@@ -404,23 +404,26 @@ def run_throughput_process(onednn: str | None, params: dict[str, Any]) -> dict[s
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def _timed_trainer(workdir: Path, args: list[str], env: dict[str, str]) -> float:
+def timed_trainer(workdir: Path, args: list[str], env: dict[str, str] | None = None) -> float:
     """Wall time of one trainer process, from launch to exit, as `make train` would see it."""
+    env = env if env is not None else {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     began = time.monotonic()
     subprocess.run([sys.executable, "-m", "trainer.cli", "--workdir", str(workdir), *args], check=True,
                    stdout=subprocess.DEVNULL, env=env, cwd=REPO)
     return time.monotonic() - began
 
 
-def pair_wall_time(root: Path, args: list[str], evaluator_args: list[str], data_dir: str | None) -> dict[str, Any]:
+def pair_wall_time(root: Path, args: list[str], evaluator_args: list[str], data_dir: str | None, *,
+                   alone: bool = True) -> dict[str, Any]:
     """B8: the trainer alone, then the trainer with an evaluator watching beside it (`make eval-watch`).
 
     `args` are the trainer's flags beyond the workdir (none: `make train`'s defaults). The evaluator
     starts first and is ready before the trainer starts, as when `make eval-watch` is already running.
+    `alone=False` skips the first run (`alone_s` is then None).
     """
     data = ["--data-dir", data_dir] if data_dir else []
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    alone = _timed_trainer(root / "alone", [*args, *data], env)
+    alone_s = timed_trainer(root / "alone", [*args, *data], env) if alone else None
     workdir, log_path = root / "pair", root / "evaluator.log"
     with open(log_path, "w") as log:
         evaluator = subprocess.Popen([sys.executable, "-m", "evaluator.cli", "--workdir", str(workdir),
@@ -429,12 +432,12 @@ def pair_wall_time(root: Path, args: list[str], evaluator_args: list[str], data_
         paired = None
         try:
             wait_for_output(log_path, evaluator, "the evaluator")
-            paired = _timed_trainer(workdir, [*args, *data], env)
+            paired = timed_trainer(workdir, [*args, *data], env)
         finally:
             # Once training is over the evaluator owes at most the evaluations still queued; each took a
             # fraction of the run, so the run's own length bounds them.
             _stop(evaluator, 0 if paired is None else 60 + paired)
-    return {"alone_s": alone, "pair_s": paired, "evaluator_exit": evaluator.returncode,
+    return {"alone_s": alone_s, "pair_s": paired, "evaluator_exit": evaluator.returncode,
             **evaluated_checkpoints(workdir, args)}
 
 

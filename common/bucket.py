@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from common.errors import UsageError, WorkdirIOError
+from common.errors import BucketUnusable, UsageError, WorkdirIOError
 
 SCHEMES = ("s3", "gs")
 _URL = re.compile(r"^(s3|gs)://([^/]+)/?(.*)$")
@@ -180,14 +180,14 @@ class Bucket:
         try:
             self.call("listing", "", self.fs.ls, self.url.bucket, detail=False)
         except FileNotFoundError:
-            raise UsageError(f"--workdir {self.url.url()}: the bucket {self.url.bucket!r} does not exist "
-                             "(create it first)") from None
+            raise BucketUnusable(self.url.url(), f"the bucket {self.url.bucket!r} does not exist "
+                                 "(create it first)") from None
         except PermissionError as e:
-            raise UsageError(f"--workdir {self.url.url()}: access denied to the bucket: {one_line(e)}") from None
+            raise BucketUnusable(self.url.url(), f"access denied to the bucket: {one_line(e)}") from None
         except OSError as e:  # retried in vain: the store cannot be reached
             raise WorkdirIOError(f"--workdir {self.url.url()}: cannot reach the bucket: {one_line(e)}") from None
         except Exception as e:  # no credentials, or another answer that no retry changes
-            raise UsageError(f"--workdir {self.url.url()}: cannot use the bucket: {one_line(e)}") from None
+            raise BucketUnusable(self.url.url(), f"cannot use the bucket: {one_line(e)}") from None
 
     def verify(self, key: str, data_md5: bytes, size: int) -> None:
         """Check an uploaded object against the local file: its size, and its MD5 where the store gives one.

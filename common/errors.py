@@ -23,6 +23,22 @@ class UsageError(ProjectError):
     exit_code = EXIT_BAD_INPUT
 
 
+class BucketUnusable(UsageError):
+    """A bucket that does not exist, or that these credentials may not use.
+
+    It reads as `--workdir URL: why`; a flag that named the bucket otherwise (`--from`,
+    `--init-from`, `predict --model`) rewords it with `for_flag`.
+    """
+
+    def __init__(self, url: str, why: str) -> None:
+        super().__init__(f"--workdir {url}: {why}")
+        self.url, self.why = url, why
+
+    def for_flag(self, flag: str, value: object) -> UsageError:
+        """The same refusal, said of `flag value` (a URL in the bucket, which the reason names)."""
+        return UsageError(f"{flag} {value}: {self.why}")
+
+
 class DataFormatError(UsageError):
     """A dataset file exists but is not valid IDX (or npz) data."""
 

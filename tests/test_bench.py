@@ -120,3 +120,34 @@ def test_quick_bench_produces_every_figure(tiny_data: Path, tmp_path: Path) -> N
     assert {"cpu", "vector_extensions", "cores", "tensorflow", "date", "onednn_bench_process"} <= set(machine)
     text = (tmp_path / "RESULTS.md").read_text()
     assert "| B1 |" in text and "| B8 |" in text and "| B9 |" in text and "vector extensions" in text
+
+
+def test_thread_settings_are_timed_in_rounds_against_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import threads
+
+    order: list[str] = []
+
+    def setting(args: list[str]) -> str:
+        return args[args.index("--threads") + 1] if "--threads" in args else "auto"
+
+    def trainer(workdir: Path, args: list[str], env: Any = None) -> float:
+        order.append(f"alone {setting(args)}")
+        return {"auto": 10.0, "1,1": 15.0}.get(setting(args), 12.0) + len(order) / 1000
+
+    def pair(root: Path, args: list[str], evaluator_args: list[str], data_dir: Any, *, alone: bool) -> dict[str, Any]:
+        assert not alone and root.is_dir()
+        key = f"{setting(args)} / {setting(evaluator_args)}"
+        order.append(f"pair {key}")
+        return {"pair_s": 20.0 if key == "auto / auto" else 18.0, "missing": ["model-500"] if "1,2" in key else []}
+
+    monkeypatch.setattr(figures, "timed_trainer", trainer)
+    monkeypatch.setattr(figures, "pair_wall_time", pair)
+    results = threads.measure(steps=40, save_every=20, repeats=2, data_dir=None)
+    one_round = [f"alone {s}" for s in threads.ALONE] + [f"pair {t} / {e}" for t, e in threads.PAIRS]
+    assert order == one_round * 2  # every setting once per round, so slow spells spread over all of them
+    assert results["alone"]["auto"]["ratio_to_auto"] == 1.0
+    assert results["alone"]["1,1"]["ratio_to_auto"] == pytest.approx(1.5, abs=0.01)
+    assert results["pair"]["auto / 1,1"]["ratio_to_auto"] == pytest.approx(0.9)
+    assert results["pair"]["auto / 1,2"]["checkpoints_not_evaluated"] == 2
+    text = threads.table(results)
+    assert "| pair | auto | 1,2 | 18.0 (2 not evaluated) |" in text and "| alone | 1,1 | — | 15.0 |" in text

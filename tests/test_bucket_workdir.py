@@ -77,7 +77,7 @@ def test_train_resume_evaluate_best_and_export_from_a_bucket(bucket_workdir: str
     assert json.loads((tmp_path / "exp" / "export.json").read_text())["workdir"] == bucket_workdir
 
 
-def test_a_missing_bucket_is_one_line_and_exit_2(bucket_workdir: str, tiny_data: Path,
+def test_a_missing_bucket_is_one_line_and_exit_2(bucket_workdir: str, tiny_data: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     scheme = bucket_workdir.partition("://")[0]
     missing = f"{scheme}://no-such-bucket-here/run"
@@ -85,6 +85,19 @@ def test_a_missing_bucket_is_one_line_and_exit_2(bucket_workdir: str, tiny_data:
                          run_evaluator_cli(["--workdir", missing, "--data-dir", str(tiny_data), "--once"], capsys)):
         assert code == 2, err
         assert err.count("\n") == 1 and "does not exist" in err
+    # Named by another flag, the refusal names that flag.
+    code, _, err = run_trainer_cli(["--workdir", str(tmp_path / "local"), "--data-dir", str(tiny_data), "--model",
+                                    "softmax", "--steps", "5", "--init-from", missing], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"--init-from {missing}: the bucket 'no-such-bucket-here' does not exist" in err, err
+    from evaluator.serving import predict
+
+    image = tmp_path / "digit.png"
+    Image.fromarray(np.full((28, 28), 200, np.uint8)).save(image)
+    assert predict.main(["--model", f"{missing}/model-10", str(image)]) == 2
+    err = capsys.readouterr().err
+    assert f"--model {missing}/model-10: the bucket 'no-such-bucket-here' does not exist" in err, err
+    assert "--workdir" not in err
 
 
 def test_watch_beside_the_trainer_until_patience_stops_it(bucket_workdir: str, tiny_data: Path) -> None:
@@ -260,8 +273,7 @@ def test_trainer_from_a_checkpoint_of_a_bucket(bucket_workdir: str, tiny_data: P
     elsewhere = f"{bucket_workdir.partition('://')[0]}://no-such-bucket-here/run/model-10"
     for name, why in (("model-5", "--from model-5: model-5.index is missing"), ("model-10", "--from model-10: "),
                       ("../run/model-20", "--from ../run/model-20: not a checkpoint of a bucket"),
-                      (elsewhere, f"--from {elsewhere}: {elsewhere.rpartition('/')[0]}: the bucket "
-                                  "'no-such-bucket-here' does not exist")):
+                      (elsewhere, f"--from {elsewhere}: the bucket 'no-such-bucket-here' does not exist")):
         code, _, err = _train(bucket_workdir, tiny_data, 40, capsys, "--from", name)
         assert code == 2 and err.count("\n") == 1 and why in err, err
     _delete_shards_during_downloads(storage, monkeypatch)

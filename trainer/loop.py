@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from common import checkpoints, datasets
 from common.checkpoints import CheckpointError, State
-from common.errors import DivergedError, UsageError
+from common.errors import BucketUnusable, DivergedError, UsageError
 from common.evaluation import Evaluation
 from common.loader import build_model
 from common.paths import BucketPath, Workdir, is_bucket
@@ -119,8 +119,8 @@ def from_prefix(cfg: TrainConfig) -> Workdir:
     prefix = from_named(cfg)
     try:
         why = checkpoints.check_readable(prefix)
-    except UsageError as e:  # another bucket's: missing, or not ours to read (its message names --workdir)
-        raise UsageError(f"--from {cfg.resume_from}: {str(e).removeprefix('--workdir ')}") from None
+    except BucketUnusable as e:  # another bucket's: missing, or not ours to read
+        raise e.for_flag("--from", cfg.resume_from) from None
     if why:
         raise UsageError(f"--from {cfg.resume_from}: {why}")
     return prefix

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from common import checkpoints
 from common.checkpoints import CheckpointError
-from common.errors import UsageError
+from common.errors import BucketUnusable, UsageError
 from common.keymap import map_keys
 from common.locate import BEST_ELSE_LATEST, NoCheckpoint, Unreadable, locate
 from common.paths import as_workdir
@@ -75,6 +75,8 @@ def resolve_source(source: str) -> Path:
         raise UsageError(f"--init-from {source}: {e.why}") from None
     except Gone as e:
         raise UsageError(f"--init-from {source}: {e}") from None
+    except BucketUnusable as e:
+        raise e.for_flag("--init-from", source) from None
 
 
 # The downloads of bucket checkpoints that --init-from reads, removed at exit.

@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from common import checkpoints, datasets, userdata
-from common.errors import UsageError
+from common.errors import BucketUnusable, UsageError
 from common.inputspec import InputSpec
 from common.loader import load_model
 from common.locate import BEST_ELSE_LATEST, NoCheckpoint, Unreadable, is_workdir, locate
@@ -88,9 +88,9 @@ def own_model(path: Workdir, *, preprocess: bool) -> tuple[Classifier, list[str]
 
 def _checkpoint_of(path: Workdir) -> tuple[Workdir, Workdir]:
     """The workdir and checkpoint prefix that `--model PATH` names."""
-    whole = is_workdir(path)
-    workdir = path if whole else path.parent
     try:
+        whole = is_workdir(path)
+        workdir = path if whole else path.parent
         # A workdir's checkpoint is read in full by the restore that follows; a prefix is checked here
         # so that a path that is nothing usable gets the message below.
         return workdir, locate(path, BEST_ELSE_LATEST, check=not whole)
@@ -98,6 +98,8 @@ def _checkpoint_of(path: Workdir) -> tuple[Workdir, Workdir]:
         raise UsageError(f"--model {path}: not an export, and a workdir without checkpoints") from None
     except Unreadable as e:
         raise UsageError(f"--model {path}: not an export, a workdir or a readable checkpoint ({e.why})") from None
+    except BucketUnusable as e:
+        raise e.for_flag("--model", path) from None
 
 
 def _from_export(path: Path, do_preprocess: bool) -> tuple[Classifier, list[str]]:
