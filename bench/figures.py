@@ -443,13 +443,11 @@ def pair_wall_time(root: Path, args: list[str], evaluator_args: list[str], data_
 
 def evaluated_checkpoints(workdir: Path, args: list[str]) -> dict[str, Any]:
     """Which of the run's checkpoints the evaluator evaluated, and the lag from commit to result (s)."""
-    from trainer.cli import parser
-    from trainer.config import DEFAULT_STEPS
+    from trainer.cli import build_config, parser
 
-    flags = parser().parse_args([*args, "--workdir", str(workdir)])
+    cfg = build_config(parser().parse_args([*args, "--workdir", str(workdir)]))  # the model's own steps
     final = json.loads((workdir / "done.json").read_text())["step"]
-    steps = flags.steps or DEFAULT_STEPS
-    expected = {f"model-{s}" for s in range(flags.save_every, steps + 1, flags.save_every)} | {f"model-{final}"}
+    expected = {f"model-{s}" for s in range(cfg.save_every, cfg.steps + 1, cfg.save_every)} | {f"model-{final}"}
     ledger = workdir / "eval" / "results.jsonl"
     rows = [json.loads(line) for line in ledger.read_text().splitlines()] if ledger.exists() else []
     ok = {r["checkpoint"]: r["finished"] - r["committed"] for r in rows if r["status"] == "ok"}

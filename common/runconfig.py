@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 MAX_RUN_FILE_BYTES = 1_000_000
 MAX_CLASS_NAMES = 10_000
 _INT_FIELDS = ("batch_size", "lr_decay_steps", "seed", "train_examples", "unfreeze_at", "replicas", "workers")
-_NUMBER_FIELDS = ("lr", "lr_decay_rate", "l2", "ema_decay", "finetune_lr", "created")
+_NUMBER_FIELDS = ("lr", "lr_decay_rate", "l2", "label_smoothing", "ema_decay", "finetune_lr", "created")
 _TEXT_FIELDS = ("dataset", "model", "version", "data_source", "data_fingerprint", "strategy")
 # Where the data came from and what ran it, not what defines the run: a resume may read the same
 # data from elsewhere, on another number of devices or workers.
@@ -49,6 +49,9 @@ class RunSpec:
     ema_decay: float  # decay of the exponential moving averages
     seed: int  # seeds the initial weights and the data order
     class_names: tuple[str, ...]  # names of the model's output classes, in order
+    # Share of each training label spread evenly over all classes (the loss's targets, not the data);
+    # 0 = none. run.json files written before it existed hold none, and trained without.
+    label_smoothing: float = 0.0
     classes: tuple[int, ...] = ()  # the dataset's classes this run trains on (relabelled 0..k-1); () = all
     train_examples: int = 0  # use only the first N training images (after the class subset); 0 = all
     freeze: tuple[str, ...] = ()  # patterns of model variables (`model/conv*`) that are not trained
@@ -76,6 +79,7 @@ class RunSpec:
             (0 < self.lr_decay_rate <= 1, "lr_decay_rate", "in (0, 1]"),
             (self.lr_decay_steps > 0, "lr_decay_steps", "a positive integer"),
             (self.l2 >= 0, "l2", "non-negative"),
+            (0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)"),
             (0 < self.ema_decay < 1, "ema_decay", "in (0, 1)"),
             (self.seed >= 0, "seed", "a non-negative integer"),
             (self.train_examples >= 0, "train_examples", "0 (all) or a positive integer"),

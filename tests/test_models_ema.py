@@ -16,6 +16,7 @@ from tests.helpers import mnist_model
     ("softmax", 784 * 10 + 10),
     ("mlp", 784 * 500 + 500 + 500 * 10 + 10),
     ("cnn", 5 * 5 * 16 + 16 + 5 * 5 * 16 * 36 + 36 + 1764 * 128 + 128 + 128 * 10 + 10),
+    ("cnn3x3", 3 * 3 * 16 + 16 + 3 * 3 * 16 * 96 + 96 + 7 * 7 * 96 * 128 + 128 + 128 * 10 + 10),
 ])
 def test_parameter_counts_and_output(name: str, params: int) -> None:
     model = mnist_model(name, seed=1)
@@ -30,7 +31,7 @@ def test_seed_makes_weights_reproducible() -> None:
 
 
 def test_unknown_model() -> None:
-    with pytest.raises(UsageError, match="unknown model 'resnet' \\(choose one of: cnn, mlp, softmax\\)"):
+    with pytest.raises(UsageError, match="unknown model 'resnet' \\(choose one of: cnn, cnn3x3, mlp, softmax\\)"):
         models.build("resnet", num_classes=10, input_shape=(28, 28, 1))
 
 

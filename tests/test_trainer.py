@@ -195,6 +195,43 @@ def test_resume_takes_run_json_and_refuses_contradiction(tmp_path: Path, tiny_da
     assert code == 0 and out.splitlines()[0] == "resumed from model-20 (step 20)"
 
 
+def test_label_smoothing_is_the_models_default_a_flag_and_kept_on_resume(
+        tmp_path: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from common.runconfig import read_run
+
+    base = ["--data-dir", str(tiny_data), "--steps", "10", "--save-every", "10", "--progress", "plain"]
+    for flags, expected in ((["--model", "cnn3x3"], 0.1), (["--model", "cnn"], 0.0),
+                            (["--model", "cnn3x3", "--label-smoothing", "0"], 0.0),
+                            (["--model", "softmax", "--label-smoothing", "0.2"], 0.2)):
+        workdir = tmp_path / "-".join(flags)
+        code, _, err = run_cli(["--workdir", str(workdir), *base, *flags], capsys)
+        assert code == 0, err
+        spec = read_run(workdir)
+        assert spec is not None and spec.label_smoothing == expected, flags
+    # A run.json from before the setting existed resumes without smoothing, whatever the model.
+    workdir = tmp_path / "--model-cnn3x3"
+    run_file = workdir / "run.json"
+    record = json.loads(run_file.read_text())
+    del record["label_smoothing"]
+    run_file.write_text(json.dumps(record))
+    code, out, err = run_cli(["--workdir", str(workdir), *base[:2], "--steps", "20", "--progress", "plain"], capsys)
+    assert code == 0 and out.splitlines()[0] == "resumed from model-10 (step 10)", err
+    code, _, err = run_cli(["--workdir", str(tmp_path / "bad"), *base, "--label-smoothing", "1"], capsys)
+    assert code == 2 and "--label-smoothing (1.0) must be in [0, 1)" in err
+
+
+def test_smoothed_cross_entropy_matches_its_formula() -> None:
+    from trainer.step import _cross_entropy
+
+    logits = tf.constant([[2.0, 0.5, -1.0], [0.0, 0.0, 3.0]])
+    labels = tf.constant([0, 1], tf.int64)
+    plain = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+    np.testing.assert_allclose(_cross_entropy(labels, logits, 0.0), plain)
+    log_p = tf.nn.log_softmax(logits).numpy()
+    targets = np.eye(3)[[0, 1]] * 0.7 + 0.1
+    np.testing.assert_allclose(_cross_entropy(labels, logits, 0.3), -(targets * log_p).sum(axis=1), rtol=1e-6)
+
+
 def test_garbage_run_json(tmp_path: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "run.json").write_text("{not json")
@@ -235,3 +272,14 @@ def test_mnist_on_generated_idx_files(make_config: Callable[..., Any]) -> None:
     train(cfg, reporter=Recorder())
     run = json.loads((cfg.workdir / "run.json").read_text())
     assert run["dataset"] == "mnist" and run["class_names"] == [str(d) for d in range(10)]
+
+
+def test_the_default_run_is_cnn3x3_with_its_recipe_and_the_evaluator_watches_it() -> None:
+    from evaluator.cli import DEFAULT_WORKDIR
+    from trainer.cli import build_config, parser
+
+    cfg = build_config(parser().parse_args([]))
+    assert cfg.workdir == DEFAULT_WORKDIR and cfg.spec.model == "cnn3x3"
+    assert (cfg.steps, cfg.spec.label_smoothing) == (9000, 0.1)  # its recipe (common.models.recipe)
+    tutorial = build_config(parser().parse_args(["--model", "cnn"]))
+    assert (tutorial.steps, tutorial.spec.label_smoothing) == (10000, 0.0)

@@ -14,9 +14,9 @@ from common.paths import local_text, workdir_path, workdir_text
 
 # Settings that define a run (stored in run.json). Unset flags take run.json's value on resume.
 RUN_DEFAULTS: dict[str, Any] = {
-    "dataset": "fashion-mnist", "model": "cnn", "batch_size": 64, "lr": 1e-3, "lr_decay_rate": 1.0,
-    "lr_decay_steps": 1000, "l2": 0.0, "ema_decay": 0.999, "seed": 0, "classes": (), "train_examples": 0,
-    "freeze": (), "unfreeze_at": 0, "finetune_lr": 0.0,
+    "dataset": "fashion-mnist", "model": "cnn3x3", "batch_size": 64, "lr": 1e-3, "lr_decay_rate": 1.0,
+    "lr_decay_steps": 1000, "l2": 0.0, "label_smoothing": 0.0, "ema_decay": 0.999, "seed": 0, "classes": (),
+    "train_examples": 0, "freeze": (), "unfreeze_at": 0, "finetune_lr": 0.0,
 }
 
 
@@ -29,16 +29,21 @@ def parser() -> argparse.ArgumentParser:
                    help="checkpoint folder, s3://bucket/prefix or gs://bucket/prefix (default runs/<dataset>-<model>)")
     p.add_argument("--dataset", help=f"fashion-mnist, mnist, folder:PATH, npz:PATH or module.path:function "
                    f"(default {RUN_DEFAULTS['dataset']})")
-    p.add_argument("--model", help=f"softmax, mlp, cnn or module.path:function (default {RUN_DEFAULTS['model']})")
+    p.add_argument("--model", help=f"softmax, mlp, cnn, cnn3x3 or module.path:function "
+                   f"(default {RUN_DEFAULTS['model']})")
     p.add_argument("--image-size", metavar="HxW", help="folder: datasets: resize images to this, e.g. 32x32 "
                    "(default 256x256)")
     p.add_argument("--channels", type=int, choices=[1, 3], help="folder: datasets: 1 grey or 3 RGB (default 3)")
-    p.add_argument("--steps", type=int, help="train until this global step (default 10000)")
+    p.add_argument("--steps", type=int, help="train until this global step (default: the model's own, 9000 for "
+                   "cnn3x3, else 10000)")
     p.add_argument("--batch-size", type=int, help="images per step (default 64)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 0.001)")
     p.add_argument("--lr-decay-rate", type=float, help="exponential decay factor per --lr-decay-steps (default 1, off)")
     p.add_argument("--lr-decay-steps", type=int, help="steps per decay factor (default 1000)")
     p.add_argument("--l2", type=float, help="L2 penalty weight on kernels (default 0)")
+    p.add_argument("--label-smoothing", type=float, metavar="X",
+                   help="train towards labels moved X of the way to uniform (default: the model's own, "
+                        "0.1 for cnn3x3, else 0)")
     p.add_argument("--ema-decay", type=float, help="moving-average decay (default 0.999)")
     p.add_argument("--seed", type=int, help="seed of weights and data order (default 0)")
     p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (default 1000)")
@@ -91,7 +96,7 @@ def build_config(args: argparse.Namespace) -> Any:
     """Merge flags with the defaults, or with the workdir's run.json when resuming."""
     from common import datasets, models, userdata, usermodel
     from common.runconfig import RunSpec, read_run
-    from trainer.config import DEFAULT_STEPS, TrainConfig
+    from trainer.config import TrainConfig
 
     given = {k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k) is not None}
     if "dataset" in given:
@@ -111,7 +116,8 @@ def build_config(args: argparse.Namespace) -> Any:
         given["classes"] = datasets.parse_classes(given["classes"], datasets.get_info(dataset))
     workdir = args.workdir or Path("runs") / f"{userdata.short_name(dataset)}-{userdata.short_name(model)}"
     existing = read_run(workdir)
-    base = {k: getattr(existing, k) for k in RUN_DEFAULTS} if existing else dict(RUN_DEFAULTS)
+    base = ({k: getattr(existing, k) for k in RUN_DEFAULTS} if existing
+            else RUN_DEFAULTS | {"label_smoothing": models.recipe(model).label_smoothing})
     settings = base | given
     spec = RunSpec(**settings, **_data_fields(settings, existing, args))
     init = None
@@ -124,7 +130,7 @@ def build_config(args: argparse.Namespace) -> Any:
     elif args.init_map or args.init_only:
         raise UsageError("--init-map and --init-only go with --init-from")
     return TrainConfig(
-        spec=spec, workdir=workdir, steps=args.steps if args.steps is not None else DEFAULT_STEPS,
+        spec=spec, workdir=workdir, steps=args.steps if args.steps is not None else models.recipe(spec.model).steps,
         save_every=args.save_every, keep=args.keep, keep_every_hours=args.keep_every_hours,
         data_dir=args.data_dir, resume_from=args.resume_from, steps_per_loop=args.steps_per_loop,
         log_every=args.log_every, progress=args.progress, init=init,

@@ -91,6 +91,15 @@ class TrainState:
         return bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors]))
 
 
+def _cross_entropy(labels: tf.Tensor, logits: tf.Tensor, smoothing: float) -> tf.Tensor:
+    """Per-example cross-entropy against the labels, each moved `smoothing` of the way to uniform."""
+    if not smoothing:
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+    classes = logits.shape[-1]
+    targets = tf.one_hot(labels, classes) * (1.0 - smoothing) + smoothing / classes
+    return tf.nn.softmax_cross_entropy_with_logits(targets, logits)
+
+
 def make_train_loop(state: TrainState, global_batch_size: int, *, use_ema: bool = True,
                     jit_compile: bool = False, finetune: bool = False) -> Any:
     """Build `loop(iterator, n) -> {"loss", "all_finite"}`: n steps in one `tf.function` call.
@@ -110,7 +119,7 @@ def make_train_loop(state: TrainState, global_batch_size: int, *, use_ema: bool 
     def replica_step(images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:
             logits = state.model(images, training=True)
-            per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+            per_example = _cross_entropy(labels, logits, state.spec.label_smoothing)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
             if state.spec.l2 > 0:
                 penalty = state.spec.l2 * tf.add_n([tf.nn.l2_loss(k) for k in kernels])
