@@ -64,8 +64,8 @@ def train_dataset(split: Split, *, batch_size: int, seed: int, start_step: int,
 
 # With tf.data's autotuning on, dropping the iterator at the end of training sometimes blocked in its
 # destructor, waiting for a background thread: 28 to 47 s in 4 of 9 default runs, 10 to 16 s in 4 of 8
-# short ones, between the last step and the final evaluation. Without it none of 6 short runs did, at
-# the same speed: the pipeline is a gather and a scale, and AUTOTUNE then means one call per core.
+# short ones, between the last step and the final evaluation. Without it none of 6 short and 20 full runs
+# did, at the same speed: the pipeline is a gather and a scale, and AUTOTUNE then means one call per core.
 _NO_AUTOTUNE_THREAD = tf.data.Options()
 _NO_AUTOTUNE_THREAD.autotune.enabled = False
 
