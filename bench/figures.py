@@ -195,11 +195,16 @@ def _stop(proc: subprocess.Popen[Any], budget: float) -> None:
             proc.wait()
 
 
+def quiet_env() -> dict[str, str]:
+    """This environment, with TensorFlow's C++ info and warning lines off, for the programs a figure starts."""
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
 def detection_latency(workdir: Path, data_dir: str | None, *, model: str, steps: int, save_every: int,
                       evaluator_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """State-file commit -> restore start for our evaluator, and commit -> yield for checkpoints_iterator."""
     data = ["--data-dir", data_dir] if data_dir else []
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = quiet_env()
     logs = workdir.parent
     stop_file, iterator_log, evaluator_log = logs / "iterator.stop", logs / "iterator.jsonl", logs / "evaluator.log"
     with open(iterator_log, "w") as it_out, open(evaluator_log, "w") as ev_out:
@@ -393,7 +398,7 @@ def run_throughput_process(onednn: str | None, params: dict[str, Any]) -> dict[s
     """Run `throughput_process` with TF_ENABLE_ONEDNN_OPTS set to `onednn` (None: unset, TF's default)."""
     from common.tfenv import ONEDNN_VAR
 
-    env = {k: v for k, v in os.environ.items() if k != ONEDNN_VAR} | {"TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {k: v for k, v in quiet_env().items() if k != ONEDNN_VAR}
     if onednn is not None:
         env[ONEDNN_VAR] = onednn
     out = subprocess.run([sys.executable, "-c", THROUGHPUT_PROCESS, json.dumps(params)], capture_output=True,
@@ -406,7 +411,7 @@ def run_throughput_process(onednn: str | None, params: dict[str, Any]) -> dict[s
 
 def timed_trainer(workdir: Path, args: list[str], env: dict[str, str] | None = None) -> float:
     """Wall time of one trainer process, from launch to exit, as `make train` would see it."""
-    env = env if env is not None else {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = env if env is not None else quiet_env()
     began = time.monotonic()
     subprocess.run([sys.executable, "-m", "trainer.cli", "--workdir", str(workdir), *args], check=True,
                    stdout=subprocess.DEVNULL, env=env, cwd=REPO)
@@ -422,7 +427,7 @@ def pair_wall_time(root: Path, args: list[str], evaluator_args: list[str], data_
     `alone=False` skips the first run (`alone_s` is then None).
     """
     data = ["--data-dir", data_dir] if data_dir else []
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = quiet_env()
     alone_s = timed_trainer(root / "alone", [*args, *data], env) if alone else None
     workdir, log_path = root / "pair", root / "evaluator.log"
     with open(log_path, "w") as log:

@@ -51,14 +51,17 @@ def measure(steps: int, save_every: int, repeats: int, data_dir: str | None) -> 
                                              _flag(evaluator), data_dir, alone=False)
                 pair[key].append(run["pair_s"])
                 missing[key] += len(run["missing"])
-    auto_alone = statistics.median(alone["auto"])
-    auto_pair = statistics.median(pair["auto / auto"])
-    return {
-        "alone": {s: {"median_s": statistics.median(v), "runs_s": v,
-                      "ratio_to_auto": statistics.median(v) / auto_alone} for s, v in alone.items()},
-        "pair": {k: {"median_s": statistics.median(v), "runs_s": v, "ratio_to_auto": statistics.median(v) / auto_pair,
-                     "checkpoints_not_evaluated": missing[k]} for k, v in pair.items()},
-    }
+    pairs = _against_auto(pair, "auto / auto")
+    for key, summary in pairs.items():
+        summary["checkpoints_not_evaluated"] = missing[key]
+    return {"alone": _against_auto(alone, "auto"), "pair": pairs}
+
+
+def _against_auto(runs: dict[str, list[float]], auto: str) -> dict[str, dict[str, Any]]:
+    """Each setting's median wall time, its runs, and its median over the `auto` setting's."""
+    medians = {key: statistics.median(times) for key, times in runs.items()}
+    return {key: {"median_s": medians[key], "runs_s": times, "ratio_to_auto": medians[key] / medians[auto]}
+            for key, times in runs.items()}
 
 
 def table(results: dict[str, Any]) -> str:

@@ -77,13 +77,7 @@ def run_watch(cfg: EvalConfig, display: Display, stop: StopRequest) -> None:
         scan = True
         while not stop:
             if scan:  # otherwise nothing can have changed, and only the header's trainer line is refreshed
-                todo = _scan(session)
-                if todo and not stop:
-                    show(f"evaluating {todo[0].name}", len(todo))
-                    if todo[0].on_disk:
-                        session.evaluate(todo[0])
-                    else:  # the rest are names without files too (see Session.pending)
-                        session.record_unread(todo)
+                if _evaluate_next(session, show, stop):
                     continue
                 session.sync_best()
                 if cfg.exit_when_done and session.problem == "" and session.storage.stat(DONE_FILE):
@@ -91,6 +85,19 @@ def run_watch(cfg: EvalConfig, display: Display, stop: StopRequest) -> None:
                     return
             show("waiting for the trainer" if session.problem else "watching", 0)
             scan = _wait(session, wake)
+
+
+def _evaluate_next(session: Session, show: _Refresh, stop: StopRequest) -> bool:
+    """Rescan the workdir and evaluate the oldest pending checkpoint; False when none is pending (or stopping)."""
+    todo = _scan(session)
+    if not todo or stop:
+        return False
+    show(f"evaluating {todo[0].name}", len(todo))
+    if todo[0].on_disk:
+        session.evaluate(todo[0])
+    else:  # the rest are names without files too (see Session.pending)
+        session.record_unread(todo)
+    return True
 
 
 def _wait(session: Session, wake: Wake) -> bool:

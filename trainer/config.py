@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 from common.errors import UsageError
+from common.models import Recipe
 from common.paths import Workdir
 from common.runconfig import RunSpec
 from trainer.warmstart import InitSpec
 
-DEFAULT_STEPS = 10_000
+DEFAULT_STEPS = Recipe().steps  # a model's own recipe may say otherwise (trainer.cli.build_config)
 
 
 @dataclasses.dataclass(frozen=True)
