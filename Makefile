@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 data: install
-	$(BIN)/python -m common.fetch_data --dataset $(DATASET)
+	$(BIN)/python -m common.data.fetch --dataset $(DATASET)
 
 train: data
 	$(BIN)/trainer --workdir $(WORKDIR) --dataset $(DATASET) --model $(MODEL) $(STEPS_FLAG)

@@ -35,7 +35,7 @@ def write_folder(root: Path, sizes: dict[str, int], data_dir: str | None) -> lis
     import numpy as np
     from PIL import Image
 
-    from common import datasets
+    from common.data import datasets
 
     data = datasets.load("fashion-mnist", data_dir)
     names = [name.replace("/", "-") for name in data.info.class_names]  # "T-shirt/top" is no folder name

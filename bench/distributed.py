@@ -54,7 +54,7 @@ def save_seconds(workdir: Path, workers: int, saves: int) -> list[float]:
 
 def _probe(saves: int, workdir: Path, strategy_name: str) -> dict[str, Any]:
     """Time `saves` saves of a fresh CNN train state, as the trainer makes them (chief or scratch saver)."""
-    from common.checkpoints import State
+    from common.checkpoint.checkpoints import State
     from common.tfenv import Runtime, configure, quiet_import_tensorflow
 
     quiet_import_tensorflow()

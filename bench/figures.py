@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from common import checkpoints, datasets
-from common.evaluation import Evaluation
-from common.runconfig import RunSpec
+from common.checkpoint import checkpoints
+from common.data import datasets
+from common.model.evaluation import Evaluation
+from common.run.spec import RunSpec
 from trainer.inputs import train_dataset
 from trainer.saver import CheckpointSaver
 from trainer.step import TrainState, make_train_loop
@@ -372,7 +373,7 @@ print(json.dumps(throughput_process(json.loads(sys.argv[1]))))
 def throughput_process(params: dict[str, Any]) -> dict[str, Any]:
     """In this process: ours and Keras fit (images/s) alternately, then the B9 matmul peak if asked."""
     from bench import flops
-    from common import loader
+    from common.run import loader
     from common.tfenv import Runtime, configure
 
     setup = configure(Runtime(device=params["device"]))

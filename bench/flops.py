@@ -1,4 +1,4 @@
-"""B9's arithmetic: training FLOPs per image of a model from `common.models`, and a measured matmul peak.
+"""B9's arithmetic: training FLOPs per image of a model from `common.model.models`, and a measured matmul peak.
 
 Counted from the model's own layers: a 'SAME', stride-1 convolution does one k*k*c_in dot product per
 output pixel and output channel; a dense layer one n_in dot product per output. A multiply-add is 2 FLOPs.
@@ -15,7 +15,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from common.models import Classifier
+from common.model.models import Classifier
 
 BACKWARD_FACTOR = 2  # backward pass FLOPs per forward FLOP
 

@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.bucket import Bucket, BucketURL, filesystem
 from common.storage import Storage
-from common.storage_local import LocalStorage
-from common.storage_object import ObjectStorage
+from common.storage.bucket import Bucket, BucketURL, filesystem
+from common.storage.local import LocalStorage
+from common.storage.objectstore import ObjectStorage
 from evaluator.wakeups import BUCKET_WATCHED_NAMES as WATCHED
 from tests.cloud import FlakyProxy, Servers, cloud_servers
 

@@ -103,7 +103,7 @@ class Context:
 
     @property
     def data(self) -> Any:
-        from common import datasets
+        from common.data import datasets
 
         if self._data is None:
             self._data = datasets.load("fashion-mnist", self.data_dir)

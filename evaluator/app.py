@@ -8,14 +8,14 @@ import sys
 
 from rich.console import Console, Group
 
+from common.checkpoint.keymap import parse_map
+from common.checkpoint.tf1graph import GraphFlags
 from common.errors import UsageError
-from common.keymap import parse_map
-from common.paths import BucketPath
-from common.protocol import BestEntry
+from common.layout import EVAL_DIR
+from common.run.protocol import BestEntry
 from common.signals import StopRequest, stop_on_signals
 from common.storage import open_storage
-from common.tf1graph import GraphFlags
-from common.workdir import EVAL_DIR
+from common.storage.paths import BucketPath
 from evaluator.config import EvalConfig
 from evaluator.display import Display, LiveTable, PlainLines, header_text, per_class_tables, render_table
 from evaluator.foreign import ForeignFlags

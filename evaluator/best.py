@@ -23,13 +23,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from common import checkpoints, locate
-from common.checkpoints import State
-from common.fileio import atomic_write_bytes
-from common.paths import BucketPath, OutsideError, Workdir
-from common.protocol import BestEntry, LedgerRow
+from common.checkpoint import checkpoints
+from common.checkpoint.checkpoints import State
+from common.layout import BEST_JSON, BEST_LINK, EVAL_DIR
+from common.run import locate
+from common.run.protocol import BestEntry, LedgerRow
 from common.storage import Gone, Storage, open_storage
-from common.workdir import BEST_JSON, BEST_LINK, EVAL_DIR
+from common.storage.fileio import atomic_write_bytes
+from common.storage.paths import BucketPath, OutsideError, Workdir
 from evaluator.ledger import Record
 
 Warn = Callable[[str], None]
@@ -228,5 +229,5 @@ def clean_stale(workdir: Workdir, *, warn: Warn = _to_stderr) -> None:
 
 
 def best_prefix(workdir: Workdir) -> Workdir | None:
-    """The prefix of the best checkpoint's files under eval/best, or None (see `common.locate`)."""
+    """The prefix of the best checkpoint's files under eval/best, or None (see `common.run.locate`)."""
     return locate.best_prefix(workdir)

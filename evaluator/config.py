@@ -6,9 +6,9 @@ import dataclasses
 import math
 from pathlib import Path
 
+from common.checkpoint.tf1graph import GraphFlags
 from common.errors import UsageError
-from common.paths import BucketPath, Workdir
-from common.tf1graph import GraphFlags
+from common.storage.paths import BucketPath, Workdir
 from evaluator.core import WEIGHT_CHOICES
 from evaluator.foreign import ForeignFlags
 

@@ -10,12 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from common import checkpoints, datasets, loader
-from common.checkpoints import CheckpointError
-from common.evaluation import Evaluation
-from common.paths import Workdir
-from common.runconfig import RunSpec
+from common.checkpoint import checkpoints
+from common.checkpoint.checkpoints import CheckpointError
+from common.data import datasets
+from common.model.evaluation import Evaluation
+from common.run import loader
+from common.run.spec import RunSpec
 from common.storage import Gone, open_storage
+from common.storage.paths import Workdir
 from evaluator.ledger import FAILED, FINGERPRINT, Record
 
 WEIGHT_CHOICES = {"ema": ("ema",), "raw": ("raw",), "both": ("ema", "raw")}

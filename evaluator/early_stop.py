@@ -1,6 +1,6 @@
 """Early stopping: after --patience evaluations without improvement, ask the trainer to stop.
 
-The request is `stop_request.json` (common.protocol.EarlyStopRequest); the trainer checks for it
+The request is `stop_request.json` (common.run.protocol.EarlyStopRequest); the trainer checks for it
 after every `--steps-per-loop` steps, saves and finishes.
 """
 
@@ -10,9 +10,9 @@ import os
 import time
 
 from common.errors import WorkdirIOError
-from common.paths import Workdir
-from common.protocol import EarlyStopRequest
-from common.workdir import STOP_REQUEST_FILE
+from common.layout import STOP_REQUEST_FILE
+from common.run.protocol import EarlyStopRequest
+from common.storage.paths import Workdir
 from evaluator.rows import Row
 
 

@@ -19,12 +19,15 @@ from typing import Any
 
 import tensorflow as tf
 
-from common import checkpoints, datasets, models, userdata
-from common.checkpoints import READ_ERRORS, CheckpointError
+from common.checkpoint import checkpoints
+from common.checkpoint.checkpoints import READ_ERRORS, CheckpointError
+from common.checkpoint.keymap import KeyMap, map_keys
+from common.data import datasets, registry, userdata
 from common.errors import UsageError
-from common.evaluation import Evaluation
-from common.keymap import KeyMap, map_keys
-from common.paths import Workdir
+from common.model import models, usermodel
+from common.model import registry as model_registry
+from common.model.evaluation import Evaluation
+from common.storage.paths import Workdir
 from evaluator.core import SnapshotEvaluator
 from evaluator.ledger import Record
 
@@ -41,8 +44,7 @@ class ForeignFlags:
     ema_maps: tuple[KeyMap, ...] = ()  # --ema-map: where the moving averages are
 
     def __post_init__(self) -> None:
-        if not userdata.is_reference(self.dataset):
-            datasets.get_info(self.dataset)
+        registry.check(self.dataset)
 
     @functools.cached_property
     def info(self) -> datasets.DatasetInfo:
@@ -50,22 +52,20 @@ class ForeignFlags:
 
         Cached: the live table's header asks for it at every refresh, and a folder's is read from disk.
         """
-        if userdata.is_reference(self.dataset):
-            return userdata.describe(self.dataset)
-        return datasets.get_info(self.dataset)
+        return registry.describe(self.dataset)
 
     def load(self, data_dir: str | None) -> tuple[datasets.Dataset, datasets.DatasetInfo]:
         """The dataset and its description."""
         info = self.info
-        if userdata.is_reference(self.dataset):
+        if registry.is_user(self.dataset):
             data, warnings = userdata.load(self.dataset, info.input_spec)
             for text in warnings:
                 print(f"evaluator: warning: {text}", file=sys.stderr)
             return data, info
         return datasets.load(self.dataset, data_dir), info
 
-    def build(self, info: datasets.DatasetInfo) -> models.Classifier:
-        return models.build(self.model, num_classes=info.num_classes, input_shape=info.input_spec.shape)
+    def build(self, info: datasets.DatasetInfo) -> models.Classifier | usermodel.UserModel:
+        return model_registry.build(self.model, num_classes=info.num_classes, input_shape=info.input_spec.shape)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@ An append writes whole lines at the end of the file (`Storage.append`: `O_APPEND
 locally) under the ledger's lock (`Storage.lock`: an flock locally), so it costs the same however
 long the ledger is, and two evaluators never lose each other's rows.
 A reader keeps what it has parsed and its offset, and later reads only what was appended since.
-A line that is not a ledger row (a torn write, a stray byte; see common.protocol.LedgerRow) is
+A line that is not a ledger row (a torn write, a stray byte; see common.run.protocol.LedgerRow) is
 skipped and counted.
 """
 
@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import WorkdirIOError
-from common.paths import Workdir
-from common.protocol import FINGERPRINT, LedgerRow
+from common.layout import EVAL_DIR, LEDGER_FILE
+from common.run.protocol import FINGERPRINT, LedgerRow
 from common.storage import open_storage
-from common.workdir import EVAL_DIR, LEDGER_FILE
+from common.storage.paths import Workdir
 
-Record = dict[str, Any]  # a ledger row's JSON object (typed access: common.protocol.LedgerRow)
+Record = dict[str, Any]  # a ledger row's JSON object (typed access: common.run.protocol.LedgerRow)
 # Not a result: an evaluation that a problem of this machine stopped (full disk, no permission).
 # Such a row does not count as done, so the checkpoint is evaluated again later.
 FAILED = "failed"

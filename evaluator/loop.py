@@ -10,11 +10,11 @@ import contextlib
 import json
 from pathlib import Path
 
-from common.checkpoints import CheckpointError
+from common.checkpoint.checkpoints import CheckpointError
 from common.errors import ProjectError, UsageError
-from common.paths import BucketPath
+from common.layout import DONE_FILE
 from common.signals import StopRequest
-from common.workdir import DONE_FILE
+from common.storage.paths import BucketPath
 from evaluator.config import EvalConfig, require_folder
 from evaluator.display import Display, log_line
 from evaluator.session import Candidate, Session

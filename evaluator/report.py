@@ -18,15 +18,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 import tensorflow as tf
 
-from common import checkpoints, datasets
+from common.checkpoint import checkpoints
+from common.checkpoint.tf1graph import GraphFlags, SaverGraph, meta_of, missing_file
+from common.data import datasets
 from common.errors import UsageError
-from common.loader import load_model
-from common.locate import BEST, NoBest, Unreadable, locate
-from common.paths import BucketPath, Workdir, local_only, remove
-from common.runconfig import RunSpec, read_run
+from common.layout import EVAL_DIR
+from common.run.loader import load_model
+from common.run.locate import BEST, NoBest, Unreadable, locate
+from common.run.spec import RunSpec, read_run
 from common.storage import Gone, Storage, open_storage
-from common.tf1graph import GraphFlags, SaverGraph, meta_of, missing_file
-from common.workdir import EVAL_DIR
+from common.storage.paths import BucketPath, Workdir, local_only, remove
 from evaluator.ledger import Ledger, Record
 
 GRID = 6  # misclassified examples are shown in a GRID x GRID image

@@ -1,6 +1,6 @@
 """Turn ledger records into table rows: one per checkpoint, with deltas and the best so far.
 
-Pure functions over ledger records (read through common.protocol.LedgerRow), shared by the live
+Pure functions over ledger records (read through common.run.protocol.LedgerRow), shared by the live
 table, the plain log lines and `--once`.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from common.protocol import LedgerRow
+from common.run.protocol import LedgerRow
 from evaluator.ledger import Record, version_key
 
 

@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import checkpoints, models, usermodel
+from common.checkpoint import checkpoints
 from common.errors import UsageError
-from common.paths import BucketPath, Workdir
-from common.runconfig import RunSpec, read_run
+from common.layout import TB_DIR
+from common.model import registry
+from common.run.spec import RunSpec, read_run
 from common.storage import Storage, open_storage
-from common.workdir import TB_DIR
+from common.storage.paths import BucketPath, Workdir
 from evaluator import foreign, tf1core
 from evaluator.best import BestKeeper, clean_stale
 from evaluator.config import EvalConfig
@@ -39,7 +40,7 @@ class Candidate:
 
     name: str
     committed: float  # the state file's timestamp for it (index mtime when it has none)
-    fingerprint: str | None = None  # of its .index file (common.checkpoints.index_fingerprint); None = not there
+    fingerprint: str | None = None  # of its .index file (checkpoints.index_fingerprint); None: not there
 
     @property
     def step(self) -> int | None:
@@ -89,7 +90,7 @@ class Session:
             if spec is None:
                 tf1core.check_kind(self.cfg.workdir, tf1=False)
                 raise UsageError(f"{self.cfg.workdir}: no run.json (not a trainer workdir, or no trainer started yet)")
-            if spec.model not in models.MODELS and not usermodel.is_reference(spec.model):
+            if not registry.is_known(spec.model):
                 raise UsageError(f"{self.cfg.workdir}/run.json: unknown model {spec.model!r}")
             loaded = spec.load_data(self.cfg.data_dir)
             for text in loaded.warnings:

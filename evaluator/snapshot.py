@@ -12,8 +12,8 @@ import contextlib
 from collections.abc import Iterator
 
 from common.errors import WorkdirIOError
-from common.paths import Workdir
 from common.storage import Gone, open_storage
+from common.storage.paths import Workdir
 
 __all__ = ["Gone", "lease"]
 

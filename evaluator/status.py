@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from common.paths import Workdir
-from common.protocol import TrainerHeartbeat, TrainingDone
-from common.runconfig import RunSpec
+from common.run.protocol import TrainerHeartbeat, TrainingDone
+from common.run.spec import RunSpec
+from common.storage.paths import Workdir
 from evaluator.config import EvalConfig
 from evaluator.ledger import FAILED, Ledger
 from evaluator.rows import Row

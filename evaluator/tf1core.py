@@ -13,11 +13,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common import checkpoints, datasets
-from common.checkpoints import CheckpointError, State
+from common.checkpoint import checkpoints
+from common.checkpoint.checkpoints import CheckpointError, State
+from common.checkpoint.tf1graph import GraphFlagError, GraphFlags, SaverGraph, meta_of, read_saver_step, saver_format
+from common.data import datasets
 from common.errors import UsageError
-from common.paths import BucketPath, Workdir
-from common.tf1graph import GraphFlagError, GraphFlags, SaverGraph, meta_of, read_saver_step, saver_format
+from common.storage.paths import BucketPath, Workdir
 from evaluator.core import SnapshotEvaluator
 from evaluator.ledger import Record
 

@@ -16,10 +16,10 @@ import threading
 import time
 from collections.abc import Iterator
 
-from common.checkpoints import STATE_FILE
-from common.paths import BucketPath, Workdir
+from common.checkpoint.checkpoints import STATE_FILE
+from common.layout import DONE_FILE, RUN_FILE
 from common.storage import open_storage
-from common.workdir import DONE_FILE, RUN_FILE
+from common.storage.paths import BucketPath, Workdir
 
 WATCHED_NAMES = frozenset({STATE_FILE, DONE_FILE, RUN_FILE})
 BUCKET_WATCHED_NAMES = frozenset({STATE_FILE})  # one request per poll (see the module's docstring)

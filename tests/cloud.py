@@ -46,7 +46,7 @@ class Servers:
 
     def new_bucket(self, scheme: str) -> str:
         """Create an empty bucket in the store of `scheme` ("s3" or "gs"); return its name."""
-        from common.bucket import BucketURL, filesystem
+        from common.storage.bucket import BucketURL, filesystem
 
         name = f"b-{secrets.token_hex(6)}"
         filesystem(BucketURL(scheme, name, "")).mkdir(name)

@@ -28,11 +28,11 @@ from tests.helpers import make_train_config, write_dataset  # noqa: E402
 # starts last and runs alone at the end. Every other file keeps its place after them.
 LONGEST_FIRST = (
     "tests/fault/test_kill_storm.py",  # 30 kills, about 155 s
-    "tests/test_bench.py",  # the quick bench
+    "tests/bench/test_bench.py",  # the quick bench
     "tests/fault/test_kill_storm_bucket.py",  # 10 kills on each store
     "tests/fault/test_kill_storm_multiworker.py",
-    "tests/test_bucket_workdir.py",
-    "tests/test_transfer.py",
+    "tests/e2e/test_bucket_workdir.py",
+    "tests/trainer/test_warmstart.py",
 )
 
 

@@ -10,9 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from common.idx import write_idx
+from common.data.idx import write_idx
 from common.signals import StopRequest
 from trainer.progress import PlainLog
+
+REPO = Path(__file__).resolve().parents[1]  # the project's root: where the programs run from in tests
 
 
 def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -41,8 +43,8 @@ def write_dataset(folder: Path, *, n_train: int = 600, n_test: int = 200, gz: bo
 
 def make_train_config(tiny_data: Path, workdir: Path, **overrides: Any) -> Any:
     """A TrainConfig for a tiny, fast softmax run; keyword arguments override any field."""
-    from common.datasets import DATASETS
-    from common.runconfig import RunSpec
+    from common.data.datasets import DATASETS
+    from common.run.spec import RunSpec
     from trainer.cli import RUN_DEFAULTS
     from trainer.config import TrainConfig
 
@@ -139,9 +141,10 @@ def run_evaluator_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tu
 
 def mnist_model(name: str, *, seed: int = 0) -> Any:
     """Model `name` built for the MNIST family's images and 10 classes."""
-    from common import datasets, models
+    from common.data import datasets
+    from common.model import registry
 
-    return models.build(name, num_classes=10, input_shape=datasets.MNIST_INPUT.shape, seed=seed)
+    return registry.build(name, num_classes=10, input_shape=datasets.MNIST_INPUT.shape, seed=seed)
 
 
 def two_evaluators_at_once(workdir: str, data_dir: Path) -> None:
@@ -160,7 +163,7 @@ def two_evaluators_at_once(workdir: str, data_dir: Path) -> None:
 
 def committed_step(storage: Any, workdir: str) -> int | None:
     """The step of the checkpoint the state file names (in a bucket too), after checking that it reads in full."""
-    from common import checkpoints
+    from common.checkpoint import checkpoints
 
     state = checkpoints.read_state(storage)
     if state is None or state.latest is None:

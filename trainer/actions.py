@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from common.errors import DivergedError
-from common.protocol import EarlyStopRequest
+from common.run.protocol import EarlyStopRequest
 from common.signals import StopRequest
 from trainer.progress import Reporter
 

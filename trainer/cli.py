@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from common.checkpoint.keymap import parse_map
 from common.errors import ProjectError, UsageError
-from common.keymap import parse_map
-from common.paths import local_text, workdir_path, workdir_text
+from common.storage.paths import local_text, workdir_path, workdir_text
 
 # Settings that define a run (stored in run.json). Unset flags take run.json's value on resume.
 RUN_DEFAULTS: dict[str, Any] = {
@@ -94,24 +94,27 @@ def _transfer_flags(p: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace) -> Any:
     """Merge flags with the defaults, or with the workdir's run.json when resuming."""
-    from common import datasets, models, userdata, usermodel
-    from common.runconfig import RunSpec, read_run
+    from common.data import datasets, userdata
+    from common.data import registry as data_registry
+    from common.model import models
+    from common.model import registry as model_registry
+    from common.run.spec import RunSpec, read_run
     from trainer.config import TrainConfig
 
     given = {k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k) is not None}
     if "dataset" in given:
         given["dataset"] = userdata.absolute(given["dataset"])
-    for name, registry, is_reference in (("dataset", datasets.DATASETS, userdata.is_reference),
-                                         ("model", models.MODELS, usermodel.is_reference)):
-        if name in given and given[name] not in registry and not is_reference(given[name]):
-            raise UsageError(f"unknown {name} {given[name]!r} (choose one of: {', '.join(sorted(registry))}, "
+    for name, names, is_known in (("dataset", datasets.DATASETS, data_registry.is_known),
+                                  ("model", models.MODELS, model_registry.is_known)):
+        if name in given and not is_known(given[name]):
+            raise UsageError(f"unknown {name} {given[name]!r} (choose one of: {', '.join(sorted(names))}, "
                              f"or {'folder:PATH, npz:PATH or ' if name == 'dataset' else ''}module.path:function)")
     if "freeze" in given:
         given["freeze"] = tuple(given["freeze"])
     dataset = given.get("dataset", RUN_DEFAULTS["dataset"])
     model = given.get("model", RUN_DEFAULTS["model"])
     if "classes" in given:
-        if userdata.is_reference(dataset):
+        if data_registry.is_user(dataset):
             raise UsageError(f"--classes goes with the built-in datasets, not {dataset}")
         given["classes"] = datasets.parse_classes(given["classes"], datasets.get_info(dataset))
     workdir = args.workdir or Path("runs") / f"{userdata.short_name(dataset)}-{userdata.short_name(model)}"
@@ -139,7 +142,7 @@ def build_config(args: argparse.Namespace) -> Any:
 
 def _data_fields(settings: dict[str, Any], existing: Any, args: argparse.Namespace) -> dict[str, Any]:
     """The class names, and for a user's data its input spec and preprocessing (a resume keeps run.json's)."""
-    from common import datasets, userdata
+    from common.data import datasets, userdata
 
     dataset = settings["dataset"]
     image_size = None if args.image_size is None else userdata.parse_image_size(args.image_size)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 from common.errors import UsageError
-from common.models import Recipe
-from common.paths import Workdir
-from common.runconfig import RunSpec
+from common.model.models import Recipe
+from common.run.spec import RunSpec
+from common.storage.paths import Workdir
 from trainer.warmstart import InitSpec
 
 DEFAULT_STEPS = Recipe().steps  # a model's own recipe may say otherwise (trainer.cli.build_config)

@@ -22,11 +22,11 @@ from typing import Any
 
 import tensorflow as tf
 
-from common import checkpoints
-from common.datasets import Split
+from common.checkpoint import checkpoints
+from common.data.datasets import Split
 from common.errors import UsageError, WorkerLostError
-from common.paths import Workdir
 from common.signals import StopRequest
+from common.storage.paths import Workdir
 from trainer.actions import LoopOutput
 from trainer.inputs import train_dataset
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
-from common.datasets import Split
+from common.data.datasets import Split
 from common.errors import UsageError
 
 
@@ -75,7 +75,7 @@ def _loader(split: Split) -> Callable[[tf.Tensor], tf.Tensor]:
     if isinstance(split.images, np.ndarray):
         images = tf.constant(split.images)
         return lambda index: tf.gather(images, index)
-    shape = [None, *split.images.shape[1:]]  # common.userdata.FileImages
+    shape = [None, *split.images.shape[1:]]  # common.data.userdata.FileImages
 
     def decode(index: tf.Tensor) -> tf.Tensor:
         batch = tf.numpy_function(split.images.__getitem__, [index], tf.uint8, stateful=False)

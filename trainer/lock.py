@@ -10,8 +10,8 @@ import time
 from types import TracebackType
 
 from common.errors import UsageError
-from common.paths import Workdir
 from common.storage import Locked, open_storage
+from common.storage.paths import Workdir
 
 LOCK_FILE = "trainer.lock"
 

@@ -18,17 +18,18 @@ from typing import Any
 
 import tensorflow as tf
 
-from common import checkpoints, datasets
-from common.checkpoints import CheckpointError, State
+from common.checkpoint import checkpoints
+from common.checkpoint.checkpoints import CheckpointError, State
+from common.data import datasets
 from common.errors import BucketUnusable, DivergedError, UsageError
-from common.evaluation import Evaluation
-from common.loader import build_model
-from common.paths import BucketPath, Workdir, is_bucket
-from common.protocol import EarlyStopRequest, StopRequestId, TrainerHeartbeat, TrainingDone
-from common.runconfig import RunData, RunSpec, read_run, write_run
+from common.layout import DONE_FILE, TB_DIR
+from common.model.evaluation import Evaluation
+from common.run.loader import build_model
+from common.run.protocol import EarlyStopRequest, StopRequestId, TrainerHeartbeat, TrainingDone
+from common.run.spec import RunData, RunSpec, read_run, write_run
 from common.signals import StopRequest, stop_on_signals
 from common.storage import Gone, open_storage
-from common.workdir import DONE_FILE, TB_DIR
+from common.storage.paths import BucketPath, Workdir, is_bucket
 from trainer import distribute, warmstart
 from trainer import saver as saver_lib
 from trainer.actions import Action, CheckStopRequest, LoopOutput, SaveCheckpoints, make_actions
@@ -414,7 +415,7 @@ def _save(saver: saver_lib.CheckpointSaver | distribute.ScratchSaver, train_stat
     return str(saver.save(step))
 
 
-# The files this program shares with the evaluator (typed in common.protocol): stop_request.json
+# The files this program shares with the evaluator (typed in common.run.protocol): stop_request.json
 # (read) and done.json (read, removed at the start of a run, written at its end). Only the
 # functions below touch them.
 

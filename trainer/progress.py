@@ -13,8 +13,8 @@ from typing import Any, Protocol
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from common.paths import Workdir
-from common.protocol import SPENT_KEY, StopRequestId, TrainerHeartbeat
+from common.run.protocol import SPENT_KEY, StopRequestId, TrainerHeartbeat
+from common.storage.paths import Workdir
 
 
 def log_line(event: str, **fields: Any) -> str:
@@ -140,7 +140,7 @@ def make_reporter(kind: str, log_every: int) -> Reporter:
 
 
 class Heartbeat:
-    """Rewrites `heartbeat.json` (common.protocol.TrainerHeartbeat) at most once per `every_secs`.
+    """Rewrites `heartbeat.json` (common.run.protocol.TrainerHeartbeat) at most once per `every_secs`.
 
     The evaluator reads it to show the trainer's status; it is a consumer like any display.
     `spent` (the stop request already honoured) goes into every write, so that it stays on

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from common import checkpoints
-from common.checkpoints import State
+from common.checkpoint import checkpoints
+from common.checkpoint.checkpoints import State
 from common.errors import WorkdirIOError
-from common.paths import BucketPath, OutsideError, Workdir
 from common.storage import Storage, open_storage, read_best
+from common.storage.paths import BucketPath, OutsideError, Workdir
 
 
 def select_kept(

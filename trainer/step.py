@@ -12,10 +12,11 @@ from typing import Any
 
 import tensorflow as tf
 
-from common import checkpoints, models
-from common.ema import MovingAverage
+from common.checkpoint import checkpoints
 from common.errors import UsageError
-from common.runconfig import RunSpec
+from common.model import models, registry
+from common.model.ema import MovingAverage
+from common.run.spec import RunSpec
 
 _FIRST_REPLICA = tf.VariableAggregation.ONLY_FIRST_REPLICA
 
@@ -65,7 +66,7 @@ class TrainState:
         self.spec = spec
         self.strategy = strategy
         with strategy.scope():
-            self.model = models.build(spec.model, num_classes=spec.num_classes, input_shape=spec.input.shape,
+            self.model = registry.build(spec.model, num_classes=spec.num_classes, input_shape=spec.input.shape,
                                       seed=spec.seed)
             self.ema = MovingAverage(self.model, decay=spec.ema_decay)
             self.optimizer = Adam({k: v for k, v in self.model.named_variables().items() if v.trainable})

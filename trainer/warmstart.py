@@ -14,13 +14,13 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from common import checkpoints
-from common.checkpoints import CheckpointError
+from common.checkpoint import checkpoints
+from common.checkpoint.checkpoints import CheckpointError
+from common.checkpoint.keymap import map_keys
 from common.errors import BucketUnusable, UsageError
-from common.keymap import map_keys
-from common.locate import BEST_ELSE_LATEST, NoCheckpoint, Unreadable, locate
-from common.paths import as_workdir
+from common.run.locate import BEST_ELSE_LATEST, NoCheckpoint, Unreadable, locate
 from common.storage import Gone
+from common.storage.paths import as_workdir
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,14 +9,15 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from common import checkpoints, datasets, userdata
+from common.checkpoint import checkpoints
+from common.data import datasets, userdata
+from common.data.inputspec import InputSpec
 from common.errors import BucketUnusable, UsageError
-from common.inputspec import InputSpec
-from common.loader import load_model
-from common.locate import BEST_ELSE_LATEST, NoCheckpoint, Unreadable, is_workdir, locate
-from common.paths import Workdir
-from common.runconfig import read_run
+from common.run.loader import load_model
+from common.run.locate import BEST_ELSE_LATEST, NoCheckpoint, Unreadable, is_workdir, locate
+from common.run.spec import read_run
 from common.storage import Gone, open_storage, read_json
+from common.storage.paths import Workdir
 from evaluator.serving.export import LABELS_FILE, MARKER_FILE
 from evaluator.serving.images import ImageError, plain_resize, preprocess, read_as_trained, read_gray
 from evaluator.serving.labels import read_labels

@@ -16,15 +16,16 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from common import checkpoints, models
+from common.checkpoint import checkpoints
 from common.errors import UsageError, WorkdirIOError
-from common.fileio import atomic_write_json
-from common.loader import load_model
-from common.locate import BEST, LATEST, NoBest, Unreadable, locate
-from common.paths import BucketPath, Workdir, remove
-from common.runconfig import RunSpec, read_run, write_run
+from common.layout import RUN_FILE
+from common.model import models
+from common.run.loader import load_model
+from common.run.locate import BEST, LATEST, NoBest, Unreadable, locate
+from common.run.spec import RunSpec, read_run, write_run
 from common.storage import Gone
-from common.workdir import RUN_FILE
+from common.storage.fileio import atomic_write_json
+from common.storage.paths import BucketPath, Workdir, remove
 
 FROZEN_FILE = "frozen_graph.pb"
 LABELS_FILE = "labels.txt"

@@ -4,7 +4,7 @@ MNIST was made this way: the object, light on dark, scaled to fit 20x20 keeping 
 placed in 28x28 so that its centre of mass is at the centre. Fashion-MNIST's products were scaled
 so that their longest edge is 28 and centred by their bounding box. Photos and scans are usually
 dark on light, so they are inverted first (the tutorial's `1 - img`), decided from the border pixels.
-The output has the run's image size (`common.inputspec.InputSpec`), 28x28 for the MNIST family.
+The output has the run's image size (`common.data.inputspec.InputSpec`), 28x28 for the MNIST family.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from common import userdata
-from common.inputspec import InputSpec
+from common.data import userdata
+from common.data.inputspec import InputSpec
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 MAX_PIXELS = 40_000_000  # larger images are refused as decompression bombs

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import ProjectError, UsageError
-from common.paths import local_path, workdir_path
+from common.storage.paths import local_path, workdir_path
 
 
 def parser() -> argparse.ArgumentParser:

@@ -14,10 +14,10 @@ from pathlib import Path
 import tensorflow as tf
 from tensorflow.python.util import deprecation
 
+from common.checkpoint.tf1graph import GraphFlags, SaverGraph, meta_of, missing_file, read_saver_step
 from common.errors import UsageError
-from common.locate import BEST, LATEST, LocateError, locate
-from common.paths import Workdir, local_only
-from common.tf1graph import GraphFlags, SaverGraph, meta_of, missing_file, read_saver_step
+from common.run.locate import BEST, LATEST, LocateError, locate
+from common.storage.paths import Workdir, local_only
 from evaluator.serving.export import (
     FROZEN_FILE,
     FROZEN_INPUT,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 @dataclass
@@ -59,7 +59,7 @@ def _leftovers(workdir: Path) -> int:
 
 
 def _committed(workdir: Path) -> int | None:
-    from common import checkpoints
+    from common.checkpoint import checkpoints
 
     state = checkpoints.read_state(workdir)
     if state is None or state.latest is None:

@@ -20,10 +20,10 @@ import tensorflow as tf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import checkpoints
-from common.checkpoints import CheckpointError, State
+from common.checkpoint import checkpoints
+from common.checkpoint.checkpoints import CheckpointError, State
+from common.data.idx import read_idx
 from common.errors import DataFormatError, WorkdirIOError
-from common.idx import read_idx
 from evaluator.config import EvalConfig
 from evaluator.core import CheckpointEvaluator
 from evaluator.ledger import Ledger
@@ -32,8 +32,6 @@ from tests.helpers import Recorder, Spy, make_train_config, two_evaluators_at_on
 from tests.helpers import run_trainer_cli as run_cli
 from trainer import saver as saver_lib
 from trainer.loop import train
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _resume(make_config: Callable[..., Any], capsys: pytest.CaptureFixture[str]) -> tuple[Recorder, str]:

@@ -1,7 +1,7 @@
 """Kill storms of a trainer on a bucket workdir (`s3://`, `gs://`; servers on 127.0.0.1), an evaluator watching.
 
 After each SIGKILL the state file must name a checkpoint that reads in full, and the relaunch must
-resume from exactly that one. The commit itself is stormed on both stores in tests/test_objectstore.py.
+resume from exactly that one. The commit itself is stormed on both stores in tests/common/storage/test_objectstore.py.
 """
 
 from __future__ import annotations
@@ -14,13 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from common import checkpoints
-from common.paths import BucketPath
+from common.checkpoint import checkpoints
 from common.storage import Stat, Storage, open_storage
+from common.storage.paths import BucketPath
 from evaluator.ledger import Ledger
-from tests.helpers import committed_step
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO, committed_step
 
 pytestmark = pytest.mark.cloud
 

@@ -1,0 +1,1 @@
+"""Checkpoints: names and steps, TF's state file, key maps and TF1 Saver graphs."""

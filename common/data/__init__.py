@@ -1,0 +1,1 @@
+"""Datasets: the built-in MNIST family, a user's own data, their files and input specs."""
