@@ -60,6 +60,7 @@ def _probe(saves: int, workdir: Path, strategy_name: str) -> dict[str, Any]:
     quiet_import_tensorflow()
     configure(Runtime())
     from bench.figures import spec_for
+    from common.run.workdir import Workdir
     from trainer.distribute import ScratchSaver, make_strategy, topology
     from trainer.saver import CheckpointSaver
     from trainer.step import TrainState
@@ -69,8 +70,9 @@ def _probe(saves: int, workdir: Path, strategy_name: str) -> dict[str, Any]:
     state = TrainState(spec_for("cnn", "fashion-mnist"), strategy)
     if chief:
         workdir.mkdir(parents=True, exist_ok=True)
-    saver = (CheckpointSaver(workdir, state.checkpoint, state=State(latest=None, paths=[], timestamps=[]), keep=3,
-                             keep_every_hours=0, anchor=0) if chief else ScratchSaver(workdir, state.checkpoint))
+    empty = State(latest=None, paths=[], timestamps=[])
+    saver = (CheckpointSaver(Workdir.open(workdir), state.checkpoint, state=empty, keep=3, keep_every_hours=0, anchor=0)
+             if chief else ScratchSaver(workdir, state.checkpoint))
     seconds = []
     for step in range(1, saves + 1):
         began = time.perf_counter()

@@ -24,6 +24,7 @@ from common.checkpoint import checkpoints
 from common.data import datasets
 from common.model.evaluation import Evaluation
 from common.run.spec import RunSpec
+from common.run.workdir import Workdir
 from trainer.inputs import train_dataset
 from trainer.saver import CheckpointSaver
 from trainer.step import TrainState, make_train_loop
@@ -46,8 +47,8 @@ def ours_images_per_sec(data: datasets.Dataset, spec: RunSpec, steps: int, *, us
                                   prepare=spec.prepare))
     loop(iterator, tf.constant(steps_per_loop))  # trace and warm up
     with tempfile.TemporaryDirectory() as tmp:
-        saver = CheckpointSaver(Path(tmp), state.checkpoint, state=checkpoints.State(), keep=5, keep_every_hours=0,
-                                anchor=time.time())
+        saver = CheckpointSaver(Workdir.open(tmp), state.checkpoint, state=checkpoints.State(), keep=5,
+                                keep_every_hours=0, anchor=time.time())
         if save_every:
             saver.save(0)  # traces the save function once, as the warm-up step traced the loop
         began, done = time.perf_counter(), 0
@@ -230,7 +231,7 @@ def detection_latency(workdir: Path, data_dir: str | None, *, model: str, steps:
             # (ours) or one poll interval (the iterator), so the grace scales with the run's own length.
             _stop(evaluator, 0 if train_secs is None else 60 + train_secs)
             _stop(iterator, 0 if train_secs is None else 60)
-    state = checkpoints.read_state(workdir)
+    state = Workdir.open(workdir).state()
     assert state is not None
     stamps = state.timestamps_by_path()
     committed = {Path(p).name: stamps.get(p, 0.0) for p in state.paths}

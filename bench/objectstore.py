@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.checkpoint.checkpoints import STATE_FILE
 from common.storage import Storage
 from common.storage.bucket import Bucket, BucketURL, filesystem
 from common.storage.local import LocalStorage
 from common.storage.objectstore import ObjectStorage
-from evaluator.wakeups import BUCKET_WATCHED_NAMES as WATCHED
 from tests.cloud import FlakyProxy, Servers, cloud_servers
 
 
@@ -47,7 +47,7 @@ def detection_latency(store: ObjectStorage, samples: int, poll_secs: float) -> l
     """Seconds from each commit's state-file PUT to the start of its pinned download, via `watch`."""
     woke = threading.Event()
     latencies = []
-    with store.watch(WATCHED, woke.set, on_lost=woke.set, poll=True, poll_secs=poll_secs):
+    with store.watch({STATE_FILE}, woke.set, on_lost=woke.set, poll=True, poll_secs=poll_secs):
         for step in range(1, samples + 1):
             woke.clear()
             commit(store, step, b"x" * 1024)
@@ -71,7 +71,7 @@ def requests_per_poll(servers: Servers, checkpoints: int, polls: int = 10) -> fl
         os.environ["AWS_ENDPOINT_URL"] = proxy.url
         try:
             counted = ObjectStorage(url.url(), bucket=Bucket(url, filesystem(url)))
-            watcher = counted.watch(WATCHED, lambda: None, on_lost=lambda: None, poll=True, poll_secs=0.05)
+            watcher = counted.watch({STATE_FILE}, lambda: None, on_lost=lambda: None, poll=True, poll_secs=0.05)
             with watcher:
                 start = proxy.seen
                 while watcher.polls < polls:

@@ -1,4 +1,4 @@
-"""Names of the files the two programs share inside a workdir (the state file is `common.checkpoint.checkpoints`).
+"""Names of the files the two programs share inside a workdir, and of the keys inside a checkpoint.
 
 What the shared files hold, and their typed reads and writes, is in `common.run.protocol`.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+STATE_FILE = "checkpoint"  # TF's state file: the checkpoint to restore, and every one kept (common.checkpoint)
 CHECKPOINT_PREFIX = "model"  # model-<step>.index, model-<step>.data-*: one checkpoint (common.checkpoint.checkpoints)
 META_SUFFIX = ".meta"  # the meta graph a TF1 `tf.train.Saver` writes beside each checkpoint
 

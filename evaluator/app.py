@@ -11,30 +11,26 @@ from rich.console import Console, Group
 from common.checkpoint.keymap import parse_map
 from common.checkpoint.tf1graph import GraphFlags
 from common.errors import UsageError
-from common.layout import EVAL_DIR
-from common.run.protocol import BestEntry
+from common.layout import BEST_LINK, EVAL_DIR
+from common.run.workdir import Workdir
 from common.signals import StopRequest, stop_on_signals
-from common.storage import open_storage
-from common.storage.paths import BucketPath
 from evaluator.config import EvalConfig
 from evaluator.display import Display, LiveTable, PlainLines, header_text, per_class_tables, render_table
 from evaluator.foreign import ForeignFlags
 from evaluator.loop import json_lines, run_once, run_watch
 
 
-def config_from(args: argparse.Namespace) -> EvalConfig:
+def config_from(args: argparse.Namespace, workdir: Workdir) -> EvalConfig:
     return EvalConfig(workdir=args.workdir, split=args.split, weights=args.weights, policy=args.policy,
                       data_dir=args.data_dir, rescan_secs=args.rescan_secs, poll=args.poll,
-                      poll_secs=_poll_secs(args), exit_when_done=args.exit_when_done, patience=args.patience,
+                      poll_secs=_poll_secs(args, workdir), exit_when_done=args.exit_when_done, patience=args.patience,
                       min_delta=args.min_delta, per_class=args.per_class, graph=graph_flags(args),
                       foreign=foreign_flags(args))
 
 
-def _poll_secs(args: argparse.Namespace) -> float:
-    """--poll-secs, by default 1 s, or 2 s for a bucket: each poll is a few requests over the network."""
-    if args.poll_secs is not None:
-        return float(args.poll_secs)
-    return 2.0 if isinstance(args.workdir, BucketPath) else 1.0
+def _poll_secs(args: argparse.Namespace, workdir: Workdir) -> float:
+    """--poll-secs, by default the storage's (1 s; 2 s for a bucket: each poll is a few requests over the network)."""
+    return float(args.poll_secs) if args.poll_secs is not None else workdir.storage.default_poll_secs
 
 
 def foreign_flags(args: argparse.Namespace) -> ForeignFlags | None:
@@ -53,10 +49,10 @@ def graph_flags(args: argparse.Namespace) -> GraphFlags | None:
     return GraphFlags(input=args.input, output=args.output, dataset=args.dataset)
 
 
-def run(args: argparse.Namespace) -> None:
-    cfg = config_from(args)
+def run(args: argparse.Namespace, workdir: Workdir) -> None:
+    cfg = config_from(args, workdir)
     if args.once:
-        session = run_once(cfg)
+        session = run_once(cfg, workdir)
         if args.json:
             sys.stdout.write(json_lines(session))
             for text in session.data_warnings:  # the header that shows them is not printed
@@ -75,15 +71,15 @@ def run(args: argparse.Namespace) -> None:
     stop = StopRequest()
     try:
         with stop_on_signals(stop):
-            run_watch(cfg, display, stop)
+            run_watch(cfg, display, stop, workdir)
     finally:
         display.close()
     if stop:
         display.message(f"evaluator stopped by {stop.reason}")
 
 
-def show_best(args: argparse.Namespace) -> None:
-    best = BestEntry.read(args.workdir)
+def show_best(args: argparse.Namespace, workdir: Workdir) -> None:
+    best = workdir.best()
     if best is None:
         raise UsageError(f"{args.workdir}: no best checkpoint yet (the evaluator keeps it from validation results)")
     if args.json:
@@ -91,32 +87,32 @@ def show_best(args: argparse.Namespace) -> None:
         return
     print(f"best: {best.checkpoint} (step {best.step}) {best.split} accuracy "
           f"{100 * (best.accuracy or 0.0):.2f}% loss {best.loss or 0.0:.4f} ({best.weights} weights), kept in "
-          f"{args.workdir / 'eval' / 'best'}")
+          f"{workdir.describe(f'{EVAL_DIR}/{BEST_LINK}')}")
 
 
-def report(args: argparse.Namespace) -> None:
+def report(args: argparse.Namespace, workdir: Workdir) -> None:
     from evaluator.report import write_report
 
-    out = write_report(args.workdir, step=args.step, split_name=args.split, data_dir=args.data_dir,
+    out = write_report(workdir, step=args.step, split_name=args.split, data_dir=args.data_dir,
                        graph=graph_flags(args))
     print(f"report written to {out}/")
-    for name in open_storage(args.workdir).names(f"{EVAL_DIR}/{out.name}"):
+    for name in workdir.storage.names(f"{EVAL_DIR}/{out.name}"):
         print(f"  {name}")
-    _warn_skipped_ledger_lines(args)
+    _warn_skipped_ledger_lines(workdir)
 
 
-def _warn_skipped_ledger_lines(args: argparse.Namespace) -> None:
+def _warn_skipped_ledger_lines(workdir: Workdir) -> None:
     """Say that the report left out ledger lines it could not read (not UTF-8, not JSON)."""
     from evaluator.ledger import Ledger
 
-    ledger = Ledger(args.workdir)
+    ledger = Ledger(workdir.storage)
     ledger.read()
     if ledger.skipped:
         print(f"evaluator: warning: skipped {ledger.skipped} unreadable line(s) of "
               f"{ledger.storage.describe(ledger.key)}", file=sys.stderr)
 
 
-def export(args: argparse.Namespace) -> None:
+def export(args: argparse.Namespace, workdir: Workdir) -> None:
     from evaluator.serving.export import FROZEN_FILE, FROZEN_INPUT, FROZEN_OUTPUTS
     from evaluator.serving.export import export as write_export
 
@@ -124,10 +120,10 @@ def export(args: argparse.Namespace) -> None:
     if graph is not None:
         from evaluator.serving.tf1export import export_graph
 
-        out = export_graph(args.workdir, graph, step=args.step, weights=args.weights, out=args.out,
+        out = export_graph(workdir, graph, step=args.step, weights=args.weights, out=args.out,
                            frozen=args.frozen)
     else:
-        out = write_export(args.workdir, step=args.step, weights=args.weights, out=args.out, frozen=args.frozen)
+        out = write_export(workdir, step=args.step, weights=args.weights, out=args.out, frozen=args.frozen)
     print(f"SavedModel written to {out}/ ({args.weights} weights)")
     if args.frozen:
         outputs = ", ".join(f"{name}:0" for name in FROZEN_OUTPUTS)

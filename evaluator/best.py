@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from common.checkpoint import checkpoints
-from common.checkpoint.checkpoints import State
+from common.checkpoint.checkpoints import STATE_FILE, State
 from common.layout import BEST_JSON, BEST_LINK, EVAL_DIR
-from common.run import locate
 from common.run.protocol import BestEntry, LedgerRow
-from common.storage import Gone, Storage, open_storage
+from common.run.workdir import Workdir
+from common.storage import Gone, Storage
 from common.storage.fileio import atomic_write_bytes
-from common.storage.paths import BucketPath, OutsideError, Workdir
+from common.storage.paths import OutsideError
 from evaluator.ledger import Record
 
 Warn = Callable[[str], None]
@@ -67,15 +67,16 @@ def promote(workdir: Workdir, private_prefix: Path, record: Record, *, warn: War
     Raises:
       OSError: the switch could not be made (full disk, read-only); the old best is left as it was.
     """
-    storage = open_storage(workdir)
+    storage = workdir.storage
     folder = private_prefix.parent
     name = private_prefix.name
     row = LedgerRow(record)
     entry = BestEntry(checkpoint=name, step=row.step, accuracy=row.accuracy, loss=row.loss, split=row.split,
                       weights=row.weights, committed=row.committed,
-                      source=str(checkpoints.resolve(workdir, name)), time=time.time())
+                      source=str(workdir.resolve(name)), time=time.time())
     adopt_copied_best(workdir, warn=warn)
-    checkpoints.write_state(folder, State(latest=name, paths=[name], timestamps=[row.committed or 0.0]))
+    state = State(latest=name, paths=[name], timestamps=[row.committed or 0.0])
+    atomic_write_bytes(folder / STATE_FILE, checkpoints.state_bytes(state))
     entry.write_into(folder)
     target = f"{_FOLDER_PREFIX}{row.step}-{secrets.token_hex(3)}"
     storage.adopt(folder, f"{EVAL_DIR}/{target}")
@@ -98,18 +99,17 @@ def catch_up(workdir: Workdir, records: list[Record], *, weights: str, warn: War
     Raises:
       OSError: the promotion failed again; the old best is left as it was.
     """
-    best = BestEntry.read(workdir)
+    best = workdir.best()
     ranked = [row for row in map(LedgerRow, records) if row.split == "validation" and row.weights == weights
               and row.index_fingerprint and improves(row.to_json(), best)]
     ranked.sort(key=lambda row: -float(row.accuracy or 0.0))  # stable: ties keep the earlier evaluation
     for row in ranked:
-        prefix = checkpoints.resolve(workdir, row.checkpoint)
-        if (not checkpoints.inside(workdir, row.checkpoint)
-                or checkpoints.index_fingerprint(prefix) != row.index_fingerprint):
+        name = Path(row.checkpoint).name
+        if not workdir.inside(row.checkpoint) or workdir.fingerprint(name) != row.index_fingerprint:
             continue
         try:
-            with open_storage(workdir).pin(Path(row.checkpoint).name) as private:
-                if checkpoints.index_fingerprint(private) == row.index_fingerprint:
+            with workdir.pin(name) as private:
+                if checkpoints.file_fingerprint(private) == row.index_fingerprint:
                     return promote(workdir, private, row.to_json(), warn=warn)
         except Gone:
             continue
@@ -127,7 +127,7 @@ class BestKeeper:
 
     def offer(self, private: Path, main: Record) -> None:
         """Promote the evaluated files to eval/best when they beat the best validation accuracy."""
-        if LedgerRow(main).split != "validation" or not improves(main, BestEntry.read(self.workdir)):
+        if LedgerRow(main).split != "validation" or not improves(main, self.workdir.best()):
             return
         try:
             promote(self.workdir, private, main, warn=self.warn)
@@ -179,10 +179,11 @@ def adopt_copied_best(workdir: Workdir, *, warn: Warn = _to_stderr) -> None:
     A repair of local copies only, so it looks at the local folder: copying a bucket keeps
     `eval/best.json`, the pointer, as it is.
     """
-    if isinstance(workdir, BucketPath):
+    root = workdir.local_folder()
+    if root is None:
         return
-    storage = open_storage(workdir)
-    eval_dir = workdir / EVAL_DIR
+    storage = workdir.storage
+    eval_dir = root / EVAL_DIR
     link, described = eval_dir / BEST_LINK, eval_dir / BEST_JSON
     if link.is_symlink() or not link.exists():
         return
@@ -204,8 +205,8 @@ def adopt_copied_best(workdir: Workdir, *, warn: Warn = _to_stderr) -> None:
 
 def clean_stale(workdir: Workdir, *, warn: Warn = _to_stderr) -> None:
     """Remove best folders the `best` pointer no longer names, leftovers of interrupted switches and dead readers."""
-    storage = open_storage(workdir)
-    if isinstance(workdir, Path) and not (workdir / EVAL_DIR).is_dir():
+    storage = workdir.storage
+    if not storage.is_folder(EVAL_DIR):
         return
     try:
         adopt_copied_best(workdir, warn=warn)
@@ -219,15 +220,11 @@ def clean_stale(workdir: Workdir, *, warn: Warn = _to_stderr) -> None:
              "kept every best folder; the next improvement replaces the link")
     else:
         for name in storage.names(EVAL_DIR, f"{_FOLDER_PREFIX}*"):
-            path = workdir / EVAL_DIR / name  # a file of that name is not ours (locally; a store has no such kinds)
-            if name != current and (isinstance(path, BucketPath) or path.is_dir() or path.is_symlink()):
+            # A file of that name is not ours (locally; a store has no such kinds).
+            if name != current and storage.is_folder(f"{EVAL_DIR}/{name}"):
                 _remove(storage, f"{EVAL_DIR}/{name}", warn)
     for name in storage.names(EVAL_DIR, ".*.link-*"):
         _remove(storage, f"{EVAL_DIR}/{name}", warn)
     for problem in storage.clean_readers():
         warn(problem)
 
-
-def best_prefix(workdir: Workdir) -> Workdir | None:
-    """The prefix of the best checkpoint's files under eval/best, or None (see `common.run.locate`)."""
-    return locate.best_prefix(workdir)

@@ -166,9 +166,11 @@ def main(argv: list[str] | None = None) -> int:
             runtime = Runtime.from_flags(device=args.device, threads=args.threads, nice=args.nice)
         quiet_import_tensorflow()
         configure(runtime)
+        from common.run.workdir import Workdir
         from evaluator import app
 
-        {"watch": app.run, "best": app.show_best, "report": app.report, "export": app.export}[command](args)
+        workdir = Workdir.open(args.workdir)  # the one opening of the workdir's storage: passed down from here
+        {"watch": app.run, "best": app.show_best, "report": app.report, "export": app.export}[command](args, workdir)
     except ProjectError as e:
         return _fail(str(e), e.exit_code)
     return 0

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 from common.checkpoint.tf1graph import GraphFlags
 from common.errors import UsageError
-from common.storage.paths import BucketPath, Workdir
+from common.storage.paths import Location, refuse_bucket, refuse_file
 from evaluator.core import WEIGHT_CHOICES
 from evaluator.foreign import ForeignFlags
 
@@ -19,7 +18,7 @@ MAX_INTERVAL_SECS = 86400.0  # --rescan-secs, --poll-secs and --silent-secs: lon
 class EvalConfig:
     """Everything one `evaluator` invocation needs."""
 
-    workdir: Workdir  # the trainer's workdir: a local folder or a bucket
+    workdir: Location  # the trainer's workdir: a local folder or a bucket
     split: str = "validation"  # validation or test
     weights: str = "ema"  # ema, raw or both
     policy: str = "all"  # all: every pending checkpoint, oldest first; latest: only the newest
@@ -55,12 +54,16 @@ class EvalConfig:
             raise UsageError("--tf1-graph needs --dataset: the workdir has no run.json to say which")
         if self.patience and self.split != "validation":
             raise UsageError("--patience watches the validation split; drop --split test")
-        if isinstance(self.workdir, BucketPath) and (self.graph is not None or self.foreign is not None):
-            raise UsageError(f"--{'tf1-graph' if self.graph is not None else 'model'} goes with a local --workdir, "
-                             f"not {self.workdir}")
+        if self.kind != "native":
+            refuse_bucket(self.workdir, f"--{'tf1-graph' if self.graph is not None else 'model'} goes with a local "
+                                        f"--workdir, not {self.workdir}")
+
+    @property
+    def kind(self) -> str:
+        """Which evaluation core the flags ask for (`evaluator.session.KINDS`)."""
+        return "tf1-graph" if self.graph is not None else "other-loop" if self.foreign is not None else "native"
 
 
-def require_folder(workdir: Workdir) -> None:
+def require_folder(workdir: Location) -> None:
     """Refuse a workdir that exists but is not a folder (a file given by mistake)."""
-    if isinstance(workdir, Path) and workdir.exists() and not workdir.is_dir():
-        raise UsageError(f"--workdir {workdir}: this is a file, not a folder")
+    refuse_file(workdir, f"--workdir {workdir}: this is a file, not a folder")

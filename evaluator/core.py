@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,8 @@ from common.data import datasets
 from common.model.evaluation import Evaluation
 from common.run import loader
 from common.run.spec import RunSpec
-from common.storage import Gone, open_storage
-from common.storage.paths import Workdir
-from evaluator.ledger import FAILED, FINGERPRINT, Record
+from common.run.workdir import Workdir
+from evaluator.ledger import FINGERPRINT, Record
 
 WEIGHT_CHOICES = {"ema": ("ema",), "raw": ("raw",), "both": ("ema", "raw")}
 
@@ -45,38 +43,27 @@ class SnapshotEvaluator:
         self.weights = WEIGHT_CHOICES[weights]
         self.data_fingerprint = fingerprint(split)
 
-    def evaluate(self, name: str, *, committed: float, detected: float, fingerprint: str | None = None,
-                 keep: Callable[[Path, list[Record]], None] | None = None) -> list[Record]:
-        """Evaluate checkpoint `name` of the workdir; one record per weights kind.
+    def before_pin(self, name: str) -> None:
+        """Called before checkpoint `name` is pinned (a TF1 Saver's core waits for its `.meta` there)."""
 
-        Never raises for a bad checkpoint: a deleted one gives `status: gone`, an unreadable one
-        (truncated, corrupt, missing EMA shadows) `status: error` with the reason. A problem of this
-        machine rather than of the checkpoint (the snapshot cannot be made: full disk, no permission)
-        gives `status: failed`, which is retried later. Records carry the `.index` fingerprint of the
-        files evaluated (`fingerprint`, the one seen when listing, until then). `keep`, if given,
-        is called with the private snapshot's prefix and the ok records before the snapshot is
-        removed (it may move the snapshot folder away to keep the files).
+    def begin(self, name: str, *, committed: float, detected: float, fingerprint: str | None) -> Record:
+        """The fields every record of checkpoint `name` carries; its `started` time is now."""
+        return self._base(name, committed=committed, detected=detected, fingerprint=fingerprint)
+
+    def evaluate_snapshot(self, private: Path, base: Record) -> list[Record]:
+        """Evaluate a pinned private copy of the checkpoint `base` names; one record per weights kind.
+
+        The caller pins, records and releases (`evaluator.session.Session.evaluate`). Never raises for a
+        bad checkpoint: an unreadable one (truncated, corrupt, missing EMA shadows) gives `status: error`
+        with the reason, naming the checkpoint rather than the private copy.
         """
-        base = self._base(name, committed=committed, detected=detected, fingerprint=fingerprint)
-        if not checkpoints.inside(self.workdir, name):
-            return self.unread(name, committed=committed, detected=detected)
         try:
-            with open_storage(self.workdir).pin(Path(name).name) as private:  # inside: a key at the root
-                base[FINGERPRINT] = checkpoints.index_fingerprint(private)
-                try:
-                    results = [self._evaluate_weights(private, kind) for kind in self.weights]
-                except CheckpointError as e:  # name the checkpoint, not the private snapshot
-                    return self._failed(base, "error", str(e).replace(str(private), base["checkpoint"]))
-                finished = time.time()
-                records = [base | r | {"status": "ok", "finished": finished, "eval_secs": finished - base["started"]}
-                           for r in results]
-                if keep is not None:
-                    keep(private, records)
-                return records
-        except Gone as e:
-            return self._failed(base | {FINGERPRINT: None}, "gone", str(e))
-        except OSError as e:
-            return self._failed(base, FAILED, f"cannot snapshot {base['checkpoint']}: {e.strerror or e}")
+            results = [self._evaluate_weights(private, kind) for kind in self.weights]
+        except CheckpointError as e:
+            return self.failed(base, "error", str(e).replace(str(private), base["checkpoint"]))
+        finished = time.time()
+        return [base | r | {"status": "ok", "finished": finished, "eval_secs": finished - base["started"]}
+                for r in results]
 
     def unread(self, name: str, *, committed: float, detected: float) -> list[Record]:
         """Records for a listed checkpoint that is not there to read: `gone`, or `error` if it lies outside.
@@ -84,9 +71,9 @@ class SnapshotEvaluator:
         Costs no snapshot, so a state file listing thousands of missing checkpoints is recorded at once.
         """
         base = self._base(name, committed=committed, detected=detected, fingerprint=None)
-        if not checkpoints.inside(self.workdir, name):
-            return self._failed(base, "error", f"refused: the state file's path {name!r} points outside the workdir")
-        return self._failed(base, "gone", f"{base['checkpoint']}.index is gone")
+        if not self.workdir.inside(name):
+            return self.failed(base, "error", f"refused: the state file's path {name!r} points outside the workdir")
+        return self.failed(base, "gone", f"{base['checkpoint']}.index is gone")
 
     def _base(self, name: str, *, committed: float, detected: float, fingerprint: str | None) -> Record:
         return {"checkpoint": Path(name).name, "step": checkpoints.saver_step(name), "split": self.split_name,
@@ -100,7 +87,8 @@ class SnapshotEvaluator:
         """The metrics of snapshot `prefix` with weights `kind`; CheckpointError when it cannot be used."""
         raise NotImplementedError
 
-    def _failed(self, base: Record, status: str, reason: str) -> list[Record]:
+    def failed(self, base: Record, status: str, reason: str) -> list[Record]:
+        """Records of an evaluation that gave no figures: `status` (gone, error, failed) and why."""
         finished = time.time()
         return [base | {"weights": kind, "status": status, "reason": reason, "finished": finished,
                         "eval_secs": finished - base["started"]} for kind in self.weights]

@@ -12,7 +12,7 @@ import time
 from common.errors import WorkdirIOError
 from common.layout import STOP_REQUEST_FILE
 from common.run.protocol import EarlyStopRequest
-from common.storage.paths import Workdir
+from common.storage import Storage
 from evaluator.rows import Row
 
 
@@ -33,7 +33,7 @@ def without_improvement(rows: list[Row], *, min_delta: float) -> tuple[int, Row 
     return count, best
 
 
-def check_patience(workdir: Workdir, rows: list[Row], *, patience: int, min_delta: float) -> str:
+def check_patience(storage: Storage, rows: list[Row], *, patience: int, min_delta: float) -> str:
     """Ask the trainer to stop if patience ran out; return the request's reason, or "" if not asked.
 
     Raises:
@@ -45,20 +45,21 @@ def check_patience(workdir: Workdir, rows: list[Row], *, patience: int, min_delt
     last = [r for r in rows if r.accuracy is not None][-1]
     reason = (f"no improvement of more than {min_delta:g} in {count} evaluations "
               f"(best {100 * (best.accuracy or 0):.2f}% at step {best.step}, last step {last.step})")
-    request_stop(workdir, last.step, reason)
+    request_stop(storage, last.step, reason)
     return reason
 
 
-def request_stop(workdir: Workdir, step: int | None, reason: str) -> None:
+def request_stop(storage: Storage, step: int | None, reason: str) -> None:
     """Write the stop request for `step`, unless the workdir's request already names that step.
 
     Raises:
       WorkdirIOError: the stop request cannot be written.
     """
-    request = EarlyStopRequest.read(workdir)
+    request = EarlyStopRequest.read(storage)
     if request is not None and request.step == step:
         return
     try:
-        EarlyStopRequest(step=step, reason=reason, time=time.time(), pid=os.getpid()).write(workdir)
+        EarlyStopRequest(step=step, reason=reason, time=time.time(), pid=os.getpid()).write(storage)
     except OSError as e:
-        raise WorkdirIOError(f"cannot write the stop request {workdir / STOP_REQUEST_FILE}: {e.strerror or e}") from e
+        where = storage.describe(STOP_REQUEST_FILE)
+        raise WorkdirIOError(f"cannot write the stop request {where}: {e.strerror or e}") from e

@@ -27,7 +27,7 @@ from common.errors import UsageError
 from common.model import models, usermodel
 from common.model import registry as model_registry
 from common.model.evaluation import Evaluation
-from common.storage.paths import Workdir
+from common.run.workdir import Workdir
 from evaluator.core import SnapshotEvaluator
 from evaluator.ledger import Record
 
@@ -90,7 +90,7 @@ class KeyPlan:
 def saved_keys(prefix: Path) -> dict[str, list[int]]:
     """The object paths of a checkpoint's values (without TF's `/.ATTRIBUTES/VARIABLE_VALUE`) and their shapes."""
     try:
-        shapes = tf.train.load_checkpoint(str(prefix)).get_variable_to_shape_map()
+        shapes = checkpoints.open_reader(prefix).get_variable_to_shape_map()
     except READ_ERRORS as e:
         raise CheckpointError(f"{prefix.name}: cannot read ({str(e).splitlines()[0]})") from e
     suffix = checkpoints.VALUE_SUFFIX
@@ -157,15 +157,12 @@ class ForeignEvaluator(SnapshotEvaluator):
         sources = self.check(prefix).sources[kind]
         checkpoints.restore_variables(prefix, {saved: self.variables[key] for key, saved in sources.items()})
         metrics: dict[str, Any] = self.evaluate_model(self.split)
-        return {"weights": kind, "step": step_of(prefix), **metrics}
+        return {"weights": kind, "step": stored_step(prefix), **metrics}
 
 
-def step_of(prefix: Path) -> int | None:
+def stored_step(prefix: Path) -> int | None:
     """The loop's step variable (`global_step` or `step`) when the checkpoint has one, else the name's number."""
-    try:
-        reader = tf.train.load_checkpoint(str(prefix))
-    except READ_ERRORS as e:
-        raise CheckpointError(f"{prefix.name}: cannot read ({str(e).splitlines()[0]})") from e
+    reader = checkpoints.open_reader(prefix)
     for key in STEP_KEYS:
         if reader.has_tensor(checkpoints.tensor_key(key)):
             return int(reader.get_tensor(checkpoints.tensor_key(key)))

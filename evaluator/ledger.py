@@ -17,8 +17,7 @@ from typing import Any
 from common.errors import WorkdirIOError
 from common.layout import EVAL_DIR, LEDGER_FILE
 from common.run.protocol import FINGERPRINT, LedgerRow
-from common.storage import open_storage
-from common.storage.paths import Workdir
+from common.storage import Storage
 
 Record = dict[str, Any]  # a ledger row's JSON object (typed access: common.run.protocol.LedgerRow)
 # Not a result: an evaluation that a problem of this machine stopped (full disk, no permission).
@@ -68,8 +67,8 @@ def candidate_keys(checkpoint: str, *, fingerprint: str | None, committed: float
 class Ledger:
     """Reads and appends the evaluation records of one workdir."""
 
-    def __init__(self, workdir: Workdir) -> None:
-        self.storage = open_storage(workdir)
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
         self.key = f"{EVAL_DIR}/{LEDGER_FILE}"
         self.where = self.storage.describe(self.key)  # for messages: a path, or a bucket's URL
         self.path = Path(self.where)  # a local workdir's ledger file

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-from pathlib import Path
 
 from common.checkpoint.checkpoints import CheckpointError
 from common.errors import ProjectError, UsageError
 from common.layout import DONE_FILE
+from common.run.workdir import Workdir
 from common.signals import StopRequest
-from common.storage.paths import BucketPath
 from evaluator.config import EvalConfig, require_folder
 from evaluator.display import Display, log_line
 from evaluator.session import Candidate, Session
@@ -25,7 +24,7 @@ SETTLE_QUIET_SECS = 0.02  # a save writes the state file once; wait this long fo
 SETTLE_MAX_SECS = 0.2
 
 
-def run_once(cfg: EvalConfig) -> Session:
+def run_once(cfg: EvalConfig, workdir: Workdir | None = None) -> Session:
     """Evaluate everything pending (or the newest with --policy latest) and return the session.
 
     Raises:
@@ -34,7 +33,7 @@ def run_once(cfg: EvalConfig) -> Session:
       WorkdirIOError: the evaluator's files in the workdir cannot be written.
     """
     require_folder(cfg.workdir)
-    session = Session(cfg)
+    session = Session(cfg, workdir)
     session.prepare()
     listed = session.listed()
     if not listed:
@@ -59,19 +58,19 @@ def json_lines(session: Session) -> str:
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
 
 
-def run_watch(cfg: EvalConfig, display: Display, stop: StopRequest) -> None:
+def run_watch(cfg: EvalConfig, display: Display, stop: StopRequest, workdir: Workdir | None = None) -> None:
     """Evaluate every checkpoint the trainer commits until stopped (or done, with --exit-when-done)."""
-    session = Session(cfg)
+    session = Session(cfg, workdir)
     wake = Wake()
     stop.on_set.append(wake.set)
-    while not stop and isinstance(cfg.workdir, Path) and not cfg.workdir.is_dir():  # a bucket's prefix is there
+    while not stop and not session.workdir.storage.exists():
         require_folder(cfg.workdir)
         display.update([], session.status(0) | {"state": f"waiting for {cfg.workdir} to appear"})
         wake.wait(0.5)
     if stop:
         return
     session.clean()
-    with watching(cfg.workdir, wake, poll=cfg.poll, poll_secs=cfg.poll_secs), contextlib.closing(session):
+    with watching(session.workdir.storage, wake, poll=cfg.poll, poll_secs=cfg.poll_secs), contextlib.closing(session):
         show = _Refresh(session, display, wake)
         show("watching", 0)
         scan = True
@@ -80,7 +79,7 @@ def run_watch(cfg: EvalConfig, display: Display, stop: StopRequest) -> None:
                 if _evaluate_next(session, show, stop):
                     continue
                 session.sync_best()
-                if cfg.exit_when_done and session.problem == "" and session.storage.stat(DONE_FILE):
+                if cfg.exit_when_done and session.problem == "" and session.workdir.storage.stat(DONE_FILE):
                     show(_finished_state(session), 0)
                     return
             show("waiting for the trainer" if session.problem else "watching", 0)
@@ -113,7 +112,7 @@ def _wait(session: Session, wake: Wake) -> bool:
         wake.settle(SETTLE_QUIET_SECS, SETTLE_MAX_SECS)
     retry = bool(session.deferred)
     session.deferred.clear()  # a new scan cycle: retry what failed in the last one
-    return noticed or retry or bool(session.problem) or not isinstance(session.cfg.workdir, BucketPath)
+    return noticed or retry or bool(session.problem) or not session.workdir.storage.polls_state_file_only
 
 
 class _Refresh:

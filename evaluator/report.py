@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import sys
 import tempfile
 from collections.abc import Callable
@@ -24,10 +22,11 @@ from common.data import datasets
 from common.errors import UsageError
 from common.layout import EVAL_DIR
 from common.run.loader import load_model
-from common.run.locate import BEST, NoBest, Unreadable, locate
+from common.run.locate import BEST, Located, NoBest, Unreadable, locate
 from common.run.spec import RunSpec, read_run
-from common.storage import Gone, Storage, open_storage
-from common.storage.paths import BucketPath, Workdir, local_only, remove
+from common.run.workdir import Workdir
+from common.storage import Gone
+from common.storage.paths import Location, refuse_bucket
 from evaluator.ledger import Ledger, Record
 
 GRID = 6  # misclassified examples are shown in a GRID x GRID image
@@ -39,29 +38,28 @@ def print_warning(text: str) -> None:
     print(f"evaluator: warning: {text}", file=sys.stderr)
 
 
-def resolve(workdir: Workdir, step: str, *, tf1: bool = False) -> tuple[int | None, Workdir]:
-    """The step and checkpoint prefix that `--step N|best` names; UsageError when it cannot be used.
+def resolve(workdir: Workdir, step: str, *, tf1: bool = False) -> tuple[int | None, Located]:
+    """The step and checkpoint that `--step N|best` names; UsageError when it cannot be used.
 
     `tf1`: a TF1 Saver workdir, whose step is in the checkpoint's name (its restore checks the files).
-    The step of a bucket's best checkpoint is None: it is read from the download that the report makes
-    anyway. A bucket's checkpoint is not checked here either: its download and restore check it.
+    The step of this project's best checkpoint is None: it is read from the copy that the report
+    reads anyway (a bucket's download), as is the checkpoint itself, which its restore checks.
     """
-    records = [r for r in Ledger(workdir).read() if r.get("status") == "ok"]
+    records = [r for r in Ledger(workdir.storage).read() if r.get("status") == "ok"]
     if not records:
         raise UsageError(f"{workdir}: the ledger is empty; run 'evaluator --once' first")
-    bucket = isinstance(workdir, BucketPath)
     if step == BEST:
         try:
             # Not checked here: the restore that follows reads the whole checkpoint anyway.
-            prefix = locate(workdir, BEST, check=False)
+            located = locate(workdir, BEST, check=False)
         except NoBest:
             raise UsageError(f"{workdir}: no best checkpoint yet (it is kept from validation evaluations)") from None
-        if bucket:
-            return None, prefix
-        number = checkpoints.saver_step(prefix.name) if tf1 else checkpoints.read_step(Path(prefix))
+        if not tf1:
+            return None, located
+        number = checkpoints.saver_step(located.name)
         if number is None:
-            raise UsageError(f"{prefix.name}: the best checkpoint's name carries no step")
-        return number, prefix
+            raise UsageError(f"{located.name}: the best checkpoint's name carries no step")
+        return number, located
     if not step.isdigit():
         raise UsageError(f"--step ({step!r}) must be a step number or 'best'")
     wanted = int(step)
@@ -69,18 +67,18 @@ def resolve(workdir: Workdir, step: str, *, tf1: bool = False) -> tuple[int | No
         known = sorted({int(r["step"]) for r in records if r.get("step") is not None})
         raise UsageError(f"step {wanted} is not in the ledger (evaluated steps: {', '.join(map(str, known))})")
     try:
-        return wanted, locate(workdir, wanted, check=not tf1 and not bucket)
+        return wanted, locate(workdir, wanted, check=not tf1)
     except Unreadable as e:
-        raise UsageError(f"step {wanted} is no longer on disk ({e.why})") from None
+        raise UsageError(f"step {wanted} is no longer {workdir.storage.held} ({e.why})") from None
 
 
 def _own_run(workdir: Workdir, step: str, split_name: str, data_dir: str | None,
-             warn: Callable[[str], None]) -> tuple[int, Workdir, datasets.Split, np.ndarray, tuple[str, ...]]:
+             warn: Callable[[str], None]) -> tuple[int, Located, datasets.Split, np.ndarray, tuple[str, ...]]:
     """Step, checkpoint, split, predictions and class names for a workdir of this project's trainer.
 
     A bucket's checkpoint is read from a local download; one that vanishes during it is a UsageError.
     """
-    spec = read_run(workdir)
+    spec = read_run(workdir.storage)
     if spec is None:
         raise UsageError(f"{workdir}: no run.json (not a trainer workdir; a TF1 Saver workdir needs --tf1-graph)")
     number, located = resolve(workdir, step)
@@ -89,7 +87,7 @@ def _own_run(workdir: Workdir, step: str, split_name: str, data_dir: str | None,
         warn(text)
     split = loaded.data.split(split_name)
     try:
-        with checkpoints.local_copy(located) as prefix:
+        with located.readable() as prefix:
             number = checkpoints.read_step(prefix) if number is None else number
             preds = predict(spec, prefix, split.images)
     except Gone as e:
@@ -98,7 +96,7 @@ def _own_run(workdir: Workdir, step: str, split_name: str, data_dir: str | None,
     return number, located, split, preds, spec.class_names
 
 
-def _graph_run(workdir: Path, graph: GraphFlags, step: str, split_name: str,
+def _graph_run(workdir: Workdir, graph: GraphFlags, step: str, split_name: str,
                data_dir: str | None) -> tuple[int, Path, datasets.Split, np.ndarray, tuple[str, ...]]:
     """The same for a TF1 Saver workdir (a local one): its meta graph with the EMA shadows restored."""
     number, located = resolve(workdir, step, tf1=True)
@@ -196,12 +194,12 @@ def plot_curve(records: list[Record], path: Path) -> None:
 
 def write_report(workdir: Workdir, *, step: str = "best", split_name: str = "validation",
                  data_dir: str | None = None, warn: Callable[[str], None] = print_warning,
-                 graph: GraphFlags | None = None) -> Workdir:
+                 graph: GraphFlags | None = None) -> Location:
     """Write eval/report-<step>/ and return it; `warn` shows what is odd about the data's source.
 
     Args:
-      workdir: a local folder, or a bucket (`BucketPath`): its report is built in a local temporary
-        folder and uploaded, `metrics.json` last.
+      workdir: a local folder or a bucket: the report is built in a local temporary folder and
+        published (`Storage.publish`), `metrics.json` last.
       graph: the --tf1-graph flags of a TF1 Saver workdir (which has no run.json); local only.
 
     Raises:
@@ -209,10 +207,12 @@ def write_report(workdir: Workdir, *, step: str = "best", split_name: str = "val
         the bucket), --tf1-graph with a bucket.
       CheckpointError: the checkpoint cannot be restored.
     """
+    prefix: Located | Path
     if graph is None:
         number, prefix, split, preds, names = _own_run(workdir, step, split_name, data_dir, warn)
     else:
-        workdir = local_only(workdir, "evaluator report --tf1-graph")
+        refuse_bucket(workdir.location, f"evaluator report --tf1-graph --workdir {workdir}: a bucket workdir is "
+                                         "not supported here yet; give a local folder")
         number, prefix, split, preds, names = _graph_run(workdir, graph, step, split_name, data_dir)
     confusion = np.zeros((len(names), len(names)), dtype=np.int64)
     np.add.at(confusion, (split.labels, preds), 1)
@@ -221,22 +221,10 @@ def write_report(workdir: Workdir, *, step: str = "best", split_name: str = "val
                "accuracy": float(np.trace(confusion) / confusion.sum()), "confusion": confusion.tolist(),
                "class_names": list(names), "per_class": per_class_metrics(confusion, names)}
 
-    def fill(folder: Path) -> None:
-        _write_files(folder, summary, confusion, split, preds, Ledger(workdir).read())
-
-    if isinstance(workdir, BucketPath):
-        with tempfile.TemporaryDirectory(prefix="evaluator-report-") as tmp:
-            fill(Path(tmp))
-            upload_report(open_storage(workdir), key, Path(tmp))
-        return workdir / key
-    out = workdir / key
-    tmp_out = out.with_name(f".{out.name}-{secrets.token_hex(3)}")
-    tmp_out.mkdir(parents=True)
-    fill(tmp_out)
-    if out.exists() or out.is_symlink():
-        remove(out, workdir)
-    os.rename(tmp_out, out)
-    return out
+    with tempfile.TemporaryDirectory(prefix="evaluator-report-") as tmp:
+        _write_files(Path(tmp), summary, confusion, split, preds, Ledger(workdir.storage).read())
+        workdir.storage.publish(Path(tmp), key, last=METRICS_FILE)
+    return workdir / key
 
 
 def _write_files(folder: Path, summary: dict[str, Any], confusion: np.ndarray, split: datasets.Split,
@@ -251,25 +239,6 @@ def _write_files(folder: Path, summary: dict[str, Any], confusion: np.ndarray, s
     summary["misclassified_shown"] = plot_misclassified(split, preds, names, folder / "misclassified.png")
     plot_curve(records, folder / "accuracy_curve.png")
     (folder / METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-
-
-def upload_report(storage: Storage, key: str, folder: Path) -> None:
-    """Put the files of the local `folder` under `key/` in `storage`, replacing a report that is there.
-
-    A reader that finds `metrics.json` finds the complete report beside it: an older report's
-    `metrics.json` goes first, its objects that the new one does not rewrite go before the new
-    `metrics.json`, which is written last.
-    """
-    old = storage.names(key)
-    files = sorted(p.name for p in folder.iterdir())
-    if METRICS_FILE in old:
-        storage.delete(f"{key}/{METRICS_FILE}")
-    for name in files:
-        if name != METRICS_FILE:
-            storage.write(f"{key}/{name}", (folder / name).read_bytes())
-    for name in sorted(set(old) - set(files)):
-        storage.delete(f"{key}/{name}")
-    storage.write(f"{key}/{METRICS_FILE}", (folder / METRICS_FILE).read_bytes())
 
 
 def _pct(x: float | None) -> str:

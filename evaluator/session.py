@@ -8,8 +8,10 @@ names without files are recorded in one batch at the end.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +20,61 @@ from common.errors import UsageError
 from common.layout import TB_DIR
 from common.model import registry
 from common.run.spec import RunSpec, read_run
-from common.storage import Storage, open_storage
-from common.storage.paths import BucketPath, Workdir
+from common.run.workdir import Workdir
+from common.storage import Gone
 from evaluator import foreign, tf1core
 from evaluator.best import BestKeeper, clean_stale
 from evaluator.config import EvalConfig
 from evaluator.core import WEIGHT_CHOICES, CheckpointEvaluator, SnapshotEvaluator
 from evaluator.early_stop import check_patience
-from evaluator.ledger import FAILED, Ledger, Record, candidate_keys
+from evaluator.ledger import FAILED, FINGERPRINT, Ledger, Record, candidate_keys
 from evaluator.rows import Row, build_rows
 from evaluator.snapshot import lease
 from evaluator.status import header, result_warnings
 from evaluator.tensorboard import TensorBoardSink
 
 MAX_NOTES = 5  # one-off warnings kept in the header
+
+
+def _native(session: Session) -> SnapshotEvaluator:
+    """This project's runs: the model run.json names, the data it was trained on."""
+    cfg, workdir = session.cfg, session.workdir
+    spec = read_run(workdir.storage)
+    if spec is None:
+        tf1core.check_kind(workdir, tf1=False)
+        raise UsageError(f"{workdir}: no run.json (not a trainer workdir, or no trainer started yet)")
+    if not registry.is_known(spec.model):
+        raise UsageError(f"{workdir}/run.json: unknown model {spec.model!r}")
+    loaded = spec.load_data(cfg.data_dir)
+    for text in loaded.warnings:
+        session.note(text)
+    session.data_warnings = list(loaded.warnings)
+    session.spec = spec
+    return CheckpointEvaluator(workdir, spec, loaded.data.split(cfg.split), split_name=cfg.split,
+                               weights=cfg.weights)
+
+
+def _tf1_graph(session: Session) -> SnapshotEvaluator:
+    """A TF1 `tf.train.Saver` run, evaluated through its own meta graph (--tf1-graph)."""
+    cfg = session.cfg
+    assert cfg.graph is not None
+    return tf1core.prepare(session.workdir, cfg.graph, split_name=cfg.split, weights=cfg.weights,
+                           data_dir=cfg.data_dir)
+
+
+def _other_loop(session: Session) -> SnapshotEvaluator:
+    """Another TF2 loop's checkpoints, read into a model the flags name through key maps (--model)."""
+    cfg = session.cfg
+    assert cfg.foreign is not None
+    newest = tf1core.check_kind(session.workdir, tf1=False)
+    return foreign.prepare(session.workdir, cfg.foreign, split_name=cfg.split, weights=cfg.weights,
+                           data_dir=cfg.data_dir, newest=newest)
+
+
+# The kinds of evaluation core, by the name `EvalConfig.kind` gives.
+KINDS: dict[str, Callable[[Session], SnapshotEvaluator]] = {
+    "native": _native, "tf1-graph": _tf1_graph, "other-loop": _other_loop,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,82 +98,70 @@ class Candidate:
 class Session:
     """State shared by one evaluator run: its config, ledger and (once ready) evaluation core."""
 
-    def __init__(self, cfg: EvalConfig) -> None:
+    def __init__(self, cfg: EvalConfig, workdir: Workdir | None = None) -> None:
         self.cfg = cfg
-        self.ledger = Ledger(cfg.workdir)
-        self.storage = open_storage(cfg.workdir)
+        self.workdir = workdir if workdir is not None else Workdir.open(cfg.workdir)
+        self.ledger = Ledger(self.workdir.storage)
         self.weights = WEIGHT_CHOICES[cfg.weights]
         self.core: SnapshotEvaluator | None = None
         self.spec: RunSpec | None = None
         self.first_seen: dict[Candidate, float] = {}
         self.problem = ""  # the current setup or state-file problem, shown until it clears
-        bucket = isinstance(cfg.workdir, BucketPath)  # TF cannot write TensorBoard logs to S3 or an emulator
-        self.tensorboard = TensorBoardSink(None if bucket else Path(cfg.workdir) / TB_DIR / "eval")
+        local = self.workdir.local_folder()  # TF cannot write TensorBoard logs to S3 or an emulator
+        self.tensorboard = TensorBoardSink(None if local is None else local / TB_DIR / "eval")
         self.stop_requested = ""  # the reason of the stop request this session wrote, if any
         self.notes: list[str] = []  # one-off warnings (refused deletes, lost events), newest last
         self.unsent: list[str] = []  # notes the watch loop has not printed yet
         self.data_warnings: list[str] = []  # about where the data came from (RunSpec.load_data)
-        self.best = BestKeeper(cfg.workdir, weights=self.weights[0], warn=self.note)
+        self.best = BestKeeper(self.workdir, weights=self.weights[0], warn=self.note)
         self.deferred: set[Candidate] = set()  # failed in this scan cycle: retried in the next one
-        self._fingerprints: dict[Workdir, tuple[str, str | None]] = {}  # prefix -> (Stat.token, fingerprint)
-        if bucket:
+        self._fingerprints: dict[str, tuple[str, str | None]] = {}  # name -> (Stat.token, fingerprint)
+        if local is None:
             self.note("TensorBoard logs are not written for a bucket workdir")
 
     def prepare(self) -> SnapshotEvaluator:
-        """Build the model from run.json (or import a TF1 Saver's graph, with --tf1-graph) and load the split (once)."""
-        if self.core is None and self.cfg.graph is not None:
-            self.core = tf1core.prepare(self.cfg.workdir, self.cfg.graph, split_name=self.cfg.split,
-                                        weights=self.cfg.weights, data_dir=self.cfg.data_dir)
-        if self.core is None and self.cfg.foreign is not None:
-            newest = tf1core.check_kind(self.cfg.workdir, tf1=False)
-            self.core = foreign.prepare(self.cfg.workdir, self.cfg.foreign, split_name=self.cfg.split,
-                                        weights=self.cfg.weights, data_dir=self.cfg.data_dir, newest=newest)
+        """Make the evaluation core of the configured kind (`KINDS`) once: its model and split."""
         if self.core is None:
-            spec = read_run(self.cfg.workdir)
-            if spec is None:
-                tf1core.check_kind(self.cfg.workdir, tf1=False)
-                raise UsageError(f"{self.cfg.workdir}: no run.json (not a trainer workdir, or no trainer started yet)")
-            if not registry.is_known(spec.model):
-                raise UsageError(f"{self.cfg.workdir}/run.json: unknown model {spec.model!r}")
-            loaded = spec.load_data(self.cfg.data_dir)
-            for text in loaded.warnings:
-                self.note(text)
-            self.data_warnings = list(loaded.warnings)
-            self.core = CheckpointEvaluator(self.cfg.workdir, spec, loaded.data.split(self.cfg.split),
-                                            split_name=self.cfg.split, weights=self.cfg.weights)
-            self.spec = spec
+            self.core = KINDS[self.cfg.kind](self)
         return self.core
 
     def listed(self) -> list[Candidate]:
         """The checkpoints the state file lists, in commit order. Raises CheckpointError if unreadable."""
-        state = checkpoints.read_state(self.cfg.workdir)
+        state = self.workdir.state()
         if state is None:
             return []
         names = list(state.paths) if state.latest in state.paths else [*state.paths, state.latest or ""]
         stamps = state.timestamps_by_path()
         found = []
         for name in names:
-            prefix = checkpoints.resolve(self.cfg.workdir, name)
-            fingerprint = self._fingerprint(name, prefix) if checkpoints.inside(self.cfg.workdir, name) else None
-            found.append(Candidate(name, stamps.get(name) or _index_mtime(self.storage, prefix), fingerprint))
+            inside = self.workdir.inside(name)
+            fingerprint = self._fingerprint(Path(name).name) if inside else None
+            found.append(Candidate(name, stamps.get(name) or self._index_mtime(name, inside), fingerprint))
         now = time.time()
         for cand in found:
             self.first_seen.setdefault(cand, now)
         return sorted(found, key=lambda c: (c.committed, c.step or 0))
 
-    def _fingerprint(self, name: str, prefix: Workdir) -> str | None:
-        """The .index fingerprint, read again only when the file changed (its `Stat.token`)."""
+    def _fingerprint(self, name: str) -> str | None:
+        """The .index fingerprint of checkpoint `name`, read again only when the file changed (its `Stat.token`)."""
         try:
-            stat = self.storage.stat(f"{Path(name).name}.index")
+            stat = self.workdir.storage.stat(f"{name}.index")
         except OSError:
             return None
         if stat is None:
             return None
-        stamp = stat.token
-        cached = self._fingerprints.get(prefix)
-        if cached is None or cached[0] != stamp:
-            cached = self._fingerprints[prefix] = (stamp, checkpoints.index_fingerprint(prefix))
+        cached = self._fingerprints.get(name)
+        if cached is None or cached[0] != stat.token:
+            cached = self._fingerprints[name] = (stat.token, self.workdir.fingerprint(name))
         return cached[1]
+
+    def _index_mtime(self, name: str, inside: bool) -> float:
+        """When a listed checkpoint's `.index` was written (for state files without timestamps); 0 if unknown."""
+        try:
+            stat = self.workdir.storage.stat(f"{Path(name).name}.index") if inside else None
+        except OSError:
+            return 0.0
+        return stat.mtime if stat else 0.0
 
     def pending(self, listed: list[Candidate]) -> list[Candidate]:
         """What is still to evaluate under the policy: checkpoints on disk first, in commit order.
@@ -153,28 +184,39 @@ class Session:
     def evaluate(self, cand: Candidate) -> list[Record]:
         """Evaluate one checkpoint and record it; return the records added to the ledger.
 
+        The session holds what it takes, in order: a lease, then a pinned private copy, which the
+        core evaluates; the records go to the ledger, then the copy is offered to eval/best, then
+        both are released. A checkpoint deleted while being pinned is `gone`; a snapshot this
+        machine cannot make (full disk, no permission) is `failed` and retried in the next cycle.
+
         Raises:
           WorkdirIOError: the lease or the ledger cannot be written.
         """
         core = self.prepare()
-        added: list[Record] = []
-        recorded = False
-
-        def record_then_keep(private: Path, records: list[Record]) -> None:
-            # The ledger first: a failed append must not leave best.json naming an unrecorded checkpoint.
-            nonlocal recorded
-            added.extend(self.ledger.append(records))
-            recorded = True
-            self.best.offer(private, records[0])
-
-        with lease(self.cfg.workdir, Path(cand.name).name):
-            records = core.evaluate(cand.name, committed=cand.committed, fingerprint=cand.fingerprint,
-                                    detected=self.first_seen.get(cand, time.time()), keep=record_then_keep)
-        if not recorded:
-            added.extend(self.ledger.append(records))
+        name = Path(cand.name).name
+        base = core.begin(cand.name, committed=cand.committed, fingerprint=cand.fingerprint,
+                          detected=self.first_seen.get(cand, time.time()))
+        if not self.workdir.inside(cand.name):
+            return self._after(self.ledger.append(core.unread(cand.name, committed=cand.committed,
+                                                              detected=base["detected"])))
+        core.before_pin(cand.name)
+        with lease(self.workdir.storage, name), contextlib.ExitStack() as pinned:
+            try:
+                private = pinned.enter_context(self.workdir.pin(name))
+            except Gone as e:
+                records = core.failed(base | {FINGERPRINT: None}, "gone", str(e))
+            except OSError as e:
+                records = core.failed(base, FAILED, f"cannot snapshot {name}: {e.strerror or e}")
+            else:
+                base[FINGERPRINT] = checkpoints.file_fingerprint(private)
+                records = core.evaluate_snapshot(private, base)
+                # The ledger first: a failed append must not leave best.json naming an unrecorded checkpoint.
+                added = self.ledger.append(records)
+                self.best.offer(private, records[0])
+                return self._after(added)
         if records[0].get("status") == FAILED:
             self.deferred.add(cand)
-        return self._after(added)
+        return self._after(self.ledger.append(records))
 
     def record_unread(self, cands: list[Candidate]) -> list[Record]:
         """Record listed checkpoints whose files are not there (`gone`, or `error` outside the workdir) at once."""
@@ -189,7 +231,7 @@ class Session:
         """Hand what was added to TensorBoard, then check patience (which reads the ledger again)."""
         self.tensorboard.write(added)
         if self.cfg.patience:
-            reason = check_patience(self.cfg.workdir, self.rows(), patience=self.cfg.patience,
+            reason = check_patience(self.workdir.storage, self.rows(), patience=self.cfg.patience,
                                     min_delta=self.cfg.min_delta)
             self.stop_requested = reason or self.stop_requested
             if reason and (self.cfg.graph is not None or self.cfg.foreign is not None):
@@ -210,7 +252,7 @@ class Session:
 
     def clean(self) -> None:
         """Remove what earlier evaluators left behind (see evaluator.best.clean_stale)."""
-        clean_stale(self.cfg.workdir, warn=self.note)
+        clean_stale(self.workdir, warn=self.note)
 
     def close(self) -> None:
         self.tensorboard.close()
@@ -224,14 +266,6 @@ class Session:
         """The header: workdir, run, trainer status, backlog and warnings."""
         warnings = [f"asked the trainer to stop: {self.stop_requested}"] if self.stop_requested else []
         warnings += result_warnings(self.rows(), self.ledger, best_problem=self.best.problem)
-        return header(self.cfg, self.spec, backlog, problem=self.problem, warnings=warnings + self.notes)
+        return header(self.cfg, self.workdir.storage, self.spec, backlog, problem=self.problem,
+                      warnings=warnings + self.notes)
 
-
-def _index_mtime(storage: Storage, prefix: Workdir) -> float:
-    try:
-        if isinstance(prefix, BucketPath):
-            stat = storage.stat(f"{prefix.name}.index")
-            return stat.mtime if stat else 0.0
-        return Path(f"{prefix}.index").stat().st_mtime
-    except OSError:
-        return 0.0

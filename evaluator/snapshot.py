@@ -12,20 +12,18 @@ import contextlib
 from collections.abc import Iterator
 
 from common.errors import WorkdirIOError
-from common.storage import Gone, open_storage
-from common.storage.paths import Workdir
+from common.storage import Gone, Storage
 
 __all__ = ["Gone", "lease"]
 
 
 @contextlib.contextmanager
-def lease(workdir: Workdir, checkpoint: str) -> Iterator[None]:
+def lease(storage: Storage, checkpoint: str) -> Iterator[None]:
     """Tell the trainer's retention that this process is reading `checkpoint` (see `Storage.leased`).
 
     Raises:
       WorkdirIOError: the lease cannot be written (read-only workdir, full disk).
     """
-    storage = open_storage(workdir)
     with contextlib.ExitStack() as held:
         try:
             held.enter_context(storage.lease(checkpoint))

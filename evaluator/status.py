@@ -7,18 +7,18 @@ from typing import Any
 
 from common.run.protocol import TrainerHeartbeat, TrainingDone
 from common.run.spec import RunSpec
-from common.storage.paths import Workdir
+from common.storage import Storage
 from evaluator.config import EvalConfig
 from evaluator.ledger import FAILED, Ledger
 from evaluator.rows import Row
 
 
-def trainer_status(workdir: Workdir, silent_secs: float) -> tuple[str, str]:
+def trainer_status(storage: Storage, silent_secs: float) -> tuple[str, str]:
     """A line on the trainer (from done.json and heartbeat.json), and a warning if it went silent."""
-    done = TrainingDone.read(workdir)
+    done = TrainingDone.read(storage)
     if done is not None:
         return f"finished at step {done.step}", ""
-    beat = TrainerHeartbeat.read(workdir)
+    beat = TrainerHeartbeat.read(storage)
     if beat is None:
         return "not seen yet", ""
     age = time.time() - float(beat.time or 0)
@@ -28,9 +28,10 @@ def trainer_status(workdir: Workdir, silent_secs: float) -> tuple[str, str]:
     return line, (f"trainer silent for {age:.0f}s" if age > silent_secs else "")
 
 
-def header(cfg: EvalConfig, spec: RunSpec | None, backlog: int, *, problem: str, warnings: list[str]) -> dict[str, Any]:
+def header(cfg: EvalConfig, storage: Storage, spec: RunSpec | None, backlog: int, *, problem: str,
+           warnings: list[str]) -> dict[str, Any]:
     """The header's fields; the current `problem` and a silent trainer are warned of before `warnings`."""
-    trainer, silent = trainer_status(cfg.workdir, cfg.silent_secs)
+    trainer, silent = trainer_status(storage, cfg.silent_secs)
     run, names = "", list(spec.class_names) if spec else []
     if spec is not None:
         run = f"{spec.dataset}/{spec.model}  split={cfg.split}  weights={cfg.weights}"

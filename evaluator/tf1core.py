@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from common.checkpoint import checkpoints
 from common.checkpoint.checkpoints import CheckpointError, State
 from common.checkpoint.tf1graph import GraphFlagError, GraphFlags, SaverGraph, meta_of, read_saver_step, saver_format
 from common.data import datasets
 from common.errors import UsageError
-from common.storage.paths import BucketPath, Workdir
+from common.run.workdir import Workdir
 from evaluator.core import SnapshotEvaluator
 from evaluator.ledger import Record
 
@@ -37,13 +35,12 @@ FLAG_ERRORS = (GraphFlagError, WrongWorkdirKind)
 
 
 def listed_prefix(workdir: Workdir, state: State | None) -> Path | None:
-    """The newest listed checkpoint of the workdir whose files are there, or None."""
-    if state is None or isinstance(workdir, BucketPath):  # TF1 Saver workdirs are local (EvalConfig)
+    """The newest listed checkpoint of the workdir whose files are there, or None (a local workdir's)."""
+    if state is None or workdir.local_folder() is None:  # TF1 Saver workdirs are local (EvalConfig)
         return None
     for name in reversed([*state.paths, state.latest or ""]):
-        prefix = Path(checkpoints.resolve(workdir, name))
-        if name and checkpoints.inside(workdir, name) and Path(f"{prefix}.index").exists():
-            return prefix
+        if name and workdir.inside(name) and workdir.has_checkpoint(Path(name).name):
+            return Path(workdir.resolve(name))
     return None
 
 
@@ -54,7 +51,7 @@ def check_kind(workdir: Workdir, *, tf1: bool) -> Path | None:
       WrongWorkdirKind: with --tf1-graph, object-based TF2 checkpoints; without it, TF1 Saver ones.
       CheckpointError: the state file is unreadable.
     """
-    prefix = listed_prefix(workdir, checkpoints.read_state(workdir))
+    prefix = listed_prefix(workdir, workdir.state())
     if prefix is None:
         return None
     kind = saver_format(prefix)
@@ -87,11 +84,10 @@ class GraphEvaluator(SnapshotEvaluator):
         """
         self._graph_of(prefix)
 
-    def evaluate(self, name: str, *, committed: float, detected: float, fingerprint: str | None = None,
-                 keep: Callable[[Path, list[Record]], None] | None = None) -> list[Record]:
-        if checkpoints.inside(self.workdir, name):
-            _await_meta(Path(checkpoints.resolve(self.workdir, name)))
-        return super().evaluate(name, committed=committed, detected=detected, fingerprint=fingerprint, keep=keep)
+    def before_pin(self, name: str) -> None:
+        """Wait briefly for the `.meta` a Saver writes after the checkpoint (see `_await_meta`)."""
+        if self.workdir.inside(name):
+            _await_meta(Path(self.workdir.resolve(name)))
 
     def _evaluate_weights(self, prefix: Path, kind: str) -> Record:
         try:
@@ -144,7 +140,7 @@ def prepare(workdir: Workdir, flags: GraphFlags, *, split_name: str, weights: st
       UsageError: no checkpoint yet (the watch loop waits for one).
       DataNotFoundError, DataFormatError: the dataset.
     """
-    if checkpoints.read_state(workdir) is None:
+    if workdir.state() is None:
         raise UsageError(f"{workdir}: no TF1 Saver checkpoint yet (no state file)")
     prefix = check_kind(workdir, tf1=True)
     if flags.dataset is None:

@@ -18,11 +18,9 @@ from collections.abc import Iterator
 
 from common.checkpoint.checkpoints import STATE_FILE
 from common.layout import DONE_FILE, RUN_FILE
-from common.storage import open_storage
-from common.storage.paths import BucketPath, Workdir
+from common.storage import Storage
 
 WATCHED_NAMES = frozenset({STATE_FILE, DONE_FILE, RUN_FILE})
-BUCKET_WATCHED_NAMES = frozenset({STATE_FILE})  # one request per poll (see the module's docstring)
 
 
 class Wake:
@@ -68,9 +66,10 @@ class Wake:
 
 
 @contextlib.contextmanager
-def watching(workdir: Workdir, wake: Wake, *, poll: bool, poll_secs: float = 1.0) -> Iterator[None]:
-    """Wake the loop whenever the state file (or run.json, done.json) may have changed (see `Storage.watch`)."""
-    names = BUCKET_WATCHED_NAMES if isinstance(workdir, BucketPath) else WATCHED_NAMES
-    with open_storage(workdir).watch(names, wake.set, on_lost=wake.overflowed, poll=poll,
-                                     poll_secs=poll_secs):
+def watching(storage: Storage, wake: Wake, *, poll: bool, poll_secs: float = 1.0) -> Iterator[None]:
+    """Wake the loop whenever the state file (or run.json, done.json) may have changed (see `Storage.watch`).
+
+    A storage that `polls_state_file_only` (a bucket) watches the state file of these names alone.
+    """
+    with storage.watch(WATCHED_NAMES, wake.set, on_lost=wake.overflowed, poll=poll, poll_secs=poll_secs):
         yield

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ import pytest
 
 from common.data.idx import write_idx
 from common.signals import StopRequest
+from common.storage import Storage
 from trainer.progress import PlainLog
 
 REPO = Path(__file__).resolve().parents[1]  # the project's root: where the programs run from in tests
@@ -58,22 +62,22 @@ def make_train_config(tiny_data: Path, workdir: Path, **overrides: Any) -> Any:
     return TrainConfig(spec=spec, **(base | overrides))
 
 
-def watch_beside_trainer(trainer_args: list[str], cfg: Any, display: Any, *,
-                         timeout: float = 180) -> tuple[Any, str, str, int]:
-    """Run a real trainer process while the real watch loop runs here; return (stop, out, err, returncode).
+def watch_beside(module: str, args: list[str], cfg: Any, display: Any, *, stop: StopRequest | None = None,
+                 timeout: float = 180) -> tuple[StopRequest, str, str, int]:
+    """Run `python -m module args` while the real watch loop runs here; return (stop, out, err, returncode).
 
-    A timer stops the watch loop after `timeout` seconds, so a hang fails the test instead of CI.
+    A timer stops the watch loop after `timeout` seconds (reason "timeout"), so a hang fails the test
+    instead of CI. `stop` is the loop's stop request (a display may set it); a new one by default.
     """
     import subprocess
     import sys
     import threading
 
-    from common.signals import StopRequest
     from evaluator.loop import run_watch
 
-    trainer = subprocess.Popen([sys.executable, "-m", "trainer.cli", *trainer_args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
-    stop = StopRequest()
+    process = subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=REPO)
+    stop = StopRequest() if stop is None else stop
     guard = threading.Timer(timeout, stop.set, args=("timeout",))
     guard.daemon = True
     guard.start()
@@ -81,8 +85,43 @@ def watch_beside_trainer(trainer_args: list[str], cfg: Any, display: Any, *,
         run_watch(cfg, display, stop)
     finally:
         guard.cancel()
-        out, err = trainer.communicate(timeout=120)
-    return stop, out, err, trainer.returncode
+        out, err = process.communicate(timeout=120)
+    return stop, out, err, process.returncode
+
+
+@dataclasses.dataclass(frozen=True)
+class Watched:
+    """A reference training loop's run (not this project's trainer), watched by the evaluator to its end."""
+
+    workdir: Path
+    data: Path  # the tiny MNIST-like dataset it trained on
+    refs: dict[str, dict[str, Any]]  # checkpoint -> the loop's own evaluation: {"ema": accuracy, "raw": ..., ...}
+    validation: Any  # that dataset's validation split (common.data.datasets.Split)
+
+
+def watch_reference_loop(root: Path, module: str, args: list[str], *, last: str, **options: Any) -> Watched:
+    """Run reference loop `python -m module args` while the watch loop (--weights both) evaluates it here.
+
+    Its data is written first: the IDX files in `root/data`, the validation and training splits as
+    `root/validation.npz` and `root/train.npz`. The loop (whose `args` name those paths) trains into
+    `root/run` and writes its own evaluation of each checkpoint to `root/refs.jsonl`. The watch loop
+    stops once checkpoint `last` is evaluated, and fails after 150 s; `options` go to EvalConfig.
+    """
+    from common.data import datasets
+    from evaluator.config import EvalConfig
+
+    data = write_dataset(root / "data", n_train=1200, n_test=200)
+    loaded = datasets.load("mnist", str(data))
+    np.savez(root / "validation.npz", images=loaded.validation.images, labels=loaded.validation.labels)
+    np.savez(root / "train.npz", images=loaded.train.images, labels=loaded.train.labels)
+    stop = StopRequest()
+    spy = Spy(stop, until=lambda status: any(r.checkpoint == last and r.status == "ok" for r in spy.rows))
+    cfg = EvalConfig(workdir=root / "run", data_dir=str(data), weights="both", **options)
+    stop, _, err, code = watch_beside(module, args, cfg, spy, stop=stop, timeout=150)
+    assert code == 0, err[-2000:]
+    assert stop.reason == "test", "the watch loop never evaluated the last checkpoint"
+    rows = [json.loads(line) for line in (root / "refs.jsonl").read_text().splitlines()]
+    return Watched(root / "run", data, {r["checkpoint"]: r for r in rows}, loaded.validation)
 
 
 class Recorder(PlainLog):
@@ -155,21 +194,61 @@ def two_evaluators_at_once(workdir: str, data_dir: Path) -> None:
     cmd = [sys.executable, "-m", "evaluator.cli", "--workdir", workdir, "--data-dir", str(data_dir),
            "--once", "--weights", "both"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).resolve().parents[1]) for _ in range(2)]
+                              cwd=REPO) for _ in range(2)]
     for proc in procs:
         _, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err
 
 
-def committed_step(storage: Any, workdir: str) -> int | None:
-    """The step of the checkpoint the state file names (in a bucket too), after checking that it reads in full."""
+def commit_files(storage: Storage, name: str, files: dict[str, bytes], state: bytes | None = None) -> None:
+    """Commit checkpoint `name` as the trainer does: `files` (suffix -> bytes) written, then `commit_checkpoint`.
+
+    The files go where `checkpoint_target` says; `state` is the new state file (by default one naming `name`).
+    """
+    target = storage.checkpoint_target(name)
+    for suffix, data in files.items():
+        Path(f"{target}{suffix}").write_bytes(data)
+    state = f'model_checkpoint_path: "{name}"\n'.encode() if state is None else state
+    storage.commit_checkpoint(name, state_key="checkpoint", state=state)
+
+
+def commit_model_5(storage: Storage) -> None:
+    """Commit a small checkpoint `model-5` of two files (not TensorFlow's) through `storage`."""
+    commit_files(storage, "model-5", {".index": b"index-bytes", ".data-00000-of-00001": b"data" * 1000})
+
+
+def committed_step(storage: Storage, *, check: Callable[[Storage, str], int] | None = None) -> int | None:
+    """The step of the checkpoint the state file names (None before the first commit), once it reads in full.
+
+    By default TensorFlow reads every tensor of it (a pinned download in a bucket) and the step is its
+    `global_step`; `check(storage, name)` does both for checkpoints that are not TensorFlow's.
+    """
     from common.checkpoint import checkpoints
 
     state = checkpoints.read_state(storage)
     if state is None or state.latest is None:
         return None
-    prefix = checkpoints.resolve(workdir, state.latest)
-    why = checkpoints.check_readable(prefix)
+    if check is not None:
+        return check(storage, state.latest)
+    name = storage.key_of(state.latest)
+    assert name is not None, f"the state file names {state.latest}, outside the workdir"
+    why = checkpoints.check_readable(storage, name)
     assert why is None, f"the state file names {state.latest}, which is not readable: {why}"
-    with checkpoints.local_copy(prefix) as local:
+    with storage.readable(name) as local:
         return checkpoints.read_step(local)
+
+
+def contents(root: Path) -> dict[str, bytes | str]:
+    """Every entry below `root` with its bytes (a link: its target; a folder: "/"): to show that nothing changed."""
+    found: dict[str, bytes | str] = {}
+    for path in sorted(root.rglob("*")):
+        key = path.relative_to(root).as_posix()
+        found[key] = f"-> {os.readlink(path)}" if path.is_symlink() else "/" if path.is_dir() else path.read_bytes()
+    return found
+
+
+def checkpoint_files(prefix: Path) -> list[Path]:
+    """The files of the local checkpoint `prefix`: its `.index`, `.data-*` shards and a Saver's `.meta`."""
+    from common.storage import open_storage
+
+    return [prefix.parent / key for key in open_storage(prefix.parent).checkpoint_files(prefix.name)]

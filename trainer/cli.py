@@ -99,6 +99,7 @@ def build_config(args: argparse.Namespace) -> Any:
     from common.model import models
     from common.model import registry as model_registry
     from common.run.spec import RunSpec, read_run
+    from common.run.workdir import Workdir
     from trainer.config import TrainConfig
 
     given = {k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k) is not None}
@@ -118,7 +119,8 @@ def build_config(args: argparse.Namespace) -> Any:
             raise UsageError(f"--classes goes with the built-in datasets, not {dataset}")
         given["classes"] = datasets.parse_classes(given["classes"], datasets.get_info(dataset))
     workdir = args.workdir or Path("runs") / f"{userdata.short_name(dataset)}-{userdata.short_name(model)}"
-    existing = read_run(workdir)
+    opened = Workdir.open(workdir)  # the program's one opening of the workdir: it travels in the config
+    existing = read_run(opened.storage)
     base = ({k: getattr(existing, k) for k in RUN_DEFAULTS} if existing
             else RUN_DEFAULTS | {"label_smoothing": models.recipe(model).label_smoothing})
     settings = base | given
@@ -136,7 +138,7 @@ def build_config(args: argparse.Namespace) -> Any:
         spec=spec, workdir=workdir, steps=args.steps if args.steps is not None else models.recipe(spec.model).steps,
         save_every=args.save_every, keep=args.keep, keep_every_hours=args.keep_every_hours,
         data_dir=args.data_dir, resume_from=args.resume_from, steps_per_loop=args.steps_per_loop,
-        log_every=args.log_every, progress=args.progress, init=init,
+        log_every=args.log_every, progress=args.progress, init=init, opened=opened,
     )
 
 

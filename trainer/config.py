@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from common.errors import UsageError
 from common.model.models import Recipe
 from common.run.spec import RunSpec
-from common.storage.paths import Workdir
+from common.run.workdir import Workdir
+from common.storage.paths import Location
 from trainer.warmstart import InitSpec
 
 DEFAULT_STEPS = Recipe().steps  # a model's own recipe may say otherwise (trainer.cli.build_config)
@@ -18,7 +20,7 @@ class TrainConfig:
     """Everything one `trainer` invocation needs."""
 
     spec: RunSpec  # what defines the run (stored in run.json)
-    workdir: Workdir  # where checkpoints, run.json and the state file live: a local folder or a bucket
+    workdir: Location  # where checkpoints, run.json and the state file live: a local folder or a bucket
     steps: int = DEFAULT_STEPS  # train until global_step reaches this
     save_every: int = 1000  # steps between checkpoints (one is always saved at the end)
     keep: int = 5  # newest checkpoints kept (like max_to_keep); 0 keeps all
@@ -29,6 +31,7 @@ class TrainConfig:
     log_every: int = 100  # steps between plain log lines (when output is not a terminal)
     progress: str = "auto"  # "auto", "rich" or "plain"
     init: InitSpec | None = None  # --init-from and its options: used at the first start only
+    opened: Workdir | None = dataclasses.field(default=None, compare=False, repr=False)  # `workdir`, if opened
 
     def __post_init__(self) -> None:
         for name in ("steps", "save_every", "steps_per_loop", "log_every"):
@@ -41,3 +44,8 @@ class TrainConfig:
             raise UsageError(f"--keep-every-hours ({self.keep_every_hours}) must be 0 (off) or positive")
         if self.progress not in ("auto", "rich", "plain"):
             raise UsageError(f"--progress ({self.progress!r}) must be auto, rich or plain")
+
+    @functools.cached_property
+    def wd(self) -> Workdir:
+        """The workdir, opened once for this run (its storage and layout) and passed down with the config."""
+        return self.opened if self.opened is not None else Workdir.open(self.workdir)

@@ -26,7 +26,7 @@ from common.checkpoint import checkpoints
 from common.data.datasets import Split
 from common.errors import UsageError, WorkerLostError
 from common.signals import StopRequest
-from common.storage.paths import Workdir
+from common.storage.paths import Location
 from trainer.actions import LoopOutput
 from trainer.inputs import train_dataset
 
@@ -151,11 +151,11 @@ class ScratchSaver:
     """A non-chief worker's part in a save: TF needs every worker to write; this one writes to a private
     temporary folder outside the workdir and removes it at once (as TF's multi-worker guides do)."""
 
-    def __init__(self, workdir: Workdir, checkpoint: tf.train.Checkpoint) -> None:
+    def __init__(self, workdir: Location, checkpoint: tf.train.Checkpoint) -> None:
         self.workdir = workdir
         self._write = tf.function(lambda prefix: checkpoint.write(prefix))
 
-    def save(self, step: int) -> Workdir:
+    def save(self, step: int) -> Location:
         """Take part in the save of `step`; return the chief's prefix for it."""
         name = checkpoints.name_for(step)
         folder = tempfile.mkdtemp(prefix="trainer-worker-")

@@ -10,8 +10,7 @@ import time
 from types import TracebackType
 
 from common.errors import UsageError
-from common.storage import Locked, open_storage
-from common.storage.paths import Workdir
+from common.storage import Locked, Storage
 
 LOCK_FILE = "trainer.lock"
 
@@ -19,16 +18,16 @@ LOCK_FILE = "trainer.lock"
 class WorkdirLock:
     """Hold the workdir's trainer lock for the life of a `with` block."""
 
-    def __init__(self, workdir: Workdir) -> None:
-        self.workdir = workdir
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
         self._held = contextlib.ExitStack()
 
     def __enter__(self) -> WorkdirLock:
         note = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
         try:
-            self._held.enter_context(open_storage(self.workdir).lock(LOCK_FILE, wait=False, note=note))
+            self._held.enter_context(self.storage.lock(LOCK_FILE, wait=False, note=note))
         except Locked as holder:
-            raise UsageError(f"{self.workdir}: another trainer is running on this workdir ({holder})") from None
+            raise UsageError(f"{self.storage.root}: another trainer is running on this workdir ({holder})") from None
         return self
 
     def __exit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:

@@ -25,11 +25,13 @@ from common.errors import BucketUnusable, DivergedError, UsageError
 from common.layout import DONE_FILE, TB_DIR
 from common.model.evaluation import Evaluation
 from common.run.loader import build_model
+from common.run.locate import Located
 from common.run.protocol import EarlyStopRequest, StopRequestId, TrainerHeartbeat, TrainingDone
 from common.run.spec import RunData, RunSpec, read_run, write_run
+from common.run.workdir import Workdir
 from common.signals import StopRequest, stop_on_signals
-from common.storage import Gone, open_storage
-from common.storage.paths import BucketPath, Workdir, is_bucket
+from common.storage import Gone, Storage, open_source
+from common.storage.paths import checkpoint_place
 from trainer import distribute, warmstart
 from trainer import saver as saver_lib
 from trainer.actions import Action, CheckStopRequest, LoopOutput, SaveCheckpoints, make_actions
@@ -63,10 +65,10 @@ def warn(text: str) -> None:
 
 def check_workdir(cfg: TrainConfig) -> RunSpec | None:
     """Validate the workdir before anything is written; return its run.json if it has one."""
-    why = saver_lib.workdir_writable(cfg.workdir)
+    why = cfg.wd.storage.why_unwritable()
     if why:
         raise UsageError(f"--workdir {cfg.workdir}: {why}")
-    existing = read_run(cfg.workdir)
+    existing = read_run(cfg.wd.storage)
     if existing is not None:
         diffs = existing.differences(cfg.spec)
         if diffs and all(d.startswith("class_names:") for d in diffs):
@@ -78,7 +80,7 @@ def check_workdir(cfg: TrainConfig) -> RunSpec | None:
         if diffs:
             raise UsageError(f"{cfg.workdir}/run.json disagrees with the flags given ({'; '.join(diffs)}); "
                              "use another --workdir or drop those flags")
-    elif checkpoints.on_disk(cfg.workdir) or open_storage(cfg.workdir).stat(checkpoints.STATE_FILE):
+    elif cfg.wd.steps_on_disk() or cfg.wd.storage.stat(checkpoints.STATE_FILE):
         raise UsageError(f"{cfg.workdir} holds checkpoints but no run.json; refusing to guess how they were made")
     return existing
 
@@ -108,50 +110,47 @@ def check_inputs(cfg: TrainConfig, topo: Topology | None = None) -> Checked:
     if cfg.resume_from is not None:
         from_prefix(cfg)
     init_plan = None
-    fresh_workdir = not checkpoints.on_disk(cfg.workdir) and not open_storage(cfg.workdir).stat(checkpoints.STATE_FILE)
+    fresh_workdir = not cfg.wd.steps_on_disk() and not cfg.wd.storage.stat(checkpoints.STATE_FILE)
     if cfg.init is not None and fresh_workdir and cfg.resume_from is None:
         init_plan = warmstart.plan(cfg.init, {f"model/{k}": tuple(v.shape)
                                               for k, v in template.named_variables().items()})
     return Checked(existing, loaded, init_plan)
 
 
-def from_prefix(cfg: TrainConfig) -> Workdir:
+def from_prefix(cfg: TrainConfig) -> Located:
     """The readable checkpoint that `--from` names (see `from_named`); a bucket's is downloaded to check it."""
     prefix = from_named(cfg)
-    try:
-        why = checkpoints.check_readable(prefix)
-    except BucketUnusable as e:  # another bucket's: missing, or not ours to read
-        raise e.for_flag("--from", cfg.resume_from) from None
+    why = checkpoints.check_readable(prefix.storage, prefix.key)
     if why:
         raise UsageError(f"--from {cfg.resume_from}: {why}")
     return prefix
 
 
-def from_named(cfg: TrainConfig) -> Workdir:
-    """The prefix `--from` names: a bucket URL, a local prefix (existing, or absolute), else a name in the workdir."""
+def from_named(cfg: TrainConfig) -> Located:
+    """The checkpoint `--from` names: a bucket URL, a local prefix (existing or absolute), else a workdir's name."""
     text = cfg.resume_from
     assert text is not None
-    if is_bucket(text):
-        prefix: Workdir = BucketPath(text)
-    elif Path(f"{text}.index").exists() or Path(text).is_absolute():
-        return Path(text)
-    else:
-        prefix = cfg.workdir / text
-    parts = str(prefix).partition("://")[2].split("/")
-    if isinstance(prefix, BucketPath) and (len(parts) < 2 or any(p in ("", ".", "..") for p in parts)):
-        raise UsageError(f"--from {text}: not a checkpoint of a bucket (give a name such as model-10, or a "
-                         "prefix such as s3://bucket/run/model-10)")
-    return prefix
+    try:
+        place = checkpoint_place(text)
+        if place is not None:
+            storage, name = open_source(place)
+            return Located(storage, name or place.name)
+    except BucketUnusable as e:  # another bucket's: missing, or not ours to read
+        raise e.for_flag("--from", text) from None
+    if cfg.wd.key_of(text) is None:
+        raise UsageError(f"--from {text}: not a checkpoint of a bucket or in the workdir (give a name such as "
+                         "model-10, or a prefix such as s3://bucket/run/model-10)")
+    return Located(cfg.wd.storage, text)
 
 
 def _resume_candidates(workdir: Workdir) -> tuple[list[str], State | None]:
     """Checkpoints to try, best first: the state file's choice, its others newest first, then the rest on disk."""
     try:
-        state = checkpoints.read_state(workdir)
+        state = workdir.state()
     except CheckpointError as e:
         warn(f"{e}; falling back to the checkpoints on disk")
         state = None
-    on_disk = [checkpoints.name_for(s) for s in reversed(checkpoints.on_disk(workdir))]
+    on_disk = [checkpoints.name_for(s) for s in reversed(workdir.steps_on_disk())]
     if state is None:
         return on_disk, None
     others = sorted((p for p in state.paths if p != state.latest), key=lambda p: checkpoints.step_of(p) or -1,
@@ -177,13 +176,14 @@ def find_start(cfg: TrainConfig, train_state: TrainState) -> tuple[str | None, S
         why = _restore_if_readable(train_state, prefix)
         if why:
             raise UsageError(f"--from {cfg.resume_from}: {why}")
-        return str(prefix), _state_or_none(cfg.workdir)
-    candidates, state = _resume_candidates(cfg.workdir)
+        return str(prefix), _state_or_none(cfg.wd)
+    candidates, state = _resume_candidates(cfg.wd)
     for path in candidates:
-        if not checkpoints.inside(cfg.workdir, path):
+        key = cfg.wd.key_of(path)
+        if key is None or not cfg.wd.inside(path):
             warn(f"skipping checkpoint {path}: the state file's path points outside the workdir")
             continue
-        found = checkpoints.resolve(cfg.workdir, path)
+        found = Located(cfg.wd.storage, key)
         why = _restore_if_readable(train_state, found)
         if why is None:
             return str(found), state
@@ -194,11 +194,13 @@ def find_start(cfg: TrainConfig, train_state: TrainState) -> tuple[str | None, S
     return None, state
 
 
-def _restore_if_readable(train_state: TrainState, prefix: Workdir) -> str | None:
+def _restore_if_readable(train_state: TrainState, prefix: Located) -> str | None:
     """Restore checkpoint `prefix` (a bucket's through a local download) if readable; else say why not."""
     try:
-        with checkpoints.local_copy(prefix) as local:
-            why = checkpoints.check_readable(local)
+        if prefix.storage.stat(f"{prefix.key}.index") is None:
+            return f"{prefix.name}.index is missing"
+        with prefix.readable() as local:
+            why = checkpoints.check_readable_files(local)
             if why is None:
                 restore(train_state, local)
             return why
@@ -208,7 +210,7 @@ def _restore_if_readable(train_state: TrainState, prefix: Workdir) -> str | None
 
 def _state_or_none(workdir: Workdir) -> State | None:
     try:
-        return checkpoints.read_state(workdir)
+        return workdir.state()
     except CheckpointError as e:
         warn(str(e))
         return None
@@ -218,9 +220,9 @@ def _initial_state(workdir: Workdir, state: State | None) -> State:
     """The saver's view of what is committed: the state file, else the readable checkpoints on disk."""
     if state is not None:
         return state
-    names = [checkpoints.name_for(s) for s in checkpoints.on_disk(workdir)]
-    names = [n for n in names if checkpoints.check_readable(workdir / n) is None]
-    stats = [open_storage(workdir).stat(f"{n}.index") for n in names]
+    names = [checkpoints.name_for(s) for s in workdir.steps_on_disk()]
+    names = [n for n in names if workdir.check_readable(n) is None]
+    stats = [workdir.storage.stat(f"{n}.index") for n in names]
     stamps = [stat.mtime if stat else 0.0 for stat in stats]
     return State(latest=names[-1] if names else None, paths=names, timestamps=stamps)
 
@@ -255,8 +257,8 @@ def restore_or_initialise(cfg: TrainConfig, checked: Checked, reporter: Reporter
     if peers is not None:  # also a barrier: the chief tidies the workdir only once every worker has read it
         peers.same_start(start)
     if checked.existing is None and topo.chief:  # only now: a start that cannot restore --from leaves no run.json
-        write_run(cfg.workdir, spec)
-    leftovers = saver_lib.clean_leftovers(cfg.workdir) if topo.chief else []
+        write_run(cfg.wd.storage, spec)
+    leftovers = cfg.wd.storage.clean_leftovers() if topo.chief else []
     reporter.message(f"resumed from {Path(resumed_from).name} (step {start})" if resumed_from else "starting fresh")
     _initialise(cfg, checked, train_state, reporter)
     if leftovers:
@@ -267,9 +269,9 @@ def restore_or_initialise(cfg: TrainConfig, checked: Checked, reporter: Reporter
     reporter.message(f"data: {spec.dataset} from {data.source} (train {len(data.train)}, "
                      f"validation {len(data.validation)}, test {len(data.test)})")
     _announce_topology(checked.existing, topo, reporter)
-    spent = spent_stop_request(cfg.workdir) if topo.chief else None
+    spent = spent_stop_request(cfg.wd.storage) if topo.chief else None
     if topo.chief:
-        _announce_stop_request(cfg.workdir, start, spent, reporter)
+        _announce_stop_request(cfg.wd.storage, start, spent, reporter)
     return Started(train_state, start, resumed_from, saver, spent)
 
 
@@ -298,7 +300,7 @@ def _initialise(cfg: TrainConfig, checked: Checked, train_state: TrainState, rep
 def _make_saver(cfg: TrainConfig, train_state: TrainState, state: State | None, resumed_from: str | None,
                 reporter: Reporter) -> saver_lib.CheckpointSaver:
     """The saver for this run; first remove the checkpoints an interrupted save left unlisted."""
-    saver = saver_lib.CheckpointSaver(cfg.workdir, train_state.checkpoint, state=_initial_state(cfg.workdir, state),
+    saver = saver_lib.CheckpointSaver(cfg.wd, train_state.checkpoint, state=_initial_state(cfg.wd, state),
                                       keep=cfg.keep, keep_every_hours=cfg.keep_every_hours,
                                       anchor=train_state.spec.created)
     if state is None:  # without a state file, nothing tells which checkpoints are unlisted
@@ -334,7 +336,7 @@ def run_training(cfg: TrainConfig, started: Started, data: datasets.Dataset, rep
     displays, heartbeat = _open_displays(cfg, started, reporter, chief)
     saves = SaveCheckpoints(lambda step: _save(started.saver, started.train_state, step),
                             every=cfg.save_every, last_step=cfg.steps, stop=stop)
-    stop_check = CheckStopRequest(lambda: early_stop_request(cfg.workdir, since_step=started.step,
+    stop_check = CheckStopRequest(lambda: early_stop_request(cfg.wd.storage, since_step=started.step,
                                                              spent=started.spent), peers.requests if peers else stop)
     actions = make_actions(saves=saves, stop_check=stop_check, displays=displays.reporters, chief=chief, agree=peers)
     try:
@@ -353,15 +355,16 @@ def _open_displays(cfg: TrainConfig, started: Started, reporter: Reporter,
     """The displays of the run: the reporter, and on the chief the heartbeat and TensorBoard; done.json goes."""
     if not chief:
         return Tee(reporter), None
-    heartbeat = Heartbeat(cfg.workdir, spent=started.spent)
+    heartbeat = Heartbeat(cfg.wd.storage, spent=started.spent)
     # Written before done.json goes, so that a spent request stays on record if this run is killed.
     heartbeat.start(first_step=started.step, total_steps=cfg.steps)
-    remove_done(cfg.workdir)
-    if isinstance(cfg.workdir, BucketPath):
+    remove_done(cfg.wd.storage)
+    local = cfg.wd.local_folder()
+    if local is None:
         reporter.message("TensorBoard logs are not written for a bucket workdir (TF cannot reach an S3 or "
                          "emulated GCS endpoint)")
         return Tee(reporter, heartbeat), heartbeat
-    return Tee(reporter, heartbeat, TensorBoardLog(cfg.workdir / TB_DIR / "train")), heartbeat
+    return Tee(reporter, heartbeat, TensorBoardLog(local / TB_DIR / "train")), heartbeat
 
 
 def run_loop(cfg: TrainConfig, train_state: TrainState, data: datasets.Dataset, actions: Sequence[Action],
@@ -419,32 +422,32 @@ def _save(saver: saver_lib.CheckpointSaver | distribute.ScratchSaver, train_stat
 # (read) and done.json (read, removed at the start of a run, written at its end). Only the
 # functions below touch them.
 
-def remove_done(workdir: Workdir) -> None:
+def remove_done(storage: Storage) -> None:
     """Remove done.json: from now on the run is not finished."""
-    open_storage(workdir).delete(DONE_FILE)
+    storage.delete(DONE_FILE)
 
 
-def early_stop_request(workdir: Workdir, *, since_step: int,
+def early_stop_request(storage: Storage, *, since_step: int,
                        spent: StopRequestId | None = None) -> EarlyStopRequest | None:
     """An evaluator's stop request made at or after `since_step` and not spent already, if there is one."""
-    request = EarlyStopRequest.read(workdir)
+    request = EarlyStopRequest.read(storage)
     if request is None or request.step is None or request.step < since_step:
         return None
     return None if request.id == spent else request
 
 
-def spent_stop_request(workdir: Workdir) -> StopRequestId | None:
+def spent_stop_request(storage: Storage) -> StopRequestId | None:
     """The id of the workdir's stop request if a trainer already ended the run for it, or after it.
 
     A request is honoured once: done.json (or, after a later start removed it, heartbeat.json)
     records the one a run stopped for, and a run that finished at or past a request's step ended
     after it anyway. Honouring it again would end every extended run at once.
     """
-    request = EarlyStopRequest.read(workdir)
+    request = EarlyStopRequest.read(storage)
     if request is None:
         return None
-    done = TrainingDone.read(workdir) or TrainingDone()
-    beat = TrainerHeartbeat.read(workdir) or TrainerHeartbeat()
+    done = TrainingDone.read(storage) or TrainingDone()
+    beat = TrainerHeartbeat.read(storage) or TrainerHeartbeat()
     if request.id in (done.spent_stop_request, beat.spent_stop_request):
         return request.id
     if request.step is not None and done.step is not None and request.step <= done.step:
@@ -452,9 +455,9 @@ def spent_stop_request(workdir: Workdir) -> StopRequestId | None:
     return None
 
 
-def _announce_stop_request(workdir: Workdir, start: int, spent: StopRequestId | None, reporter: Reporter) -> None:
+def _announce_stop_request(storage: Storage, start: int, spent: StopRequestId | None, reporter: Reporter) -> None:
     """Say why the workdir's stop request will not stop this run, if it will not."""
-    request = EarlyStopRequest.read(workdir)
+    request = EarlyStopRequest.read(storage)
     if request is None:
         return
     if request.step is None or request.step < start:
@@ -482,9 +485,8 @@ def finish(cfg: TrainConfig, started: Started, ran: Ran, data: datasets.Dataset,
     _report_final(reporter, ran.step, metrics)
     # The request this run stopped for, else the one it found spent: neither stops a later run.
     TrainingDone(step=ran.step, checkpoint=Path(final or "").name, time=time.time(), stop_reason=stop.reason,
-                 ema_metrics=metrics, spent_stop_request=ran.honoured or started.spent).write(cfg.workdir)
-    if isinstance(cfg.workdir, BucketPath):  # its evaluator polls the state file alone
-        checkpoints.announce(cfg.workdir, f"the trainer finished at step {ran.step}")
+                 ema_metrics=metrics, spent_stop_request=ran.honoured or started.spent).write(cfg.wd.storage)
+    cfg.wd.announce(f"the trainer finished at step {ran.step}")  # for a watcher that polls the state file alone
     return TrainResult(started.step, ran.step, started.resumed_from, stop.reason, final, metrics)
 
 
@@ -520,9 +522,9 @@ def train(cfg: TrainConfig, *, reporter: Reporter | None = None, stop: StopReque
     reporter = reporter or make_reporter(cfg.progress, cfg.log_every)
     stop = stop if stop is not None else StopRequest()  # an unset StopRequest is falsy: `or` would drop it
     peers = Peers(strategy, stop) if topo.workers > 1 else None
-    if topo.chief and isinstance(cfg.workdir, Path):  # a bucket's prefix needs no folder
-        cfg.workdir.mkdir(parents=True, exist_ok=True)
-    lock = WorkdirLock(cfg.workdir) if topo.chief else contextlib.nullcontext()
+    if topo.chief:
+        cfg.wd.storage.create()  # a local folder and its parents; a bucket's prefix needs none
+    lock = WorkdirLock(cfg.wd.storage) if topo.chief else contextlib.nullcontext()
     with lock, stop_on_signals(peers.requests if peers else stop), distribute.lost_worker_errors(topo):
         started = restore_or_initialise(cfg, checked, reporter, strategy, peers)
         ran = run_training(cfg, started, checked.loaded.data, reporter, stop, chief=topo.chief, peers=peers)

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from common.run.protocol import SPENT_KEY, StopRequestId, TrainerHeartbeat
-from common.storage.paths import Workdir
+from common.storage import Storage
 
 
 def log_line(event: str, **fields: Any) -> str:
@@ -147,9 +147,9 @@ class Heartbeat:
     record while done.json is gone. `extra` fields go into every write too.
     """
 
-    def __init__(self, workdir: Workdir, every_secs: float = 1.0, extra: dict[str, Any] | None = None, *,
+    def __init__(self, storage: Storage, every_secs: float = 1.0, extra: dict[str, Any] | None = None, *,
                  spent: StopRequestId | None = None) -> None:
-        self.workdir = workdir
+        self.storage = storage
         self.every_secs = every_secs
         self.extra = dict(extra or {})
         self.spent = spent
@@ -178,7 +178,7 @@ class Heartbeat:
         beat = dataclasses.replace(beat, pid=os.getpid(), time=time.time(), total_steps=self._total,
                                    spent_stop_request=spent, extra=extra | beat.extra)
         with contextlib.suppress(OSError):  # a missed heartbeat must never stop training
-            beat.write(self.workdir)
+            beat.write(self.storage)
 
 
 class Tee:

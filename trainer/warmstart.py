@@ -68,7 +68,7 @@ def resolve_source(source: str) -> Path:
     """
     try:
         located = locate(as_workdir(source), BEST_ELSE_LATEST)
-        return _DOWNLOADS.enter_context(checkpoints.local_copy(located))
+        return _DOWNLOADS.enter_context(located.readable())
     except NoCheckpoint:
         raise UsageError(f"--init-from {source}: a folder without checkpoints") from None
     except Unreadable as e:
@@ -116,7 +116,7 @@ def _saved_shapes(spec: InitSpec) -> tuple[Path, dict[str, tuple[int, ...]]]:
     """The source checkpoint, and the shape of each of its EMA (or raw) weights under its `model/` key."""
     prefix = resolve_source(spec.source)
     saved_prefix = checkpoints.EMA_KEY if spec.weights == "ema" else checkpoints.MODEL_KEY
-    shapes = tf.train.load_checkpoint(str(prefix)).get_variable_to_shape_map()
+    shapes = checkpoints.open_reader(prefix).get_variable_to_shape_map()
     saved = {f"model/{k[len(saved_prefix) + 1:-len(checkpoints.VALUE_SUFFIX)]}": tuple(v) for k, v in shapes.items()
              if k.startswith(saved_prefix + "/") and k.endswith(checkpoints.VALUE_SUFFIX)}
     if not saved:

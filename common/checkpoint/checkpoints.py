@@ -14,35 +14,33 @@ TF appends `/.ATTRIBUTES/VARIABLE_VALUE` to each path to form the tensor key.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import re
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import tensorflow as tf
 from google.protobuf import text_format
 from tensorflow.python.training import checkpoint_state_pb2
 
 from common.errors import ProjectError
-from common.layout import CHECKPOINT_PREFIX
+from common.layout import CHECKPOINT_PREFIX, STATE_FILE
 from common.layout import EMA_KEY as EMA_KEY
 from common.layout import MODEL_KEY as MODEL_KEY
 from common.layout import OPTIMIZER_KEY as OPTIMIZER_KEY
 from common.layout import STEP_KEY as STEP_KEY
-from common.storage import Gone, Storage, as_storage, open_storage
-from common.storage.paths import BucketPath, Workdir, is_bucket
+from common.storage import Gone, Storage
+from common.storage.paths import Location
 
-STATE_FILE = "checkpoint"
 PREFIX = CHECKPOINT_PREFIX
 VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 # What TF's checkpoint reader raises for missing, truncated or corrupt files (it maps C++ status
 # codes onto several Python types: DataLossError, "Read less bytes than requested" IndexError, ...).
 READ_ERRORS = (tf.errors.OpError, ValueError, IndexError, RuntimeError)
-_NAME_RE = re.compile(rf"^{PREFIX}-(\d+)$")
-_SAVER_STEP_RE = re.compile(r"-(\d+)$")
+# The one parser of checkpoint names: `<base>-<step>` (TF1's `Saver.save(..., global_step=N)` appends `-N`).
+_NAMED_STEP = re.compile(r"^(?P<base>.*)-(?P<step>\d+)$")
 # A state file that TF or this trainer writes stays far below these (about 60 bytes per entry);
 # anything larger is refused before it is parsed, so a hostile file cannot exhaust memory.
 MAX_STATE_BYTES = 16 * 2**20
@@ -61,9 +59,9 @@ def name_for(step: int) -> str:
 
 
 def step_of(path: str | Path) -> int | None:
-    """The step in a checkpoint name or path (`.../model-1000` -> 1000), or None."""
-    match = _NAME_RE.match(Path(path).name)
-    return int(match.group(1)) if match else None
+    """The step in one of this trainer's checkpoint names or paths (`.../model-1000` -> 1000), or None."""
+    match = _NAMED_STEP.match(Path(path).name)
+    return int(match["step"]) if match and match["base"] == PREFIX else None
 
 
 def saver_step(path: str | Path) -> int | None:
@@ -71,8 +69,8 @@ def saver_step(path: str | Path) -> int | None:
 
     TF1's `Saver.save(..., global_step=N)` appends `-N` to whatever name it was given.
     """
-    match = _SAVER_STEP_RE.search(Path(path).name)
-    return int(match.group(1)) if match else None
+    match = _NAMED_STEP.match(Path(path).name)
+    return int(match["step"]) if match else None
 
 
 def tensor_key(path: str) -> str:
@@ -96,19 +94,13 @@ class State:
         return dict(zip(reversed(self.paths), reversed(self.timestamps), strict=True))
 
 
-def state_path(workdir: str | Workdir) -> Path:
-    """Where the state file of `workdir` lies."""
-    return Path(workdir) / STATE_FILE
-
-
-def read_state(workdir: str | Workdir | Storage) -> State | None:
+def read_state(storage: Storage) -> State | None:
     """Parse the state file; None when there is none.
 
     Raises:
       CheckpointError: the file exists but cannot be parsed. Unlike `tf.train.get_checkpoint_state`,
         which logs and returns None, this never lets a broken file pass for "no checkpoint".
     """
-    storage = as_storage(workdir)
     path = storage.describe(STATE_FILE)
     try:
         data = storage.read(STATE_FILE, limit=MAX_STATE_BYTES + 1)
@@ -148,82 +140,53 @@ def state_bytes(state: State) -> bytes:
     return text_format.MessageToString(proto).encode("utf-8")
 
 
-def announce(workdir: str | Workdir | Storage, note: str) -> None:
+def announce(storage: Storage, note: str) -> None:
     """Commit the state file again, unchanged but for a trailing `# note` line, so that watchers wake.
 
-    A bucket workdir's evaluator polls the state file alone (one request per poll); the trainer
-    calls this after it writes done.json there. TF's parser and ours skip the comment.
+    A watcher of a storage that `polls_state_file_only` (a bucket) sees no other file change; the
+    trainer calls this after it writes done.json. Elsewhere it does nothing. TF's parser and ours
+    skip the comment.
     """
-    storage = as_storage(workdir)
+    if not storage.polls_state_file_only:
+        return
     state = read_state(storage)
     if state is not None:
         storage.write(STATE_FILE, state_bytes(state) + f"# {' '.join(note.split())}\n".encode())
 
 
-def write_state(workdir: str | Workdir | Storage, state: State) -> None:
+def write_state(storage: Storage, state: State) -> None:
     """Write the state file atomically (see `Storage.write`)."""
-    as_storage(workdir).write(STATE_FILE, state_bytes(state))
+    storage.write(STATE_FILE, state_bytes(state))
 
 
-def resolve(workdir: str | Workdir, path: str) -> Workdir:
-    """Resolve a checkpoint path from the state file (relative to the workdir, as TF writes it).
-
-    A TF1 Saver writes absolute paths: one into the workdir by another spelling (a symlink) is the
-    workdir's; so is one that names no checkpoint where it points, when the workdir holds one of that
-    file name (the workdir was moved). In a bucket workdir a path is relative, or a full URL.
-    """
-    if is_bucket(workdir):
-        return BucketPath(path) if is_bucket(path) else BucketPath(str(workdir)) / path
-    p = Path(path)
-    named = p if p.is_absolute() else Path(workdir) / p
-    if named.parent == Path(workdir):
-        return named
-    mine = Path(workdir) / p.name
-    if os.path.realpath(named.parent) == os.path.realpath(workdir):
-        return mine
-    if not Path(f"{named}.index").exists() and Path(f"{mine}.index").exists():
-        return mine
-    return named
+def resolve(storage: Storage, path: str) -> Location:
+    """Where a checkpoint path from the state file points: in the workdir (see `Storage.key_of`), or as written."""
+    key = storage.key_of(path)
+    return storage.location(key) if key is not None else Path(path)
 
 
-def inside(workdir: str | Workdir, path: str) -> bool:
-    """Whether state-file path `path` names a checkpoint directly in `workdir` (no `..`, no elsewhere)."""
-    if is_bucket(workdir):
-        name = path[len(os.fspath(workdir)) + 1:] if path.startswith(os.fspath(workdir) + "/") else path
-        return not is_bucket(name) and name not in ("", ".", "..") and "/" not in name
-    root = Path(os.path.abspath(workdir))
-    target = Path(os.path.normpath(resolve(root, path)))
-    return target.parent == root
+def inside(storage: Storage, path: str) -> bool:
+    """Whether state-file path `path` names a checkpoint directly in the workdir (no `..`, no elsewhere)."""
+    key = storage.key_of(path)
+    return key is not None and "/" not in key
 
 
-def key_in(workdir: Workdir, path: str) -> str | None:
-    """The storage key of state-file path `path` (relative, or absolute inside `workdir`), or None if outside."""
-    if is_bucket(workdir):
-        return resolve(workdir, path).name if inside(workdir, path) else None
-    target = os.path.normpath(resolve(workdir, path))
-    relative = os.path.relpath(target, os.path.abspath(workdir))
-    return None if relative == "." or relative.startswith("..") else Path(relative).as_posix()
-
-
-def files_of(prefix: str | Path) -> list[Path]:
-    """The files that make up checkpoint `prefix`: its `.index`, `.data-*` shards and a TF1 Saver's `.meta`."""
-    prefix = Path(prefix)
-    return [prefix.parent / key for key in open_storage(prefix.parent).checkpoint_files(prefix.name)]
-
-
-def index_fingerprint(prefix: str | Workdir) -> str | None:
-    """`<size>:<crc32>` of checkpoint `prefix`'s `.index` file, or None when it cannot be read.
+def index_fingerprint(storage: Storage, name: str) -> str | None:
+    """`<size>:<crc32>` of checkpoint `name`'s `.index` file, or None when it cannot be read.
 
     The index holds the checksum of every tensor, so it identifies a checkpoint's content: a
     checkpoint rewritten under the same name gets another fingerprint, a copied one keeps it.
+    One small read (a GET in a bucket): the index only.
     """
-    if is_bucket(prefix):  # one small GET: the index only
-        bucket_prefix = BucketPath(str(prefix))
-        try:
-            data = open_storage(bucket_prefix.parent).read(f"{bucket_prefix.name}.index")
-        except OSError:
-            return None
-        return None if data is None else f"{len(data)}:{zlib.crc32(data):08x}"
+    try:
+        data = storage.read(f"{name}.index")
+    except OSError:
+        return None
+    return None if data is None else f"{len(data)}:{zlib.crc32(data):08x}"
+
+
+def file_fingerprint(prefix: Path) -> str | None:
+    """`index_fingerprint` of checkpoint files on a local disk (a pinned copy), read in chunks."""
     crc, size = 0, 0
     try:
         with open(f"{prefix}.index", "rb") as f:
@@ -234,64 +197,76 @@ def index_fingerprint(prefix: str | Workdir) -> str | None:
     return f"{size}:{crc:08x}"
 
 
-@contextlib.contextmanager
-def local_copy(prefix: str | Workdir) -> Iterator[Path]:
-    """A local prefix TF can read checkpoint `prefix` from: itself, or a pinned download of a bucket's.
-
-    Raises:
-      Gone: a bucket's checkpoint vanished or changed during the download (see `Storage.pin`).
-    """
-    if is_bucket(prefix):
-        bucket_prefix = BucketPath(str(prefix))
-        with open_storage(bucket_prefix.parent).pin(bucket_prefix.name) as local:
-            yield local
-    else:
-        yield Path(prefix)
-
-
-def on_disk(workdir: str | Workdir | Storage) -> list[int]:
+def on_disk(storage: Storage) -> list[int]:
     """Steps of the `model-<step>` checkpoints whose index file exists, ascending."""
-    names = as_storage(workdir).names("", f"{PREFIX}-*.index")
+    names = storage.names("", f"{PREFIX}-*.index")
     steps = (step_of(name[: -len(".index")]) for name in names)
     return sorted(s for s in steps if s is not None)
 
 
-def check_readable(prefix: str | Workdir) -> str | None:
-    """Why checkpoint `prefix` cannot be read (missing, truncated, corrupt), or None if it can.
+def check_readable(storage: Storage, name: str) -> str | None:
+    """Why checkpoint `name` cannot be read (missing, truncated, corrupt), or None if it can.
 
     Costs one full read of the checkpoint (milliseconds for these models; a download from a bucket).
     """
-    if is_bucket(prefix):
-        bucket_prefix = BucketPath(str(prefix))
-        try:
-            if open_storage(bucket_prefix.parent).stat(f"{bucket_prefix.name}.index") is None:
-                return f"{bucket_prefix.name}.index is missing"  # said as for a local disk
-            with local_copy(bucket_prefix) as local:
-                return check_readable(local)
-        except Gone as e:
-            return str(e)
-        except OSError as e:
-            return f"cannot download it ({e.strerror or e})"
-    prefix = Path(prefix)
-    index = Path(f"{prefix}.index")
-    if not index.is_file():
-        return f"{index.name} is missing"
     try:
-        reader = tf.train.load_checkpoint(str(prefix))
+        if storage.stat(f"{name}.index") is None:
+            return f"{name.rpartition('/')[2]}.index is missing"
+        with storage.readable(name) as local:
+            return check_readable_files(local)
+    except Gone as e:
+        return str(e)
+    except OSError as e:
+        return f"cannot download it ({e.strerror or e})"
+
+
+def check_readable_files(prefix: Path) -> str | None:
+    """`check_readable` for checkpoint files TF can open where they are."""
+    if not Path(f"{prefix}.index").is_file():
+        return f"{prefix.name}.index is missing"
+    try:
+        reader = open_reader(prefix)
         # Reading every tensor checks each one's CRC32C and length: truncation and flipped bytes show.
         for key in reader.get_variable_to_shape_map():
             reader.get_tensor(key)
         if not reader.has_tensor(tensor_key(STEP_KEY)):
             return f"no {STEP_KEY} in the checkpoint"
+    except UnreadableCheckpoint as e:
+        return e.why
     except READ_ERRORS as e:
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
+        return describe_read_error(e)
     return None
+
+
+def describe_read_error(error: BaseException) -> str:
+    """One line for an error of TF's checkpoint reader: its type and the first line of its message."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}"
+
+
+class UnreadableCheckpoint(CheckpointError):
+    """TF's reader cannot open a checkpoint; `why` is `describe_read_error`'s line."""
+
+    def __init__(self, prefix: str | os.PathLike[str], why: str) -> None:
+        super().__init__(f"{prefix}: cannot open checkpoint ({why})")
+        self.why = why
+
+
+def open_reader(prefix: str | os.PathLike[str]) -> Any:
+    """TF's `CheckpointReader` for `prefix`: the one call of `tf.train.load_checkpoint`, with one error mapping.
+
+    Raises:
+      UnreadableCheckpoint: missing, truncated or corrupt files, whatever Python type TF raised.
+    """
+    try:
+        return tf.train.load_checkpoint(os.fspath(prefix))
+    except READ_ERRORS as e:
+        raise UnreadableCheckpoint(prefix, describe_read_error(e)) from e
 
 
 def read_step(prefix: str | Path) -> int:
     """The `global_step` stored in checkpoint `prefix`."""
+    reader = open_reader(prefix)
     try:
-        reader = tf.train.load_checkpoint(str(prefix))
         return int(reader.get_tensor(tensor_key(STEP_KEY)))
     except READ_ERRORS as e:
         raise CheckpointError(f"{prefix}: cannot read {STEP_KEY} ({str(e).splitlines()[0]})") from e
@@ -304,10 +279,7 @@ def restore_variables(prefix: str | Path, mapping: dict[str, tf.Variable]) -> No
       CheckpointError: a key is missing or has another shape; the message lists every one, and
         no variable is changed.
     """
-    try:
-        reader = tf.train.load_checkpoint(str(prefix))
-    except READ_ERRORS as e:
-        raise CheckpointError(f"{prefix}: cannot open checkpoint ({str(e).splitlines()[0]})") from e
+    reader = open_reader(prefix)
     shapes = reader.get_variable_to_shape_map()
     missing = [k for k in mapping if tensor_key(k) not in shapes]
     if missing:
@@ -322,6 +294,6 @@ def restore_variables(prefix: str | Path, mapping: dict[str, tf.Variable]) -> No
     try:
         values = {k: reader.get_tensor(tensor_key(k)) for k in mapping}
     except READ_ERRORS as e:
-        raise CheckpointError(f"{prefix}: cannot read ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        raise CheckpointError(f"{prefix}: cannot read ({describe_read_error(e)})") from e
     for k, var in mapping.items():
         var.assign(values[k])

@@ -71,7 +71,7 @@ class GraphFlagError(UsageError):
 def saver_format(prefix: str | Path) -> str | None:
     """`"tf1"` for a name-based Saver checkpoint, `"tf2"` for an object-based one, None when unreadable."""
     try:
-        keys = tf.train.load_checkpoint(str(prefix)).get_variable_to_shape_map()
+        keys = checkpoints.open_reader(prefix).get_variable_to_shape_map()
     except READ_ERRORS:
         return None
     return "tf2" if OBJECT_GRAPH_KEY in keys else "tf1"
@@ -86,7 +86,7 @@ def read_saver_step(prefix: str | Path, name: str | None = None) -> int | None:
     name = name or Path(prefix).name
     named = checkpoints.saver_step(name)
     try:
-        reader = tf.train.load_checkpoint(str(prefix))
+        reader = checkpoints.open_reader(prefix)
         stored = int(reader.get_tensor(STEP_VARIABLE)) if reader.has_tensor(STEP_VARIABLE) else None
     except READ_ERRORS as e:
         raise CheckpointError(f"{name}: cannot read ({type(e).__name__}: {str(e).splitlines()[0]})") from e
@@ -180,7 +180,7 @@ class SaverGraph:
         """
         mapping = self.var_list(weights)
         try:
-            stored = tf.train.load_checkpoint(str(prefix)).get_variable_to_shape_map()
+            stored = checkpoints.open_reader(prefix).get_variable_to_shape_map()
         except READ_ERRORS as e:
             raise CheckpointError(f"{prefix.name}: cannot read ({type(e).__name__}: {str(e).splitlines()[0]})") from e
         missing = sorted(k for k in mapping if k not in stored)

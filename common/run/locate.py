@@ -7,25 +7,28 @@ command can put its own flag and advice in front.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
 from pathlib import Path
 
 from common.checkpoint import checkpoints
 from common.errors import UsageError
-from common.layout import BEST_LINK, EVAL_DIR
-from common.run.protocol import BestEntry
-from common.storage import open_storage
-from common.storage.paths import BucketPath, Workdir
+from common.run.workdir import Workdir
+from common.storage import Storage, open_source
+from common.storage.paths import Location
 
 BEST = "best"  # the evaluator's best checkpoint, kept under eval/best
 LATEST = "latest"  # the one the state file names
 BEST_ELSE_LATEST = "best-else-latest"  # what a workdir given without a step means
 Which = str | int  # one of the three names above, or a step number
+PREFIX_ONLY = "prefix-only"  # `locate(check=...)`: check a prefix given as it is, not a workdir's checkpoint
 
 
 class LocateError(UsageError):
     """No usable checkpoint is there; `why` says what is missing, and `source` where."""
 
-    def __init__(self, source: Workdir, why: str) -> None:
+    def __init__(self, source: Location | Located | Workdir, why: str) -> None:
         super().__init__(f"{source}: {why}")
         self.source = source
         self.why = why
@@ -43,37 +46,48 @@ class Unreadable(LocateError):
     """The checkpoint named is missing, truncated or corrupt; `source` is its prefix."""
 
 
-def best_prefix(workdir: Workdir) -> Workdir | None:
-    """The prefix of the best checkpoint's files under eval/best (a bucket's: the folder it points to), or None."""
-    entry = BestEntry.read(workdir)  # a best.json without a checkpoint name reads as none
-    if entry is None:
-        return None
-    if isinstance(workdir, BucketPath):
-        folder = open_storage(workdir).pointer(f"{EVAL_DIR}/{BEST_LINK}")
-        return None if folder is None else workdir / EVAL_DIR / folder / entry.checkpoint
-    return workdir / EVAL_DIR / BEST_LINK / entry.checkpoint
+@dataclasses.dataclass(frozen=True)
+class Located:
+    """A checkpoint `locate` found: the storage that holds it and its key there (`eval/best/model-9000`).
+
+    `str()` and `os.fspath()` give its prefix as a user would name it (a path, or a URL).
+    """
+
+    storage: Storage
+    key: str
+
+    @property
+    def prefix(self) -> Location:
+        return self.storage.location(self.key)
+
+    @property
+    def name(self) -> str:
+        return self.key.rpartition("/")[2]
+
+    def readable(self) -> contextlib.AbstractContextManager[Path]:
+        """A local prefix TF reads it from while the block runs (see `Storage.readable`)."""
+        return self.storage.readable(self.key)
+
+    def __str__(self) -> str:
+        return str(self.prefix)
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.prefix)
 
 
-def latest_prefix(workdir: Workdir) -> Workdir | None:
-    """The prefix of the checkpoint the state file names, or None when there is no state file."""
-    state = checkpoints.read_state(workdir)
-    if state is None or state.latest is None:
-        return None
-    return checkpoints.resolve(workdir, state.latest)
-
-
-def locate(source: Workdir, which: Which = BEST_ELSE_LATEST, *, check: bool = True) -> Workdir:
-    """The checkpoint prefix that `which` names in workdir `source`, or `source` itself if it is not a folder.
+def locate(source: Location | Workdir, which: Which = BEST_ELSE_LATEST, *, check: bool | str = True) -> Located:
+    """The checkpoint that `which` names in workdir `source`, or `source` itself if it is a checkpoint prefix.
 
     Args:
       source: a workdir, or a checkpoint prefix (`runs/x/model-1000`), which is used as it is; either
-        may be in a bucket (`s3://b/x`), whose checkpoints callers read through `checkpoints.local_copy`.
+        may be in a bucket (`s3://b/x`).
       which: for a workdir, `BEST`, `LATEST`, `BEST_ELSE_LATEST` or a step number.
       check: read the whole checkpoint to make sure it is usable. Callers that restore it at once
-        may skip this: the restore reads it anyway and raises `CheckpointError`.
+        may skip this: the restore reads it anyway and raises `CheckpointError`. `PREFIX_ONLY`
+        checks a prefix given as it is, so that a path that is nothing usable says why.
 
     Returns:
-      The prefix, e.g. `runs/x/eval/best/model-9000` or `runs/x/model-1000`.
+      The checkpoint, e.g. `runs/x/eval/best/model-9000` or `runs/x/model-1000`.
 
     Raises:
       NoBest: `which` is `BEST` and the evaluator has kept no best checkpoint yet.
@@ -82,50 +96,48 @@ def locate(source: Workdir, which: Which = BEST_ELSE_LATEST, *, check: bool = Tr
       CheckpointError: the workdir's state file is broken.
       ValueError: `which` is none of the above.
     """
-    prefix = _in_workdir(source, which) if is_workdir(source) else source
-    if check:
-        why = checkpoints.check_readable(prefix)
+    name = None
+    if isinstance(source, Workdir):
+        located = _in_workdir(source, which)
+    else:
+        storage, name = open_source(source)
+        located = Located(storage, name) if name is not None else _in_workdir(Workdir(storage), which)
+    if check is True or (check == PREFIX_ONLY and name is not None):
+        why = checkpoints.check_readable(located.storage, located.key)
         if why:
-            raise Unreadable(prefix, why)
-    return prefix
+            raise Unreadable(located.prefix, why)
+    return located
 
 
-def is_workdir(source: Workdir) -> bool:
-    """Whether `source` is a workdir rather than a checkpoint prefix (in a bucket: has no `.index` object)."""
-    return not _has_index(source) if isinstance(source, BucketPath) else source.is_dir()
-
-
-def _has_index(prefix: Workdir) -> bool:
-    """Whether checkpoint `prefix`'s `.index` file (or object) exists."""
-    if isinstance(prefix, BucketPath):
-        return open_storage(prefix.parent).stat(f"{prefix.name}.index") is not None
-    return Path(f"{prefix}.index").exists()
-
-
-def _by_step(workdir: Workdir, step: int) -> Workdir:
-    """`model-<step>`, else the listed checkpoint of that step (a TF1 Saver's `<name>-<step>`)."""
-    own = workdir / checkpoints.name_for(step)
-    if _has_index(own):
+def _by_step(workdir: Workdir, step: int) -> str:
+    """The key of `model-<step>`, else of the listed checkpoint of that step (a TF1 Saver's `<name>-<step>`)."""
+    own = checkpoints.name_for(step)
+    if workdir.has_checkpoint(own):
         return own
-    state = checkpoints.read_state(workdir)
-    for name in state.paths if state is not None else []:
-        if checkpoints.saver_step(name) == step and checkpoints.inside(workdir, name):
-            return checkpoints.resolve(workdir, name)
+    state = workdir.state()
+    for path in state.paths if state is not None else []:
+        key = workdir.key_of(path)
+        if checkpoints.saver_step(path) == step and key is not None and workdir.inside(path):
+            return key
     return own
 
 
-def _in_workdir(workdir: Workdir, which: Which) -> Workdir:
-    """The prefix `which` names in `workdir`, before any check that it can be read."""
+def _in_workdir(workdir: Workdir, which: Which) -> Located:
+    """The checkpoint `which` names in `workdir`, before any check that it can be read."""
     if isinstance(which, int):
-        return _by_step(workdir, which)
+        return Located(workdir.storage, _by_step(workdir, which))
     if which not in (BEST, LATEST, BEST_ELSE_LATEST):
         raise ValueError(f"`which` ({which!r}) must be {BEST!r}, {LATEST!r}, {BEST_ELSE_LATEST!r} or a step number")
-    best = best_prefix(workdir) if which != LATEST else None
+    best = workdir.best_key() if which != LATEST else None
     if best is not None:
-        return best
+        return Located(workdir.storage, best)
     if which == BEST:
         raise NoBest(workdir, "no best checkpoint yet")
-    latest = latest_prefix(workdir)
-    if latest is None:
+    state = workdir.state()
+    key = workdir.key_of(state.latest) if state is not None and state.latest else None
+    if state is None or not state.latest:
         raise NoCheckpoint(workdir, "no checkpoint (no state file)")
-    return latest
+    if key is None:  # an absolute path elsewhere, as a TF1 Saver may write: read where it points
+        storage, name = open_source(Path(state.latest))
+        return Located(storage, name or Path(state.latest).name)
+    return Located(workdir.storage, key)

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from common.layout import BEST_JSON, DONE_FILE, EVAL_DIR, HEARTBEAT_FILE, STOP_REQUEST_FILE
-from common.storage import open_storage, read_json, write_json
-from common.storage.paths import Workdir
+from common.storage import Storage, read_json, write_json
+from common.storage.fileio import atomic_write_bytes
 
 SPENT_KEY = "spent_stop_request"  # in done.json and heartbeat.json: the stop request already honoured
 FINGERPRINT = "index_fingerprint"  # ledger rows: what identifies a checkpoint's content (its `.index`)
@@ -98,12 +98,12 @@ class EarlyStopRequest:
         return {**self.extra, "step": self.step, "reason": self.reason, "time": self.time, "pid": self.pid}
 
     @classmethod
-    def read(cls, workdir: Workdir) -> EarlyStopRequest | None:
+    def read(cls, storage: Storage) -> EarlyStopRequest | None:
         """The workdir's stop request, or None if there is none or it cannot be read."""
-        return cls.from_json(read_json(open_storage(workdir), STOP_REQUEST_FILE))
+        return cls.from_json(read_json(storage, STOP_REQUEST_FILE))
 
-    def write(self, workdir: Workdir) -> None:
-        write_json(open_storage(workdir), STOP_REQUEST_FILE, self.to_json())
+    def write(self, storage: Storage) -> None:
+        write_json(storage, STOP_REQUEST_FILE, self.to_json())
 
 
 _BEAT_SCHEMA: Schema = {"step": _INT, "total_steps": _INT, "steps_per_sec": _NUM, "loss": _NUM, "lr": _NUM,
@@ -145,11 +145,11 @@ class TrainerHeartbeat:
         return {**self.extra, **_without_none(fields | {SPENT_KEY: spent})}
 
     @classmethod
-    def read(cls, workdir: Workdir) -> TrainerHeartbeat | None:
-        return cls.from_json(read_json(open_storage(workdir), HEARTBEAT_FILE))
+    def read(cls, storage: Storage) -> TrainerHeartbeat | None:
+        return cls.from_json(read_json(storage, HEARTBEAT_FILE))
 
-    def write(self, workdir: Workdir) -> None:
-        write_json(open_storage(workdir), HEARTBEAT_FILE, self.to_json())
+    def write(self, storage: Storage) -> None:
+        write_json(storage, HEARTBEAT_FILE, self.to_json())
 
 
 _DONE_SCHEMA: Schema = {"step": _INT, "checkpoint": _STR, "time": _NUM, "stop_reason": _STR, "ema_metrics": _DICT,
@@ -183,11 +183,11 @@ class TrainingDone:
                 "stop_reason": self.stop_reason, "ema_metrics": self.ema_metrics, SPENT_KEY: spent}
 
     @classmethod
-    def read(cls, workdir: Workdir) -> TrainingDone | None:
-        return cls.from_json(read_json(open_storage(workdir), DONE_FILE))
+    def read(cls, storage: Storage) -> TrainingDone | None:
+        return cls.from_json(read_json(storage, DONE_FILE))
 
-    def write(self, workdir: Workdir) -> None:
-        write_json(open_storage(workdir), DONE_FILE, self.to_json())
+    def write(self, storage: Storage) -> None:
+        write_json(storage, DONE_FILE, self.to_json())
 
 
 _BEST_SCHEMA: Schema = {"step": _INT, "checkpoint": _STR, "accuracy": _NUM, "loss": _NUM, "split": _STR,
@@ -219,17 +219,21 @@ class BestEntry:
         return {**self.extra, **{k: getattr(self, k) for k in _BEST_SCHEMA}}
 
     @classmethod
-    def read(cls, workdir: Workdir) -> BestEntry | None:
+    def read(cls, storage: Storage) -> BestEntry | None:
         """The workdir's best checkpoint (eval/best.json), or None if there is none yet or it is unreadable."""
-        return cls.from_json(read_json(open_storage(workdir), f"{EVAL_DIR}/{BEST_JSON}"))
+        return cls.from_json(read_json(storage, f"{EVAL_DIR}/{BEST_JSON}"))
 
     @classmethod
     def read_from(cls, folder: Path) -> BestEntry | None:
-        """The entry in `folder`/best.json (a best folder, or eval/ through its link)."""
-        return cls.from_json(read_json(open_storage(folder), BEST_JSON))
+        """The entry in local folder `folder`/best.json (a pinned copy, a copied best folder)."""
+        try:
+            return cls.from_json(json.loads((folder / BEST_JSON).read_text("utf-8")))
+        except (OSError, ValueError):
+            return None
 
     def write_into(self, folder: Path) -> None:
-        write_json(open_storage(folder), BEST_JSON, self.to_json())
+        """Write best.json into local folder `folder` (a pinned copy, before it becomes the best)."""
+        atomic_write_bytes(folder / BEST_JSON, (json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n").encode())
 
 
 _ROW_SCHEMA: Schema = {"checkpoint": _STR, "step": _INT, "split": _STR, "weights": _STR, "status": _STR,

@@ -16,8 +16,7 @@ from common import __version__
 from common.data.inputspec import InputSpec, Preprocessing
 from common.errors import UsageError
 from common.layout import RUN_FILE
-from common.storage import open_storage, write_json
-from common.storage.paths import Workdir
+from common.storage import Storage, write_json
 
 if TYPE_CHECKING:
     from common.data.datasets import Dataset
@@ -254,14 +253,13 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def read_run(workdir: str | Workdir) -> RunSpec | None:
+def read_run(storage: Storage) -> RunSpec | None:
     """Read `run.json`; None if the workdir has none.
 
     Raises:
       UsageError: the file is too large, not valid JSON, lacks fields or holds a bad value; the
         message names the file.
     """
-    storage = open_storage(workdir)
     path = storage.describe(RUN_FILE)
     try:
         raw = storage.read(RUN_FILE, limit=MAX_RUN_FILE_BYTES + 1)
@@ -307,6 +305,11 @@ def _fields_from_json(data: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def write_run(workdir: str | Workdir, spec: RunSpec) -> None:
+def run_file_bytes(spec: RunSpec) -> bytes:
+    """`run.json`'s content for `spec` (as `write_run` writes it), for a copy outside a workdir (an export)."""
+    return (json.dumps(spec.to_json(), indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def write_run(storage: Storage, spec: RunSpec) -> None:
     """Write `run.json` atomically."""
-    write_json(open_storage(workdir), RUN_FILE, spec.to_json())
+    write_json(storage, RUN_FILE, spec.to_json())

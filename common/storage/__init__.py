@@ -20,9 +20,9 @@ from common.errors import UsageError
 from common.layout import BEST_JSON, EVAL_DIR
 from common.storage.api import Gone, Locked, Stat, Storage, checkpoint_keys
 from common.storage.bucket import is_bucket_url
-from common.storage.paths import is_url
+from common.storage.paths import Location, is_url
 
-__all__ = ["Gone", "Locked", "Stat", "Storage", "as_storage", "checkpoint_keys", "open_storage", "read_best",
+__all__ = ["Gone", "Locked", "Stat", "Storage", "checkpoint_keys", "open_source", "open_storage", "read_best",
            "read_json", "write_json"]
 
 
@@ -45,14 +45,26 @@ def open_storage(workdir: str | os.PathLike[str]) -> Storage:
     return LocalStorage(workdir)
 
 
-def as_storage(workdir: str | os.PathLike[str] | Storage) -> Storage:
-    """`workdir` itself when it is a Storage, else `open_storage(workdir)`."""
-    return open_storage(workdir) if isinstance(workdir, str | os.PathLike) else workdir
+def open_source(location: Location) -> tuple[Storage, str | None]:
+    """A location given for a checkpoint or for its workdir, opened once.
+
+    Returns:
+      (the storage of its folder, the checkpoint's name) when `<location>.index` exists, or when
+      `location` is no folder (a missing local prefix, to be reported as such); else (the workdir's
+      storage, None).
+    """
+    if location.name and location.parent != location:
+        folder = open_storage(location.parent)
+        if folder.stat(f"{location.name}.index") is not None:
+            return folder, location.name
+        storage = open_storage(location)
+        return (storage, None) if storage.exists() else (folder, location.name)
+    return open_storage(location), None
 
 
-def read_best(workdir: str | os.PathLike[str]) -> dict[str, Any] | None:
+def read_best(storage: Storage) -> dict[str, Any] | None:
     """The best checkpoint's entry (eval/best.json) as written, or None (typed: common.run.protocol.BestEntry)."""
-    return read_json(open_storage(workdir), f"{EVAL_DIR}/{BEST_JSON}")
+    return read_json(storage, f"{EVAL_DIR}/{BEST_JSON}")
 
 
 def read_json(storage: Storage, key: str) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from common.layout import META_SUFFIX
+from common.storage.paths import Location
 
 
 class Stat(NamedTuple):
@@ -40,9 +41,44 @@ class Storage(Protocol):
     """
 
     root: str  # the workdir as the user named it, for messages
+    # How a watcher learns of changes. True for an object store: it polls the state file alone (one request
+    # per poll), so a writer commits the state file again to announce its other files (done.json), and a
+    # reader rescans only after a notice. False for a local folder: every watched name is seen, and since
+    # inotify can lose events a reader also rescans on a timer.
+    polls_state_file_only: bool
+    default_poll_secs: float  # how often a watcher polls when the user does not say (each poll costs requests)
+    held: str  # where its files are, as a message says it: "on disk", "in the bucket"
 
     def describe(self, key: str) -> str:
         """Where `key` lies, for messages (a local path, or a URL)."""
+        ...
+
+    def location(self, key: str = "") -> Location:
+        """The workdir, or `key` in it, as a path-like: a local `Path`, or a bucket's `BucketPath` URL."""
+        ...
+
+    def key_of(self, path: str) -> str | None:
+        """The key of a path a state file names (relative to the root, or absolute inside it), or None outside.
+
+        A local folder also takes an absolute path into the root by another spelling (a symlink) and,
+        for a moved workdir, one that names no checkpoint where it points while the root holds its file name.
+        """
+        ...
+
+    def local_folder(self) -> Path | None:
+        """The root as a local folder, for what only one can hold (TensorBoard logs, SavedModels); None in a bucket."""
+        ...
+
+    def exists(self) -> bool:
+        """Whether the root is there to read (a local folder exists; a bucket prefix always is)."""
+        ...
+
+    def create(self) -> None:
+        """Make the root exist (a local folder and its parents; nothing for a bucket prefix)."""
+        ...
+
+    def why_unwritable(self) -> str | None:
+        """Why the root cannot be created or written, or None when it can (checked before any write)."""
         ...
 
     def write(self, key: str, data: bytes) -> None:
@@ -90,6 +126,14 @@ class Storage(Protocol):
 
         Writing the state file is the commit point: it happens only once every file is complete
         (local: fsynced in place; an object store: uploaded and verified). Raises OSError.
+        """
+        ...
+
+    def readable(self, name: str) -> contextlib.AbstractContextManager[Path]:
+        """A local prefix TensorFlow can read checkpoint `name` from while the block runs.
+
+        A local folder's files in place (no copy: for a reader that restores at once); a bucket's
+        pinned download. Raises Gone as `pin` does.
         """
         ...
 
@@ -142,9 +186,47 @@ class Storage(Protocol):
         """The target `key` points to, or None when it is not a pointer."""
         ...
 
+    def is_folder(self, key: str) -> bool:
+        """Whether `key` is a folder or a link (locally: not a plain file); a bucket has no such kinds: always True."""
+        ...
+
+    def through(self, key: str) -> str | None:
+        """The key under which folder `key` is read, a pointer followed: `key` itself where the filesystem
+        follows links (a local folder), the target's key in a bucket, None there when it is no pointer."""
+        ...
+
+    def publish(self, folder: Path, key: str, *, last: str) -> None:
+        """Put the files of local `folder` under `key/`, replacing what is there; a reader never sees a mix.
+
+        Local: the folder is copied beside `key` and renamed over it. An object store writes each
+        file, `last` after every other one (and deletes an old `last` first), so a reader that finds
+        `last` finds the complete set beside it. Raises OSError.
+        """
+        ...
+
     def adopt(self, folder: Path, key: str) -> None:
         """Move the private local folder `folder` (from `pin`) into the workdir as `key`. Raises OSError."""
         ...
+
+
+def require_complete(name: str, keys: list[str]) -> None:
+    """Raise Gone unless `keys` hold checkpoint `name`'s index and every data shard its shard names count.
+
+    Retention deletes a checkpoint's data shards before its index, so a listing made meanwhile shows
+    the index beside some of the shards: a copy made from it would be incomplete.
+    """
+    base = name.rpartition("/")[2]
+    if not any(k.endswith(f"{base}.index") for k in keys):
+        raise Gone(f"{base}.index is gone")
+    shards = [k.rpartition("/")[2] for k in keys if ".data-" in k.rpartition("/")[2]]
+    if not shards:  # TF writes at least one
+        raise Gone(f"{base}.data-00000-of-* was deleted while being read")
+    counts = {s.rpartition("-of-")[2] for s in shards}
+    for count in counts:
+        if count.isdigit():
+            expected = {f"{base}.data-{i:05d}-of-{count}" for i in range(int(count))}
+            for missing in sorted(expected - set(shards)):
+                raise Gone(f"{missing} was deleted while being read")
 
 
 def checkpoint_keys(storage: Storage, name: str) -> list[str]:

@@ -22,6 +22,7 @@ import functools
 import logging
 import os
 import secrets
+import shutil
 import socket
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
@@ -33,7 +34,7 @@ from watchdog.observers.polling import PollingObserver
 
 from common.errors import UsageError
 from common.layout import CHECKPOINT_PREFIX, EVAL_DIR, LEASE_DIR, lease_path
-from common.storage.api import Gone, Locked, Stat, checkpoint_keys
+from common.storage.api import Gone, Locked, Stat, checkpoint_keys, require_complete
 from common.storage.fileio import TMP_MARK, atomic_write_bytes, fsync_path
 from common.storage.paths import OutsideError, remove
 
@@ -45,6 +46,10 @@ _RELEVANT = frozenset({"created", "modified", "moved", "closed"})
 class LocalStorage:
     """A workdir that is a local folder (see the module docstring for how each operation is made safe)."""
 
+    polls_state_file_only = False
+    default_poll_secs = 1.0
+    held = "on disk"
+
     def __init__(self, workdir: str | os.PathLike[str]) -> None:
         self.path = Path(workdir)
         self.root = os.fspath(workdir)
@@ -54,6 +59,52 @@ class LocalStorage:
 
     def describe(self, key: str) -> str:
         return str(self._at(key))
+
+    def location(self, key: str = "") -> Path:
+        return self._at(key) if key else self.path
+
+    def key_of(self, path: str) -> str | None:
+        target = os.path.normpath(self._resolve(path))
+        relative = os.path.relpath(target, os.path.abspath(self.path))
+        return None if relative == "." or relative.startswith("..") else Path(relative).as_posix()
+
+    def _resolve(self, path: str) -> Path:
+        """A state file's path as a local path: relative to the root, or absolute (a TF1 Saver writes those).
+
+        An absolute path into the root by another spelling (a symlink) is the root's; so is one that
+        names no checkpoint where it points, when the root holds one of that file name (a moved workdir).
+        """
+        p = Path(path)
+        named = p if p.is_absolute() else self.path / p
+        if named.parent == self.path:
+            return named
+        mine = self.path / p.name
+        if os.path.realpath(named.parent) == os.path.realpath(self.path):
+            return mine
+        if not Path(f"{named}.index").exists() and Path(f"{mine}.index").exists():
+            return mine
+        return named
+
+    def local_folder(self) -> Path:
+        return self.path
+
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    def create(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def why_unwritable(self) -> str | None:
+        probe = self.path
+        while not probe.exists():
+            if probe.parent == probe:
+                break
+            probe = probe.parent
+        if not probe.is_dir():
+            return f"{probe} is not a folder"
+        if not os.access(probe, os.W_OK | os.X_OK):
+            return f"{probe} is not writable"
+        return None
 
     def write(self, key: str, data: bytes) -> None:
         atomic_write_bytes(self._at(key), data)
@@ -122,6 +173,11 @@ class LocalStorage:
         for key in self.checkpoint_files(name):
             fsync_path(self._at(key))
         self.write(state_key, state)
+
+    @contextlib.contextmanager
+    def readable(self, name: str) -> Iterator[Path]:
+        """See `Storage.readable`: the files in place."""
+        yield self._at(name)
 
     @contextlib.contextmanager
     def pin(self, name: str) -> Iterator[Path]:
@@ -255,6 +311,22 @@ class LocalStorage:
         link = self._at(key)
         return os.readlink(link) if link.is_symlink() else None
 
+    def is_folder(self, key: str) -> bool:
+        path = self._at(key)
+        return path.is_dir() or path.is_symlink()
+
+    def through(self, key: str) -> str:
+        return key  # the kernel follows the link
+
+    def publish(self, folder: Path, key: str, *, last: str) -> None:
+        out = self._at(key)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staged = out.with_name(f".{out.name}-{secrets.token_hex(3)}")
+        shutil.copytree(folder, staged)
+        if out.exists() or out.is_symlink():
+            remove(out, self.path)
+        os.rename(staged, out)
+
     def adopt(self, folder: Path, key: str) -> None:
         os.rename(folder, self._at(key))
 
@@ -276,8 +348,7 @@ def _stat(st: os.stat_result) -> Stat:
 def _link_checkpoint(storage: LocalStorage, name: str, folder: Path) -> None:
     """Hard-link checkpoint `name`'s files into `folder`; Gone when they vanish or change meanwhile."""
     keys = storage.checkpoint_files(name)
-    if not any(k.endswith(".index") for k in keys):
-        raise Gone(f"{name.rpartition('/')[2]}.index is gone")
+    require_complete(name, keys)
     files = [storage.path / k for k in keys]
     for file in files:
         try:

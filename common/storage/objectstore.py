@@ -43,10 +43,11 @@ from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
-from common.layout import EVAL_DIR, LEASE_DIR
-from common.storage.api import Gone, Locked, Stat, checkpoint_keys
+from common.layout import EVAL_DIR, LEASE_DIR, STATE_FILE
+from common.storage.api import Gone, Locked, Stat, checkpoint_keys, require_complete
 from common.storage.bucket import Bucket, BucketURL, md5_of, one_line
 from common.storage.local import pid_alive
+from common.storage.paths import BucketPath, is_bucket
 
 POINTER_MAGIC = b"ckpt-watch-pointer: "
 APPENDED = ".jsonl"  # keys with this suffix are appended to as one object per append
@@ -75,6 +76,10 @@ def open_bucket(workdir: str) -> ObjectStorage:
 class ObjectStorage:
     """A workdir at `s3://bucket/prefix` or `gs://bucket/prefix` (see the module docstring)."""
 
+    polls_state_file_only = True
+    default_poll_secs = 2.0  # each poll is a request over the network
+    held = "in the bucket"
+
     def __init__(self, workdir: str, *, bucket: Bucket | None = None, lock_ttl: float = LOCK_TTL_SECS,
                  lease_ttl: float = LEASE_TTL_SECS) -> None:
         self.root = workdir
@@ -94,6 +99,26 @@ class ObjectStorage:
 
     def describe(self, key: str) -> str:
         return self.url.url(key)
+
+    def location(self, key: str = "") -> BucketPath:
+        return BucketPath(self.root) / key if key else BucketPath(self.root)
+
+    def key_of(self, path: str) -> str | None:
+        root = self.root.rstrip("/") + "/"
+        name = path[len(root):] if path.startswith(root) else path
+        return None if is_bucket(name) or name in ("", ".", "..") or "/" in name else name
+
+    def local_folder(self) -> None:
+        return None
+
+    def exists(self) -> bool:
+        return True
+
+    def create(self) -> None:
+        """A bucket prefix needs no folder."""
+
+    def why_unwritable(self) -> None:
+        return None  # the bucket was checked when it was opened (open_bucket)
 
     def write(self, key: str, data: bytes) -> None:
         self.bucket.call("writing", key, self.fs.pipe_file, self._path(key), data)
@@ -275,6 +300,10 @@ class ObjectStorage:
                 self._staging.rmdir()
                 self._staging = None
 
+    def readable(self, name: str) -> contextlib.AbstractContextManager[Path]:
+        """See `Storage.readable`: a pinned download."""
+        return self.pin(name)
+
     @contextlib.contextmanager
     def pin(self, name: str) -> Iterator[Path]:
         """See `Storage.pin`: a download into `<tmp>/ckpt-watch-pin-<pid>-<id>/`, checked against the listing."""
@@ -291,8 +320,7 @@ class ObjectStorage:
         base = name.rpartition("/")[2]
         sources = {}
         keys = self.checkpoint_files(name)
-        if f"{name}.index" not in keys:
-            raise Gone(f"{base}.index is gone")
+        require_complete(name, keys)
         for key in keys:
             before = self._object_stat(key)
             local = folder / key.rpartition("/")[2]
@@ -308,6 +336,19 @@ class ObjectStorage:
             # Deleted after the download (`after` None): our copy holds the complete old version.
             sources[local.name] = (key, before.token)
         return sources
+
+    def publish(self, folder: Path, key: str, *, last: str) -> None:
+        old = self.names(key)
+        files = sorted(p.name for p in folder.iterdir())
+        if last in old:
+            self.delete(f"{key}/{last}")
+        for name in files:
+            if name != last:
+                self.write(f"{key}/{name}", (folder / name).read_bytes())
+        for name in sorted(set(old) - set(files)):
+            self.delete(f"{key}/{name}")
+        if last in files:
+            self.write(f"{key}/{last}", (folder / last).read_bytes())
 
     def adopt(self, folder: Path, key: str) -> None:
         """Put the private folder `folder` into the bucket as `key/`, each file verified; then remove the folder.
@@ -339,6 +380,13 @@ class ObjectStorage:
         if data is None or not data.startswith(POINTER_MAGIC):
             return None
         return data[len(POINTER_MAGIC):].decode("utf-8", "replace").strip()
+
+    def is_folder(self, key: str) -> bool:
+        return True
+
+    def through(self, key: str) -> str | None:
+        target = self.pointer(key)
+        return None if target is None else f"{key.rpartition('/')[0]}/{target}".lstrip("/")
 
     # --- locks, leases, cleaning --------------------------------------------------------------
 
@@ -422,8 +470,12 @@ class ObjectStorage:
 
     def watch(self, names: Collection[str], on_change: Callable[[], None], *, on_lost: Callable[[], None],
               poll: bool, poll_secs: float) -> Poller:
-        """See `Storage.watch`: a thread stats each of `names` every `poll_secs` (`poll` is always so here)."""
-        return Poller(self, sorted(names), on_change, on_lost, poll_secs)
+        """See `Storage.watch`: a thread stats the state file every `poll_secs` (`poll` is always so here).
+
+        Of `names`, the state file alone when it is one of them (`polls_state_file_only`): one request per poll.
+        """
+        keys = [STATE_FILE] if STATE_FILE in names else sorted(names)
+        return Poller(self, keys, on_change, on_lost, poll_secs)
 
 
 @dataclasses.dataclass

@@ -78,7 +78,7 @@ class BucketPath:
         return BucketPath(self.url.rpartition("/")[0])
 
 
-Workdir: TypeAlias = Path | BucketPath  # a local folder, or a bucket's s3:// or gs:// prefix
+Location: TypeAlias = Path | BucketPath  # a local folder, or a bucket's s3:// or gs:// prefix
 
 
 def is_bucket(value: str | os.PathLike[str]) -> bool:
@@ -86,7 +86,7 @@ def is_bucket(value: str | os.PathLike[str]) -> bool:
     return re.match(r"^(s3|gs)://", os.fspath(value)) is not None
 
 
-def as_workdir(value: str | os.PathLike[str]) -> Workdir:
+def as_workdir(value: str | os.PathLike[str]) -> Location:
     """`value` as a workdir: a `BucketPath` for `s3://` and `gs://`, else a local `Path`.
 
     Raises:
@@ -151,11 +151,11 @@ def local_path(flag: str) -> Callable[[str], Path]:
     return convert
 
 
-def workdir_path(flag: str) -> Callable[[str], Workdir]:
+def workdir_path(flag: str) -> Callable[[str], Location]:
     """An argparse `type` for a workdir or checkpoint flag: a local `Path`, or a `BucketPath` for s3:// and gs://."""
     local = local_path(flag)
 
-    def convert(value: str) -> Workdir:
+    def convert(value: str) -> Location:
         return BucketPath(value) if is_bucket(value) else local(value)
 
     convert.__name__ = "path"
@@ -179,7 +179,47 @@ def local_text(flag: str) -> Callable[[str], str]:
     return convert
 
 
-def local_only(workdir: Workdir, what: str) -> Path:
+def checkpoint_place(text: str) -> Location | None:
+    """Where a checkpoint given by `--from` lies when `text` names it outside the workdir, else None.
+
+    A bucket URL (`s3://b/run/model-10`, at least a folder and a name deep), a local prefix that exists
+    or an absolute one; anything else is a name in the workdir.
+
+    Raises:
+      UsageError: a bucket URL that names no checkpoint.
+    """
+    if is_bucket(text):
+        parts = text.partition("://")[2].rstrip("/").split("/")
+        if len(parts) < 2 or any(p in ("", ".", "..") for p in parts):
+            raise UsageError(f"--from {text}: not a checkpoint of a bucket (give a name such as model-10, or a "
+                             "prefix such as s3://bucket/run/model-10)")
+        return BucketPath(text)
+    return Path(text) if Path(f"{text}.index").exists() or Path(text).is_absolute() else None
+
+
+def absolute(location: Location) -> str:
+    """`location` as a record names it wherever it is read from: an absolute local path, or the bucket's URL."""
+    return str(location) if isinstance(location, BucketPath) else os.path.abspath(location)
+
+
+def local_folder_with(location: Location, name: str) -> Path | None:
+    """`location` when it is a local folder holding file `name` (an export's `saved_model.pb`), else None."""
+    return location if isinstance(location, Path) and (location / name).is_file() else None
+
+
+def refuse_bucket(location: Location, message: str) -> None:
+    """Refuse a bucket location with `message` (exit 2), for what needs a local folder."""
+    if isinstance(location, BucketPath):
+        raise UsageError(message)
+
+
+def refuse_file(location: Location, message: str) -> None:
+    """Refuse a local path that exists but is a file, not a folder, with `message` (exit 2)."""
+    if isinstance(location, Path) and location.exists() and not location.is_dir():
+        raise UsageError(message)
+
+
+def local_only(workdir: Location, what: str) -> Path:
     """`workdir` as a local `Path`; a bucket's is refused (exit 2) for `what`, which does not take one yet."""
     if isinstance(workdir, BucketPath):
         raise UsageError(f"{what} --workdir {workdir}: a bucket workdir is not supported here yet; "

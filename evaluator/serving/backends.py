@@ -9,15 +9,14 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from common.checkpoint import checkpoints
 from common.data import datasets, userdata
 from common.data.inputspec import InputSpec
 from common.errors import BucketUnusable, UsageError
 from common.run.loader import load_model
-from common.run.locate import BEST_ELSE_LATEST, NoCheckpoint, Unreadable, is_workdir, locate
+from common.run.locate import BEST_ELSE_LATEST, PREFIX_ONLY, Located, NoCheckpoint, Unreadable, locate
 from common.run.spec import read_run
 from common.storage import Gone, open_storage, read_json
-from common.storage.paths import Workdir
+from common.storage.paths import Location, local_folder_with
 from evaluator.serving.export import LABELS_FILE, MARKER_FILE
 from evaluator.serving.images import ImageError, plain_resize, preprocess, read_as_trained, read_gray
 from evaluator.serving.labels import read_labels
@@ -61,19 +60,20 @@ def _merge(n: int, ok: list[int], probs: np.ndarray, errors: list[str | None]) -
     return out
 
 
-def own_model(path: Workdir, *, preprocess: bool) -> tuple[Classifier, list[str]]:
+def own_model(path: Location, *, preprocess: bool) -> tuple[Classifier, list[str]]:
     """A classifier from an export folder, a workdir (best, else latest, EMA) or a checkpoint prefix.
 
     A workdir or prefix may be in a bucket (`s3://b/run`): the checkpoint is downloaded to load it.
     """
-    if isinstance(path, Path) and (path / "saved_model.pb").is_file():
-        return _from_export(path, preprocess)
-    workdir, prefix = _checkpoint_of(path)
-    spec = read_run(workdir)
+    export = local_folder_with(path, "saved_model.pb")
+    if export is not None:
+        return _from_export(export, preprocess)
+    prefix = _checkpoint_of(path)
+    spec = read_run(prefix.storage)  # a workdir's, or that of the folder a prefix lies in
     if spec is None:
-        raise UsageError(f"{workdir}: no run.json beside the checkpoint")
+        raise UsageError(f"{prefix.storage.location()}: no run.json beside the checkpoint")
     try:
-        with checkpoints.local_copy(prefix) as local:
+        with prefix.readable() as local:
             model = load_model(spec, local, "ema")
     except Gone as e:
         raise UsageError(f"--model {path}: {prefix.name} went away while being read ({e})") from None
@@ -87,14 +87,12 @@ def own_model(path: Workdir, *, preprocess: bool) -> tuple[Classifier, list[str]
     return classify, list(spec.class_names)
 
 
-def _checkpoint_of(path: Workdir) -> tuple[Workdir, Workdir]:
-    """The workdir and checkpoint prefix that `--model PATH` names."""
+def _checkpoint_of(path: Location) -> Located:
+    """The checkpoint that `--model PATH` names."""
     try:
-        whole = is_workdir(path)
-        workdir = path if whole else path.parent
         # A workdir's checkpoint is read in full by the restore that follows; a prefix is checked here
         # so that a path that is nothing usable gets the message below.
-        return workdir, locate(path, BEST_ELSE_LATEST, check=not whole)
+        return locate(path, BEST_ELSE_LATEST, check=PREFIX_ONLY)
     except NoCheckpoint:
         raise UsageError(f"--model {path}: not an export, and a workdir without checkpoints") from None
     except Unreadable as e:
@@ -117,8 +115,9 @@ def _from_export(path: Path, do_preprocess: bool) -> tuple[Classifier, list[str]
     names = names_file.read_text().splitlines() if names_file.is_file() else []
     # Exports of this project carry run.json, those of a TF1 graph name their dataset in export.json;
     # others are prepared MNIST-style.
-    spec = read_run(path)
-    marker = read_json(open_storage(path), MARKER_FILE) or {}
+    storage = open_storage(path)  # the export folder, opened once
+    spec = read_run(storage)
+    marker = read_json(storage, MARKER_FILE) or {}
     dataset = spec.dataset if spec is not None else str(marker.get("dataset") or "mnist")
     input_spec = spec.input if spec is not None else datasets.get_info(dataset).input_spec
     num_classes = serve.structured_outputs["probabilities"].shape[-1] or len(names)

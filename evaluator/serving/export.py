@@ -21,11 +21,12 @@ from common.errors import UsageError, WorkdirIOError
 from common.layout import RUN_FILE
 from common.model import models
 from common.run.loader import load_model
-from common.run.locate import BEST, LATEST, NoBest, Unreadable, locate
-from common.run.spec import RunSpec, read_run, write_run
+from common.run.locate import BEST, LATEST, Located, NoBest, Unreadable, locate
+from common.run.spec import RunSpec, read_run, run_file_bytes
+from common.run.workdir import Workdir
 from common.storage import Gone
-from common.storage.fileio import atomic_write_json
-from common.storage.paths import BucketPath, Workdir, remove
+from common.storage.fileio import atomic_write_bytes, atomic_write_json
+from common.storage.paths import Location, absolute, remove
 
 FROZEN_FILE = "frozen_graph.pb"
 LABELS_FILE = "labels.txt"
@@ -38,8 +39,8 @@ FROZEN_INPUT = "images"  # the dataset's stored images: uint8 [N, 28, 28] for MN
 FROZEN_OUTPUTS = ("probabilities", "classes")
 
 
-def resolve(workdir: Workdir, step: str) -> Workdir:
-    """The checkpoint prefix that `--step N|best|latest` names in `workdir`."""
+def resolve(workdir: Workdir, step: str) -> Located:
+    """The checkpoint that `--step N|best|latest` names in `workdir`."""
     if not (step.isdigit() or step in (BEST, LATEST)):
         raise UsageError(f"--step ({step!r}) must be a step number, 'best' or 'latest'")
     try:
@@ -91,18 +92,19 @@ class Exported(tf.Module):
 def export(workdir: Workdir, *, step: str = "best", weights: str = "ema", out: Path | None = None,
            frozen: bool = False) -> Path:
     """Write the export atomically (a temp folder renamed into place) and return its path."""
-    spec = read_run(workdir)
+    spec = read_run(workdir.storage)
     if spec is None:
         raise UsageError(f"{workdir}: no run.json (not a trainer workdir)")
     if weights not in ("ema", "raw"):
         raise UsageError(f"--weights ({weights!r}) must be ema or raw")
-    if out is None and isinstance(workdir, BucketPath):
+    local = workdir.local_folder()
+    if out is None and local is None:
         raise UsageError(f"--workdir {workdir}: give --out, a local folder for the export")
     located = resolve(workdir, step)
     try:
-        with checkpoints.local_copy(located) as prefix:  # a bucket's: downloaded, and removed after the load
+        with located.readable() as prefix:  # a bucket's: downloaded, and removed after the load
             number = checkpoints.read_step(prefix)
-            target = Path(os.path.abspath(out if out is not None else Path(workdir) / "export" / str(number)))
+            target = Path(os.path.abspath(out if out is not None else Path(local or "") / "export" / str(number)))
             check_target(target)
             model = load_model(spec, prefix, weights)
     except Gone as e:
@@ -110,7 +112,8 @@ def export(workdir: Workdir, *, step: str = "best", weights: str = "ema", out: P
 
     def fill(tmp: Path) -> None:
         labels = write_labels(tmp, spec.class_names)
-        write_run(tmp, spec)  # the run's settings travel too: predict reads the dataset from them
+        # The run's settings travel too: predict reads the dataset from them.
+        atomic_write_bytes(tmp / RUN_FILE, run_file_bytes(spec))
         module = Exported(model, spec, str(labels))
         save_into(tmp, lambda saved: tf.saved_model.save(module, saved, signatures={
             "serving_default": module.serve_images, "predict_image_bytes": module.serve_bytes}))
@@ -156,16 +159,15 @@ def write_labels(folder: Path, class_names: tuple[str, ...]) -> Path:
     return labels
 
 
-def write_marker(folder: Path, workdir: Workdir, checkpoint: str, step: int | None, weights: str,
+def write_marker(folder: Path, workdir: Location | Workdir, checkpoint: str, step: int | None, weights: str,
                  **extra: str) -> None:
     """`export.json`: what was exported, from where (and it marks the folder as an export)."""
     atomic_write_json(folder / MARKER_FILE, {"checkpoint": checkpoint, "step": step, "weights": weights,
-                                             "workdir": _where(workdir), **extra})
+                                             "workdir": absolute(_location(workdir)), **extra})
 
 
-def _where(workdir: Workdir) -> str:
-    """The workdir as export.json records it: an absolute local path, or the bucket's URL."""
-    return str(workdir) if isinstance(workdir, BucketPath) else os.path.abspath(workdir)
+def _location(workdir: Location | Workdir) -> Location:
+    return workdir.location if isinstance(workdir, Workdir) else workdir
 
 
 def is_export(folder: Path) -> bool:

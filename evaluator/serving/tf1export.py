@@ -17,7 +17,8 @@ from tensorflow.python.util import deprecation
 from common.checkpoint.tf1graph import GraphFlags, SaverGraph, meta_of, missing_file, read_saver_step
 from common.errors import UsageError
 from common.run.locate import BEST, LATEST, LocateError, locate
-from common.storage.paths import Workdir, local_only
+from common.run.workdir import Workdir
+from common.storage.paths import local_only
 from evaluator.serving.export import (
     FROZEN_FILE,
     FROZEN_INPUT,
@@ -29,7 +30,7 @@ from evaluator.serving.export import (
 )
 
 
-def resolve(workdir: Path, step: str) -> Path:
+def resolve(workdir: Workdir, step: str) -> Path:
     """The Saver checkpoint that `--step N|best|latest` names in `workdir`, with its `.index` and `.meta` there."""
     if not (step.isdigit() or step in (BEST, LATEST)):
         raise UsageError(f"--step ({step!r}) must be a step number, 'best' or 'latest'")
@@ -37,7 +38,7 @@ def resolve(workdir: Path, step: str) -> Path:
         prefix = Path(locate(workdir, int(step) if step.isdigit() else step, check=False))
     except LocateError as e:
         raise UsageError(f"{workdir}: {e.why} (run the evaluator first, or use --step latest)") from None
-    if not os.path.realpath(prefix).startswith(os.path.realpath(workdir) + os.sep):
+    if not os.path.realpath(prefix).startswith(os.path.realpath(workdir.location) + os.sep):
         raise UsageError(f"{prefix}: the state file names a checkpoint outside the workdir; refused")
     missing = missing_file(prefix)
     if missing:
@@ -97,12 +98,12 @@ def export_graph(workdir: Workdir, flags: GraphFlags, *, step: str = "best", wei
       CheckpointError: the checkpoint cannot be restored (for EMA weights: it has no shadows).
       WorkdirIOError: the export cannot be written.
     """
-    workdir = local_only(workdir, "evaluator export --tf1-graph")
+    root = local_only(workdir.location, "evaluator export --tf1-graph")
     if weights not in ("ema", "raw"):
         raise UsageError(f"--weights ({weights!r}) must be ema or raw")
     prefix = resolve(workdir, step)
     number = read_saver_step(prefix)
-    target = Path(os.path.abspath(out if out is not None else workdir / "export" / str(number)))
+    target = Path(os.path.abspath(out if out is not None else root / "export" / str(number)))
     check_target(target)
     names = flags.class_names()
     graph = SaverGraph(meta_of(prefix), flags)

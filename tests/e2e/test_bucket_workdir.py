@@ -28,7 +28,7 @@ from tests.helpers import (
     run_evaluator_cli,
     run_trainer_cli,
     two_evaluators_at_once,
-    watch_beside_trainer,
+    watch_beside,
 )
 
 pytestmark = pytest.mark.cloud
@@ -58,7 +58,7 @@ def test_train_resume_evaluate_best_and_export_from_a_bucket(bucket_workdir: str
 
     code, out, err = run_evaluator_cli(["--workdir", bucket_workdir, "--data-dir", str(tiny_data), "--once"], capsys)
     assert code == 0, err
-    rows = Ledger(BucketPath(bucket_workdir)).read()
+    rows = Ledger(open_storage(BucketPath(bucket_workdir))).read()
     assert sorted(r["step"] for r in rows if r["status"] == "ok") == [10, 20, 30]
     best = json.loads(storage.read("eval/best.json") or b"{}")
     assert best["checkpoint"] in {"model-10", "model-20", "model-30"}
@@ -101,7 +101,8 @@ def test_a_missing_bucket_is_one_line_and_exit_2(bucket_workdir: str, tiny_data:
 def test_watch_beside_the_trainer_until_patience_stops_it(bucket_workdir: str, tiny_data: Path) -> None:
     # An improvement of more than 50 points is impossible: the second evaluation exhausts patience 1.
     workdir = BucketPath(bucket_workdir)
-    stop, out, err, code = watch_beside_trainer(
+    stop, out, err, code = watch_beside(
+        "trainer.cli",
         ["--workdir", bucket_workdir, "--data-dir", str(tiny_data), "--model", "softmax", "--steps", "100000",
          "--save-every", "50", "--keep", "0", "--progress", "plain", "--log-every", "1000000"],
         EvalConfig(workdir=workdir, data_dir=str(tiny_data), exit_when_done=True, patience=1, min_delta=0.5,
@@ -115,7 +116,7 @@ def test_watch_beside_the_trainer_until_patience_stops_it(bucket_workdir: str, t
     assert stopped, out
     done = json.loads(storage.read(DONE_FILE) or b"{}")
     assert done["stop_reason"].startswith("early stop requested by the evaluator")
-    rows = Ledger(workdir).read()
+    rows = Ledger(open_storage(workdir)).read()
     assert rows and {r["status"] for r in rows} == {"ok"}
     assert len({(r["checkpoint"], r["weights"]) for r in rows}) == len(rows)  # no row twice
 
@@ -129,7 +130,7 @@ def test_a_truncated_object_and_a_garbage_state_file(bucket_workdir: str, tiny_d
     storage.write(data, shards[data][:64])  # cut short: every tensor past byte 64 is gone
     code, _, err = run_evaluator_cli(["--workdir", bucket_workdir, "--data-dir", str(tiny_data), "--once"], capsys)
     assert code == 0, err
-    status = {r["checkpoint"]: r["status"] for r in Ledger(BucketPath(bucket_workdir)).read()}
+    status = {r["checkpoint"]: r["status"] for r in Ledger(open_storage(BucketPath(bucket_workdir))).read()}
     assert status == {"model-10": "ok", "model-20": "error"}  # never the raw weights instead
 
     storage.write(checkpoints.STATE_FILE, b"garbage \x00 not a state file\n")
@@ -160,7 +161,7 @@ def test_an_object_deleted_during_the_download_is_gone(bucket_workdir: str, tiny
     _delete_shards_during_downloads(open_storage(bucket_workdir), monkeypatch)
     code, _, err = run_evaluator_cli(["--workdir", bucket_workdir, "--data-dir", str(tiny_data), "--once"], capsys)
     assert code == 0, err
-    assert [r["status"] for r in Ledger(BucketPath(bucket_workdir)).read()] == ["gone"]
+    assert [r["status"] for r in Ledger(open_storage(BucketPath(bucket_workdir))).read()] == ["gone"]
 
 
 def test_retention_spares_a_checkpoint_an_evaluator_holds(bucket_workdir: str, tiny_data: Path,
@@ -178,7 +179,7 @@ def test_two_evaluators_on_one_bucket_workdir(bucket_workdir: str, tiny_data: Pa
                                               capsys: pytest.CaptureFixture[str]) -> None:
     assert _train(bucket_workdir, tiny_data, 30, capsys, "--keep", "0")[0] == 0
     two_evaluators_at_once(bucket_workdir, tiny_data)
-    rows = Ledger(BucketPath(bucket_workdir)).read()
+    rows = Ledger(open_storage(BucketPath(bucket_workdir))).read()
     keys = [(r["checkpoint"], r["weights"]) for r in rows if r["status"] == "ok"]
     assert sorted(set(keys)) == [(f"model-{s}", w) for s in (10, 20, 30) for w in ("ema", "raw")]  # none lost
     assert len(keys) == len(set(keys))  # none twice
@@ -263,7 +264,7 @@ def test_trainer_from_a_checkpoint_of_a_bucket(bucket_workdir: str, tiny_data: P
                                       "--steps", "40", "--save-every", "10", "--from", f"{bucket_workdir}/model-30"],
                                      capsys)
     assert code == 0, err
-    assert "resumed from model-30 (step 30)" in out and checkpoints.on_disk(local) == [40]
+    assert "resumed from model-30 (step 30)" in out and checkpoints.on_disk(open_storage(local)) == [40]
 
     before = storage.read(checkpoints.STATE_FILE)
     shards = [k for k in storage.checkpoint_files("model-10") if ".data-" in k]
@@ -299,7 +300,7 @@ def test_a_two_worker_job_on_a_bucket_workdir(cloud: Servers, tiny_data: Path,
     assert any(line.startswith("[worker 0] ") and " trainer final step=20 " in line for line in job.out), job.out
     assert "[worker 1] finished at step 20; the chief evaluates the EMA weights" in job.out
     storage = open_storage(workdir)
-    assert committed_step(storage, workdir) == 20
+    assert committed_step(storage) == 20
     run = json.loads(storage.read("run.json") or b"{}")
     assert (run["strategy"], run["replicas"], run["workers"]) == ("multi-worker", 2, 2)
     # Only the chief wrote the bucket, and what a single trainer writes: no lock left, no scratch part.
@@ -307,5 +308,5 @@ def test_a_two_worker_job_on_a_bucket_workdir(cloud: Servers, tiny_data: Path,
                                                                           "heartbeat.json", "run.json"}
     code, _, err = run_evaluator_cli(["--workdir", workdir, "--data-dir", str(tiny_data), "--once"], capsys)
     assert code == 0, err
-    rows = Ledger(BucketPath(workdir)).read()
+    rows = Ledger(open_storage(BucketPath(workdir))).read()
     assert sorted((r["checkpoint"], r["status"]) for r in rows) == [("model-10", "ok"), ("model-20", "ok")]

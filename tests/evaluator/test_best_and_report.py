@@ -13,7 +13,8 @@ import pytest
 
 from common.checkpoint import checkpoints
 from common.layout import EVAL_DIR, STOP_REQUEST_FILE
-from common.storage import read_best
+from common.run.workdir import Workdir
+from common.storage import open_storage, read_best
 from evaluator import best as best_lib
 from evaluator import cli
 from evaluator.config import EvalConfig
@@ -22,7 +23,7 @@ from evaluator.ledger import Ledger
 from evaluator.loop import run_once
 from evaluator.rows import Row
 from evaluator.session import Session
-from tests.helpers import Recorder, Spy, make_train_config, watch_beside_trainer
+from tests.helpers import Recorder, Spy, checkpoint_files, make_train_config, watch_beside
 from trainer.loop import train
 
 
@@ -32,9 +33,9 @@ def config(workdir: Path, tiny_data: Path, **kw: Any) -> EvalConfig:
 
 def test_best_is_kept_with_its_files_and_json(workdir: Path, tiny_data: Path) -> None:
     run_once(config(workdir, tiny_data))
-    records = [r for r in Ledger(workdir).read() if r["status"] == "ok"]
+    records = [r for r in Ledger(open_storage(workdir)).read() if r["status"] == "ok"]
     top = max(records, key=lambda r: (r["accuracy"], -r["step"]))
-    entry = read_best(workdir)
+    entry = read_best(open_storage(workdir))
     assert entry is not None and (entry["step"], entry["accuracy"]) == (top["step"], top["accuracy"])
     best_dir = workdir / EVAL_DIR / "best"
     assert (best_dir / "best.json").read_text() == (workdir / EVAL_DIR / "best.json").read_text()
@@ -57,7 +58,7 @@ def test_crash_during_promotion_leaves_old_best_consistent(workdir: Path, tiny_d
     session = Session(config(workdir, tiny_data))
     listed = session.listed()
     session.evaluate(listed[0])
-    before = read_best(workdir)
+    before = read_best(open_storage(workdir))
     assert before is not None and before["checkpoint"] == "model-20"
 
     def crash(*_: Any) -> None:
@@ -65,13 +66,13 @@ def test_crash_during_promotion_leaves_old_best_consistent(workdir: Path, tiny_d
 
     monkeypatch.setattr(best_lib.os, "replace", crash)
     with pytest.raises(OSError, match="simulated crash"):
-        best_lib.promote(workdir, _fake_snapshot(workdir, "model-40"), {
+        best_lib.promote(Workdir.open(workdir), _fake_snapshot(workdir, "model-40"), {
             "step": 40, "accuracy": 1.0, "loss": 0.0, "split": "validation", "weights": "ema", "committed": 1.0})
     monkeypatch.undo()
-    after = read_best(workdir)
+    after = read_best(open_storage(workdir))
     assert after == before  # best.json and eval/best/ still describe the same, old checkpoint
     assert (workdir / EVAL_DIR / "best" / "model-20.index").exists()
-    best_lib.clean_stale(workdir)  # what the next evaluator start does
+    best_lib.clean_stale(Workdir.open(workdir))  # what the next evaluator start does
     assert [p.name for p in (workdir / EVAL_DIR).glob("best-*")] == [os.readlink(workdir / EVAL_DIR / "best")]
     assert not list((workdir / EVAL_DIR).glob(".*.link-*"))
 
@@ -79,7 +80,7 @@ def test_crash_during_promotion_leaves_old_best_consistent(workdir: Path, tiny_d
 def _fake_snapshot(workdir: Path, name: str) -> Path:
     folder = workdir / EVAL_DIR / ".snapshot-999999999-test"
     folder.mkdir()
-    for file in checkpoints.files_of(workdir / name):
+    for file in checkpoint_files(workdir / name):
         os.link(file, folder / file.name)
     return folder / name
 
@@ -97,11 +98,11 @@ def test_retention_never_deletes_best(tiny_data: Path, tmp_path: Path) -> None:
     cfg = make_train_config(tiny_data, tmp_path / "run", steps=20, save_every=20, keep=1)
     train(cfg, reporter=Recorder())
     run_once(config(cfg.workdir, tiny_data))
-    assert (read_best(cfg.workdir) or {})["checkpoint"] == "model-20"
+    assert (read_best(open_storage(cfg.workdir)) or {})["checkpoint"] == "model-20"
     train(make_train_config(tiny_data, cfg.workdir, steps=80, save_every=20, keep=1), reporter=Recorder())
-    state = checkpoints.read_state(cfg.workdir)
+    state = checkpoints.read_state(open_storage(cfg.workdir))
     assert state is not None and state.paths == ["model-20", "model-80"]
-    assert checkpoints.on_disk(cfg.workdir) == [20, 80]
+    assert checkpoints.on_disk(open_storage(cfg.workdir)) == [20, 80]
 
 
 def test_retention_never_deletes_a_leased_checkpoint(tiny_data: Path, tmp_path: Path) -> None:
@@ -109,18 +110,19 @@ def test_retention_never_deletes_a_leased_checkpoint(tiny_data: Path, tmp_path: 
     train(cfg, reporter=Recorder())
     from evaluator.snapshot import lease
 
-    with lease(cfg.workdir, "model-20"):
+    with lease(open_storage(cfg.workdir), "model-20"):
         train(make_train_config(tiny_data, cfg.workdir, steps=60, save_every=20, keep=1), reporter=Recorder())
-        assert checkpoints.on_disk(cfg.workdir) == [20, 60]
+        assert checkpoints.on_disk(open_storage(cfg.workdir)) == [20, 60]
     train(make_train_config(tiny_data, cfg.workdir, steps=80, save_every=20, keep=1), reporter=Recorder())
-    assert checkpoints.on_disk(cfg.workdir) == [80]  # released: the next save deletes it
+    assert checkpoints.on_disk(open_storage(cfg.workdir)) == [80]  # released: the next save deletes it
 
 
 def test_stop_request_end_to_end(tmp_path: Path, tiny_data: Path) -> None:
     """The evaluator's patience runs out; the real trainer stops before --steps, saves and exits 0."""
     workdir = tmp_path / "run"
     # An improvement of more than 50 points is impossible: the second evaluation exhausts patience 1.
-    stop, out, err, code = watch_beside_trainer(
+    stop, out, err, code = watch_beside(
+        "trainer.cli",
         ["--workdir", str(workdir), "--data-dir", str(tiny_data), "--model", "softmax", "--steps", "100000",
          "--save-every", "50", "--keep", "0", "--progress", "plain", "--log-every", "1000000"],
         config(workdir, tiny_data, exit_when_done=True, patience=1, min_delta=0.5), Spy())
@@ -157,7 +159,7 @@ def drawn(path: Path) -> bool:
 
 def test_report_files(workdir: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_once(config(workdir, tiny_data))
-    step = (read_best(workdir) or {})["step"]
+    step = (read_best(open_storage(workdir)) or {})["step"]
     assert cli.main(["report", "--workdir", str(workdir), "--data-dir", str(tiny_data)]) == 0
     out = workdir / EVAL_DIR / f"report-{step}"
     assert str(out) in capsys.readouterr().out
@@ -167,7 +169,7 @@ def test_report_files(workdir: Path, tiny_data: Path, capsys: pytest.CaptureFixt
     errors = sum(map(sum, metrics["confusion"])) - sum(row[i] for i, row in enumerate(metrics["confusion"]))
     assert metrics["misclassified_shown"] == min(errors, 36)  # the grid shows every error, up to 6 x 6
     assert sum(map(sum, metrics["confusion"])) == 50
-    assert metrics["accuracy"] == pytest.approx((read_best(workdir) or {})["accuracy"])
+    assert metrics["accuracy"] == pytest.approx((read_best(open_storage(workdir)) or {})["accuracy"])
     text = (out / "confusion.txt").read_text()
     assert "T-shirt/top" in text and "Ankle boot" in text
     assert len((out / "per_class.txt").read_text().splitlines()) == 10
@@ -187,7 +189,7 @@ def test_report_bad_input_exit_2(setup: str, step: str, message: str, workdir: P
     if setup != "empty":
         run_once(config(workdir, tiny_data))
     if setup == "deleted":
-        for file in checkpoints.files_of(workdir / "model-20"):
+        for file in checkpoint_files(workdir / "model-20"):
             file.unlink()
     code = cli.main(["report", "--workdir", str(workdir), "--data-dir", str(tiny_data), "--step", step])
     err = capsys.readouterr().err
@@ -199,7 +201,7 @@ def test_best_command(workdir: Path, tiny_data: Path, capsys: pytest.CaptureFixt
     assert "no best checkpoint yet" in capsys.readouterr().err
     run_once(config(workdir, tiny_data))
     assert cli.main(["best", "--workdir", str(workdir), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == read_best(workdir)
+    assert json.loads(capsys.readouterr().out) == read_best(open_storage(workdir))
     assert cli.main(["best", "--workdir", str(workdir)]) == 0
     assert capsys.readouterr().out.startswith("best: model-")
 
@@ -218,5 +220,5 @@ def test_tensorboard_logs_readable_by_tensorboard(workdir: Path, tiny_data: Path
     assert {"validation/accuracy/ema", "validation/accuracy/raw", "validation/loss/ema"} <= set(
         eval_log.Tags()["tensors"])
     accuracies = eval_log.Tensors("validation/accuracy/ema")
-    ledger = {r["step"]: r["accuracy"] for r in Ledger(workdir).read() if r["weights"] == "ema"}
+    ledger = {r["step"]: r["accuracy"] for r in Ledger(open_storage(workdir)).read() if r["weights"] == "ema"}
     assert {e.step: pytest.approx(float(tensor_util.make_ndarray(e.tensor_proto))) for e in accuracies} == ledger

@@ -22,8 +22,9 @@ from common.checkpoint import checkpoints
 from common.checkpoint.checkpoints import CheckpointError, State
 from common.errors import WorkdirIOError
 from common.layout import EVAL_DIR, lease_path
+from common.run.workdir import Workdir
 from common.storage import local as storage_local
-from common.storage import read_best
+from common.storage import open_storage, read_best
 from common.storage.local import OVERFLOW_LOGGER
 from evaluator import best as best_lib
 from evaluator.config import EvalConfig
@@ -32,7 +33,8 @@ from evaluator.loop import run_once, run_watch
 from evaluator.rows import Row
 from evaluator.session import Session
 from evaluator.wakeups import Wake, watching
-from tests.helpers import Spy
+from tests.failing_disk import FailingDisk
+from tests.helpers import Spy, checkpoint_files, contents
 from tests.helpers import run_evaluator_cli as run_cli
 
 
@@ -58,7 +60,7 @@ def test_tampered_best_link_deletes_nothing_outside(workdir: Path, tiny_data: Pa
     link.symlink_to(precious)  # ln -sfn /some/dir W/eval/best
     session = run_once(config(workdir, tiny_data))
     assert (precious / "thesis.txt").read_text() == "precious"
-    assert os.readlink(link).startswith("best-") and read_best(workdir) is not None
+    assert os.readlink(link).startswith("best-") and read_best(open_storage(workdir)) is not None
     warnings = session.status(0)["warnings"]
     assert any(str(precious) in w and "not a best folder of this workdir" in w for w in warnings), warnings
     assert real_best.is_dir()  # kept while the link pointed elsewhere: which folder was the best was unknown
@@ -72,7 +74,7 @@ def test_clean_stale_removes_links_not_what_they_point_to(workdir: Path, tiny_da
     eval_dir = workdir / EVAL_DIR
     (eval_dir / "best-1-aaaaaa").symlink_to(outside)
     (eval_dir / ".snapshot-999999999-x").symlink_to(outside)
-    best_lib.clean_stale(workdir, warn=pytest.fail)
+    best_lib.clean_stale(Workdir.open(workdir), warn=pytest.fail)
     assert (outside / "keep.txt").exists()
     assert not (eval_dir / "best-1-aaaaaa").is_symlink() and not (eval_dir / ".snapshot-999999999-x").is_symlink()
 
@@ -84,16 +86,16 @@ def test_snapshot_failure_is_recorded_failed_and_retried(workdir: Path, tiny_dat
     with monkeypatch.context() as m:
         m.setattr(storage_local.os, "link", enospc)
         session = run_once(config(workdir, tiny_data))
-    records = Ledger(workdir).read()
+    records = Ledger(open_storage(workdir)).read()
     assert {r["status"] for r in records} == {"failed"}
     assert "cannot snapshot model-20: No space left on device" in records[0]["reason"]
     assert any("3 checkpoint(s) not evaluated because of a problem here" in w for w in session.status(0)["warnings"])
     session = run_once(config(workdir, tiny_data))  # the disk has room again: evaluated now
     rows = session.rows()
     assert [(r.checkpoint, r.status) for r in rows] == [(f"model-{s}", "ok") for s in (20, 40, 60)]
-    assert read_best(workdir) is not None
+    assert read_best(open_storage(workdir)) is not None
     run_once(config(workdir, tiny_data))
-    assert len(Ledger(workdir).read()) == 6  # 3 failed + 3 ok, nothing more
+    assert len(Ledger(open_storage(workdir)).read()) == 6  # 3 failed + 3 ok, nothing more
 
 
 def test_repeated_failures_do_not_grow_the_ledger(workdir: Path, tiny_data: Path,
@@ -101,7 +103,7 @@ def test_repeated_failures_do_not_grow_the_ledger(workdir: Path, tiny_data: Path
     monkeypatch.setattr(storage_local.os, "link", enospc)
     for _ in range(3):
         run_once(config(workdir, tiny_data))
-    assert len(Ledger(workdir).read()) == 3
+    assert len(Ledger(open_storage(workdir)).read()) == 3
 
 
 def test_failed_promotion_keeps_the_result_ok_and_is_retried(workdir: Path, tiny_data: Path,
@@ -109,15 +111,15 @@ def test_failed_promotion_keeps_the_result_ok_and_is_retried(workdir: Path, tiny
     with monkeypatch.context() as m:
         m.setattr(storage_local.os, "rename", enospc)
         session = run_once(config(workdir, tiny_data))
-    assert {r["status"] for r in Ledger(workdir).read()} == {"ok"}
-    assert read_best(workdir) is None
+    assert {r["status"] for r in Ledger(open_storage(workdir)).read()} == {"ok"}
+    assert read_best(open_storage(workdir)) is None
     assert any("No space left on device" in w and "retried at the next scan" in w
                for w in session.status(0)["warnings"])
     session = run_once(config(workdir, tiny_data))  # nothing to evaluate; the promotion is caught up
-    top = max(Ledger(workdir).read(), key=lambda r: r["accuracy"])
-    assert (read_best(workdir) or {}).get("accuracy") == top["accuracy"]
+    top = max(Ledger(open_storage(workdir)).read(), key=lambda r: r["accuracy"])
+    assert (read_best(open_storage(workdir)) or {}).get("accuracy") == top["accuracy"]
     assert not any("could not" in w for w in session.status(0)["warnings"])
-    assert len(Ledger(workdir).read()) == 3
+    assert len(Ledger(open_storage(workdir)).read()) == 3
 
 
 def test_full_ledger_append_leaves_best_alone(workdir: Path, tiny_data: Path,
@@ -128,22 +130,22 @@ def test_full_ledger_append_leaves_best_alone(workdir: Path, tiny_data: Path,
     monkeypatch.setattr(Ledger, "append", full)
     with pytest.raises(WorkdirIOError):
         run_once(config(workdir, tiny_data))
-    assert read_best(workdir) is None  # best.json never names a checkpoint the ledger does not hold
+    assert read_best(open_storage(workdir)) is None  # best.json never names a checkpoint the ledger does not hold
 
 
 def test_ledger_write_error_is_exit_5_and_leaves_the_ledger_whole(workdir: Path, tiny_data: Path,
                                                                   monkeypatch: pytest.MonkeyPatch,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     run_once(config(workdir, tiny_data, policy="latest"))
-    before = Ledger(workdir).path.read_bytes()
+    before = Ledger(open_storage(workdir)).path.read_bytes()
     (workdir / EVAL_DIR / "best").unlink()
     (workdir / EVAL_DIR / "best.json").unlink()
     monkeypatch.setattr(Ledger, "_write", lambda self, data: enospc())
     code, _, err = run_cli(["--workdir", str(workdir), "--data-dir", str(tiny_data), "--once"], capsys)
     assert code == 5 and err.count("\n") == 1
     assert err.startswith("evaluator: error: cannot write the ledger ") and "No space left on device" in err
-    assert Ledger(workdir).path.read_bytes() == before
-    assert read_best(workdir) is None
+    assert Ledger(open_storage(workdir)).path.read_bytes() == before
+    assert read_best(open_storage(workdir)) is None
 
 
 def _cp_rL(source: Path, target: Path) -> Path:
@@ -158,9 +160,9 @@ def test_best_folder_from_a_copied_workdir_is_adopted(workdir: Path, tiny_data: 
     best_dir = copy / EVAL_DIR / "best"
     assert best_dir.is_dir() and not best_dir.is_symlink()
     notes: list[str] = []
-    best_lib.clean_stale(copy, warn=notes.append)
+    best_lib.clean_stale(Workdir.open(copy), warn=notes.append)
     assert best_dir.is_symlink() and (copy / EVAL_DIR / "best.json").is_symlink()
-    assert (best_dir / "model-20.index").exists() and (read_best(copy) or {})["checkpoint"] == "model-20"
+    assert (best_dir / "model-20.index").exists() and (read_best(open_storage(copy)) or {})["checkpoint"] == "model-20"
     assert [p.name for p in (copy / EVAL_DIR).glob("best-*")] == [os.readlink(best_dir)]
     assert any("was a folder, not a link" in n for n in notes)
 
@@ -175,8 +177,8 @@ def test_copied_workdir_keeps_recording_improvements(workdir: Path, tiny_data: P
     session = Session(config(copy, tiny_data))
     for cand in session.pending(session.listed()):
         session.evaluate(cand)
-    assert {r["status"] for r in Ledger(copy).read()} == {"ok"}
-    entry = read_best(copy)
+    assert {r["status"] for r in Ledger(open_storage(copy)).read()} == {"ok"}
+    entry = read_best(open_storage(copy))
     assert entry is not None and entry["accuracy"] > 0.0
     assert (copy / EVAL_DIR / "best").is_symlink()
 
@@ -185,23 +187,23 @@ def test_copied_workdir_keeps_recording_improvements(workdir: Path, tiny_data: P
 
 def _rebuild_state_from_disk(workdir: Path) -> None:
     """What the trainer does with a garbage state file: list the files on disk, index mtimes as times."""
-    names = [checkpoints.name_for(s) for s in checkpoints.on_disk(workdir)]
+    names = [checkpoints.name_for(s) for s in checkpoints.on_disk(open_storage(workdir))]
     stamps = [(workdir / f"{n}.index").stat().st_mtime + 1000 for n in names]
-    checkpoints.write_state(workdir, State(latest=names[-1], paths=names, timestamps=stamps))
+    checkpoints.write_state(open_storage(workdir), State(latest=names[-1], paths=names, timestamps=stamps))
 
 
 def test_rebuilt_state_file_evaluates_nothing_again(workdir: Path, tiny_data: Path) -> None:
     run_once(config(workdir, tiny_data))
-    assert all(FINGERPRINT in r for r in Ledger(workdir).read())
+    assert all(FINGERPRINT in r for r in Ledger(open_storage(workdir)).read())
     _rebuild_state_from_disk(workdir)
     session = run_once(config(workdir, tiny_data))
-    assert len(Ledger(workdir).read()) == 3
+    assert len(Ledger(open_storage(workdir)).read()) == 3
     assert [r.checkpoint for r in session.rows()] == ["model-20", "model-40", "model-60"]
 
 
 def test_checkpoint_rewritten_under_its_name_is_evaluated_again(workdir: Path, tiny_data: Path) -> None:
     run_once(config(workdir, tiny_data))
-    for file in checkpoints.files_of(workdir / "model-60"):
+    for file in checkpoint_files(workdir / "model-60"):
         shutil.copyfile(file, workdir / file.name.replace("model-60", "model-40"))
     session = Session(config(workdir, tiny_data))
     assert [c.name for c in session.pending(session.listed())] == ["model-40"]
@@ -209,7 +211,7 @@ def test_checkpoint_rewritten_under_its_name_is_evaluated_again(workdir: Path, t
 
 def test_old_rows_without_fingerprint_still_match(workdir: Path, tiny_data: Path) -> None:
     run_once(config(workdir, tiny_data))
-    ledger = Ledger(workdir)
+    ledger = Ledger(open_storage(workdir))
     old = [{k: v for k, v in r.items() if k != FINGERPRINT} for r in ledger.read()]
     ledger.path.write_text("".join(json.dumps(r) + "\n" for r in old))
     session = Session(config(workdir, tiny_data))
@@ -224,7 +226,7 @@ def _row(i: int) -> dict[str, Any]:
 
 
 def test_ledger_appends_in_place(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path)
+    ledger = Ledger(open_storage(tmp_path))
     ledger.append([_row(i) for i in range(2000)])
     before = ledger.path.read_bytes()
     inode = ledger.path.stat().st_ino
@@ -235,7 +237,7 @@ def test_ledger_appends_in_place(tmp_path: Path) -> None:
 
 
 def test_two_ledger_readers_dedupe_under_the_lock(tmp_path: Path) -> None:
-    first, second = Ledger(tmp_path), Ledger(tmp_path)
+    first, second = Ledger(open_storage(tmp_path)), Ledger(open_storage(tmp_path))
     assert second.read() == []
     assert first.append([_row(1)]) == [_row(1)]
     assert second.append([_row(1), _row(2)]) == [_row(2)]  # sees the other's row appended since it last read
@@ -243,19 +245,19 @@ def test_two_ledger_readers_dedupe_under_the_lock(tmp_path: Path) -> None:
 
 
 def test_append_after_a_torn_line_keeps_the_new_row(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path)
+    ledger = Ledger(open_storage(tmp_path))
     ledger.append([_row(1)])
     with open(ledger.path, "ab") as f:
         f.write(b'{"checkpoint": "model-9", "sta')
     ledger.append([_row(2)])
-    fresh = Ledger(tmp_path)
+    fresh = Ledger(open_storage(tmp_path))
     assert [r["checkpoint"] for r in fresh.read()] == ["model-1", "model-2"] and fresh.skipped == 1
 
 
 def test_non_utf8_ledger_line_is_skipped_and_reported(workdir: Path, tiny_data: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     run_once(config(workdir, tiny_data))
-    with open(Ledger(workdir).path, "ab") as f:
+    with open(Ledger(open_storage(workdir)).path, "ab") as f:
         f.write(b'{"checkpoint": "caf\xe9"}\n')
     code, out, err = run_cli(["--workdir", str(workdir), "--data-dir", str(tiny_data), "--once"], capsys)
     assert code == 0 and "skipped 1 unreadable" in out, err
@@ -266,14 +268,14 @@ def test_non_utf8_ledger_line_is_skipped_and_reported(workdir: Path, tiny_data: 
 # --- hostile state files --------------------------------------------------------------------------
 
 def test_10004_entry_state_file_real_checkpoints_first(workdir: Path, tiny_data: Path) -> None:
-    state = checkpoints.read_state(workdir)
+    state = checkpoints.read_state(open_storage(workdir))
     assert state is not None
     junk = [f"model-{100000 + i}" for i in range(10_000)] + ["../../etc/model-1"]
     paths = junk + state.paths
     stamps = [1.0 + i for i in range(len(junk))] + state.timestamps  # the junk was "committed" first
-    checkpoints.write_state(workdir, State(latest=state.latest, paths=paths, timestamps=stamps))
+    checkpoints.write_state(open_storage(workdir), State(latest=state.latest, paths=paths, timestamps=stamps))
     session = run_once(config(workdir, tiny_data))
-    records = Ledger(workdir).read()
+    records = Ledger(open_storage(workdir)).read()
     assert [r["checkpoint"] for r in records[:3]] == ["model-20", "model-40", "model-60"]
     assert {r["status"] for r in records[:3]} == {"ok"}
     statuses = {r["checkpoint"]: r["status"] for r in records[3:]}
@@ -288,10 +290,10 @@ def test_10004_entry_state_file_real_checkpoints_first(workdir: Path, tiny_data:
 def test_absurd_state_file_is_refused(limit: str, value: int, message: str, tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     names = [f"model-{i}" for i in range(300)]
-    checkpoints.write_state(tmp_path, State(latest=names[-1], paths=names, timestamps=[1.0] * 300))
+    checkpoints.write_state(open_storage(tmp_path), State(latest=names[-1], paths=names, timestamps=[1.0] * 300))
     monkeypatch.setattr(checkpoints, limit, value)
     with pytest.raises(CheckpointError, match=message):
-        checkpoints.read_state(tmp_path)
+        checkpoints.read_state(open_storage(tmp_path))
 
 
 # --- one-line errors --------------------------------------------------------------------------------
@@ -346,7 +348,76 @@ def test_full_disk_exit_5(workdir: Path, tiny_data: Path, tmp_path: Path,
         (mnt / "filler").unlink()
         code, _, err = run_cli(["--workdir", str(copy), "--data-dir", str(tiny_data), "--once"], capsys)
         assert code == 0, err
-        assert {r["status"] for r in Ledger(copy).read()} == {"ok"}
+        assert {r["status"] for r in Ledger(open_storage(copy)).read()} == {"ok"}
+
+
+# --- the same promises on a disk that fails in this process: no mount, no root (tests/failing_disk.py) --
+
+ALL_OK = [(f"model-{step}", "ok") for step in (20, 40, 60)]
+
+
+def _failing_once(workdir: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch,
+                  capsys: pytest.CaptureFixture[str], error: int, **fail: Any) -> tuple[str, list[str]]:
+    """Run `evaluator --once` on a disk failing with `error` (`fail`: see FailingDisk.fail), which must exit 5.
+
+    Returns the one line it printed and what the disk refused; the disk works again afterwards.
+    """
+    disk = FailingDisk(workdir, monkeypatch)
+    disk.fail(error, **fail)
+    code, _, err = run_cli(["--workdir", str(workdir), "--data-dir", str(tiny_data), "--once"], capsys)
+    disk.heal()
+    assert code == 5 and err.count("\n") == 1 and os.strerror(error) in err, err
+    return err, disk.refused
+
+
+def _once(workdir: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str]) -> list[tuple[str, str]]:
+    """Run `evaluator --once`, which must exit 0; return the ledger's (checkpoint, status) pairs."""
+    code, _, err = run_cli(["--workdir", str(workdir), "--data-dir", str(tiny_data), "--once"], capsys)
+    assert code == 0, err
+    return [(r["checkpoint"], r["status"]) for r in Ledger(open_storage(workdir)).read()]
+
+
+def _evaluate_the_first(workdir: Path, tiny_data: Path) -> None:
+    """Evaluate model-20 alone: the ledger holds its row and it is the best; model-40 and -60 are still to do."""
+    session = Session(config(workdir, tiny_data))
+    session.evaluate(session.listed()[0])
+
+
+@pytest.mark.parametrize("error", [errno.EROFS, errno.EACCES], ids=errno.errorcode.get)
+def test_unwritable_disk_exit_5_and_nothing_changes(error: int, workdir: Path, tiny_data: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """As test_read_only_workdir_exit_5; then the same workdir, writable again, is evaluated."""
+    before = contents(workdir)
+    _, refused = _failing_once(workdir, tiny_data, monkeypatch, capsys, error)
+    assert refused and contents(workdir) == before
+    assert _once(workdir, tiny_data, capsys) == ALL_OK
+
+
+def test_full_disk_exit_5_loses_nothing_and_room_again_evaluates(workdir: Path, tiny_data: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """As test_full_disk_exit_5, with a ledger and a best checkpoint on disk that must come through whole."""
+    _evaluate_the_first(workdir, tiny_data)
+    before = contents(workdir)
+    _, refused = _failing_once(workdir, tiny_data, monkeypatch, capsys, errno.ENOSPC)
+    assert refused and contents(workdir) == before  # nor a half-written lease or temp file left behind
+    assert _once(workdir, tiny_data, capsys) == ALL_OK
+
+
+def test_disk_full_in_the_middle_of_a_ledger_row_leaves_the_ledger_whole(workdir: Path, tiny_data: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """The disk fills 40 bytes into the new row: the ledger is cut back to its rows and best.json stays."""
+    _evaluate_the_first(workdir, tiny_data)  # model-40, next, is better (0.66 against 0.48): best.json would move
+    ledger, best = workdir / EVAL_DIR / "results.jsonl", workdir / EVAL_DIR / "best.json"
+    rows, entry = ledger.read_bytes(), best.read_bytes()
+    err, refused = _failing_once(workdir, tiny_data, monkeypatch, capsys, errno.ENOSPC,
+                                 only=f"{EVAL_DIR}/results.jsonl", room=40)
+    assert err.startswith("evaluator: error: cannot write the ledger ")
+    assert refused == [f"write {EVAL_DIR}/results.jsonl"]
+    assert ledger.read_bytes() == rows and best.read_bytes() == entry
+    assert _once(workdir, tiny_data, capsys) == ALL_OK and ledger.read_bytes().startswith(rows)
 
 
 # --- leases and lost events ---------------------------------------------------------------------------
@@ -369,7 +440,7 @@ def test_dead_evaluators_leases_are_removed(workdir: Path, tiny_data: Path) -> N
 def test_inotify_overflow_wakes_the_loop_in_our_format(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                        caplog: pytest.LogCaptureFixture) -> None:
     wake = Wake()
-    with caplog.at_level(logging.WARNING), watching(tmp_path, wake, poll=False):
+    with caplog.at_level(logging.WARNING), watching(open_storage(tmp_path), wake, poll=False):
         logging.getLogger(OVERFLOW_LOGGER).warning("Inotify queue overflowed; filesystem events were lost")
     assert wake.event.is_set() and wake.take_overflows() == 1
     assert "overflowed" not in caplog.text and "overflowed" not in capsys.readouterr().err

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from common.data import datasets
-from common.signals import StopRequest
-from evaluator.config import EvalConfig
+from common.storage import open_storage
 from evaluator.foreign import ForeignFlags
 from evaluator.ledger import Ledger
-from evaluator.loop import run_watch
-from tests.helpers import REPO, Spy, listing, run_evaluator_cli, write_dataset
+from tests.helpers import Watched, listing, run_evaluator_cli, watch_reference_loop
 
 STEPS, SAVE_EVERY = 60, 10  # 6 saves; the manager's max_to_keep=2 deletes the 4 oldest
 MAPS = ("net/*=model/*", "averages/*=model/*")
@@ -32,14 +24,6 @@ KERAS = ForeignFlags(
     ema_maps=(("ema/fc1_*", "model/fc1/*"), ("ema/fc2_*", "model/fc2/*")))
 PLAIN = ForeignFlags(model="mlp", dataset="mnist", restore_maps=(("net/*", "model/*"),),
                      ema_maps=(("averages/*", "model/*"),))
-
-
-@dataclasses.dataclass(frozen=True)
-class Watched:
-    workdir: Path
-    data: Path
-    refs: dict[str, dict[str, float]]  # checkpoint -> {"ema": accuracy, "raw": accuracy} from the loop itself
-    keras: bool  # the loop trained a Keras model (else a plain tf.Module)
 
 
 @pytest.fixture(scope="module")
@@ -56,38 +40,16 @@ def watched_keras(tmp_path_factory: pytest.TempPathFactory) -> Watched:
 
 def watch_loop(root: Path, *, keras: bool) -> Watched:
     """The foreign loop run in a subprocess while the evaluator's watch loop (--weights both) runs here."""
-    data = write_dataset(root / "data", n_train=1200, n_test=200)
-    loaded = datasets.load("mnist", str(data))
-    np.savez(root / "validation.npz", images=loaded.validation.images, labels=loaded.validation.labels)
-    np.savez(root / "train.npz", images=loaded.train.images, labels=loaded.train.labels)
-    workdir = root / "run"
-    loop = subprocess.Popen(
-        [sys.executable, "-m", "tests.foreign_loop", str(workdir), str(root / "validation.npz"),
-         str(root / "train.npz"), str(root / "refs.jsonl"), "--steps", str(STEPS), "--save-every", str(SAVE_EVERY),
-         *(["--keras"] if keras else [])],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    last = f"ckpt-{STEPS}"
-    stop = StopRequest()
-    spy = Spy(stop, until=lambda status: any(r.checkpoint == last and r.status == "ok" for r in spy.rows))
-    guard = threading.Timer(150, stop.set, args=("timeout",))
-    guard.daemon = True
-    guard.start()
-    flags = KERAS if keras else PLAIN
-    try:
-        run_watch(EvalConfig(workdir=workdir, data_dir=str(data), weights="both", foreign=flags), spy, stop)
-    finally:
-        guard.cancel()
-        _, err = loop.communicate(timeout=120)
-    assert loop.returncode == 0, err[-2000:]
-    assert stop.reason == "test", "the watch loop never evaluated the last checkpoint"
-    rows = [json.loads(line) for line in (root / "refs.jsonl").read_text().splitlines()]
-    return Watched(workdir, data, {r["checkpoint"]: r for r in rows}, keras)
+    args = [str(root / "run"), str(root / "validation.npz"), str(root / "train.npz"), str(root / "refs.jsonl"),
+            "--steps", str(STEPS), "--save-every", str(SAVE_EVERY), *(["--keras"] if keras else [])]
+    return watch_reference_loop(root, "tests.foreign_loop", args, last=f"ckpt-{STEPS}",
+                                foreign=KERAS if keras else PLAIN)
 
 
 @pytest.mark.parametrize("run", ["watched", "watched_keras"])
 def test_every_checkpoint_matches_the_loops_own_evaluation(run: str, request: pytest.FixtureRequest) -> None:
     watched: Watched = request.getfixturevalue(run)
-    records = Ledger(watched.workdir).read()
+    records = Ledger(open_storage(watched.workdir)).read()
     assert {r["status"] for r in records} <= {"ok", "gone"}, [r.get("reason") for r in records]
     ok = {(r["checkpoint"], r["weights"]): r for r in records if r["status"] == "ok"}
     assert ("ckpt-60", "ema") in ok and ("ckpt-60", "raw") in ok

@@ -9,9 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import subprocess
-import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +19,16 @@ from PIL import Image
 from common.checkpoint import checkpoints
 from common.checkpoint.checkpoints import State
 from common.checkpoint.tf1graph import GraphFlagError, GraphFlags, SaverGraph, meta_of
-from common.data import datasets
+from common.run.workdir import Workdir
 from common.signals import StopRequest
+from common.storage import open_storage
 from evaluator.config import EvalConfig
 from evaluator.ledger import Ledger
 from evaluator.loop import run_once, run_watch
 from evaluator.tf1core import GraphEvaluator
 from tests import tf1_tutorial
 from tests.evaluator.serving.test_export_predict import clean_probabilities
-from tests.helpers import REPO, Spy, listing, run_evaluator_cli, write_dataset
+from tests.helpers import Spy, Watched, checkpoint_files, listing, run_evaluator_cli, watch_reference_loop
 
 GRAPH = GraphFlags(input="x-input:0", output="layer2/add:0", dataset="mnist")
 FLAGS = ["--tf1-graph", "--input", GRAPH.input, "--output", GRAPH.output, "--dataset", "mnist"]
@@ -38,48 +36,21 @@ STEPS, SAVE_EVERY = 120, 10  # 12 saves; the Saver's max_to_keep=5 deletes the 7
 LAST = f"{tf1_tutorial.MODEL_NAME}-{STEPS}"
 
 
-@dataclasses.dataclass(frozen=True)
-class Watched:
-    workdir: Path
-    data: Path
-    refs: dict[str, dict[str, float]]  # checkpoint -> {"ema": accuracy, "raw": accuracy} from mnist_eval.py
-    validation: datasets.Split
-
-
 @pytest.fixture(scope="module")
 def watched(tmp_path_factory: pytest.TempPathFactory) -> Watched:
     """A tutorial TF1 trainer run in a subprocess while the evaluator's watch loop (--weights both) runs here."""
     root = tmp_path_factory.mktemp("tf1")
-    data = write_dataset(root / "data", n_train=1200, n_test=200)
-    validation = datasets.load("mnist", str(data)).validation
-    np.savez(root / "validation.npz", images=validation.images, labels=validation.labels)
-    workdir = root / "run"
-    trainer = subprocess.Popen(
-        [sys.executable, "-m", "tests.tf1_tutorial", str(workdir), str(data), str(root / "refs.jsonl"),
-         str(root / "validation.npz"), "--steps", str(STEPS), "--save-every", str(SAVE_EVERY)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    stop = StopRequest()
-    spy = Spy(stop, until=lambda status: any(r.checkpoint == LAST and r.status == "ok" for r in spy.rows))
-    guard = threading.Timer(150, stop.set, args=("timeout",))
-    guard.daemon = True
-    guard.start()
-    try:
-        run_watch(EvalConfig(workdir=workdir, data_dir=str(data), weights="both", graph=GRAPH), spy, stop)
-    finally:
-        guard.cancel()
-        _, err = trainer.communicate(timeout=120)
-    assert trainer.returncode == 0, err[-2000:]
-    assert stop.reason == "test", "the watch loop never evaluated the last checkpoint"
-    rows = [json.loads(line) for line in (root / "refs.jsonl").read_text().splitlines()]
-    return Watched(workdir, data, {r["checkpoint"]: r for r in rows}, validation)
+    args = [str(root / "run"), str(root / "data"), str(root / "refs.jsonl"), str(root / "validation.npz"),
+            "--steps", str(STEPS), "--save-every", str(SAVE_EVERY)]
+    return watch_reference_loop(root, "tests.tf1_tutorial", args, last=LAST, graph=GRAPH)
 
 
 def copy_of(watched: Watched, tmp_path: Path, *, ledger: bool = True) -> Path:
     """A copy of the watched run, its state file naming the copy's files as a Saver writing there would."""
     workdir = Path(shutil.copytree(watched.workdir, tmp_path / "run", symlinks=True))
-    state = checkpoints.read_state(workdir)
+    state = checkpoints.read_state(open_storage(workdir))
     assert state is not None
-    checkpoints.write_state(workdir, State(latest=str(workdir / Path(state.latest or "").name),
+    checkpoints.write_state(open_storage(workdir), State(latest=str(workdir / Path(state.latest or "").name),
                                            paths=[str(workdir / Path(p).name) for p in state.paths]))
     if not ledger:
         shutil.rmtree(workdir / "eval")
@@ -87,11 +58,11 @@ def copy_of(watched: Watched, tmp_path: Path, *, ledger: bool = True) -> Path:
 
 
 def ok_rows(workdir: Path, weights: str = "ema") -> list[dict[str, Any]]:
-    return [r for r in Ledger(workdir).read() if r["status"] == "ok" and r["weights"] == weights]
+    return [r for r in Ledger(open_storage(workdir)).read() if r["status"] == "ok" and r["weights"] == weights]
 
 
 def test_every_checkpoint_matches_the_tutorial_evaluation(watched: Watched) -> None:
-    records = Ledger(watched.workdir).read()
+    records = Ledger(open_storage(watched.workdir)).read()
     assert {r["status"] for r in records} <= {"ok", "gone"}, [r.get("reason") for r in records]
     ema, raw = ok_rows(watched.workdir), {r["checkpoint"]: r for r in ok_rows(watched.workdir, "raw")}
     assert LAST in {r["checkpoint"] for r in ema} and len(ema) == len(raw)
@@ -103,7 +74,7 @@ def test_every_checkpoint_matches_the_tutorial_evaluation(watched: Watched) -> N
     # The moving averages lag behind early on: the two differ, so the match above tells them apart.
     assert any(abs(watched.refs[r["checkpoint"]]["ema"] - watched.refs[r["checkpoint"]]["raw"]) > 1e-6
                for r in ema)
-    state = checkpoints.read_state(watched.workdir)
+    state = checkpoints.read_state(open_storage(watched.workdir))
     assert state is not None and len(state.paths) == 5 and all(Path(p).is_absolute() for p in state.paths)
     # Evaluated, then deleted by the Saver's max_to_keep=5: the rows stay, and eval/best keeps its own files.
     deleted = [r["checkpoint"] for r in ema if not (watched.workdir / f"{r['checkpoint']}.index").exists()]
@@ -118,15 +89,18 @@ def test_snapshot_holds_while_the_saver_deletes(watched: Watched, tmp_path: Path
     deleted = []
 
     def delete_then_restore(self: SaverGraph, prefix: Path, weights: str) -> None:
-        for file in checkpoints.files_of(workdir / name):  # what max_to_keep does to the oldest checkpoint
+        for file in checkpoint_files(workdir / name):  # what max_to_keep does to the oldest checkpoint
             file.unlink()
             deleted.append(file.name)
         real(self, prefix, weights)
 
     monkeypatch.setattr(SaverGraph, "restore", delete_then_restore)
-    core = GraphEvaluator(workdir, GRAPH, watched.validation, split_name="validation", weights="ema")
-    try:
-        [record] = core.evaluate(str(workdir / name), committed=0.0, detected=0.0)
+    opened = Workdir.open(workdir)
+    core = GraphEvaluator(opened, GRAPH, watched.validation, split_name="validation", weights="ema")
+    try:  # as the session does: pin, then evaluate the private copy
+        base = core.begin(str(workdir / name), committed=0.0, detected=0.0, fingerprint=None)
+        with opened.pin(name) as private:
+            [record] = core.evaluate_snapshot(private, base)
     finally:
         core.close()
     assert sorted(deleted) == sorted([f"{name}.data-00000-of-00001", f"{name}.index", f"{name}.meta"])
@@ -245,17 +219,17 @@ def test_missing_moving_averages_are_an_error_not_raw_weights(watched: Watched, 
 
 def test_a_moved_workdir_is_read_by_file_name(watched: Watched, tmp_path: Path) -> None:
     workdir = copy_of(watched, tmp_path, ledger=False)
-    state = checkpoints.read_state(workdir)
+    state = checkpoints.read_state(open_storage(workdir))
     assert state is not None
     gone = tmp_path / "old-place"  # where the Saver wrote them: nothing is there any more
     moved = State(latest=str(gone / Path(state.latest or "").name), paths=[str(gone / Path(p).name)
                                                                           for p in state.paths])
-    checkpoints.write_state(workdir, moved)
+    checkpoints.write_state(open_storage(workdir), moved)
     session = run_once(EvalConfig(workdir=workdir, data_dir=str(watched.data), graph=GRAPH))
     assert [r["status"] for r in session.ledger.read()] == ["ok"] * 5
     # A path to a checkpoint somewhere else stays refused, even when the workdir has one of that name.
     elsewhere = copy_of(watched, tmp_path / "second", ledger=False)
-    checkpoints.write_state(workdir, State(latest=str(elsewhere / LAST), paths=[str(elsewhere / LAST)]))
+    checkpoints.write_state(open_storage(workdir), State(latest=str(elsewhere / LAST), paths=[str(elsewhere / LAST)]))
     shutil.rmtree(workdir / "eval")
     records = run_once(EvalConfig(workdir=workdir, data_dir=str(watched.data), graph=GRAPH)).ledger.read()
     assert [r["status"] for r in records] == ["error"] and "points outside the workdir" in records[0]["reason"]
@@ -263,9 +237,9 @@ def test_a_moved_workdir_is_read_by_file_name(watched: Watched, tmp_path: Path) 
 
 def test_a_step_that_disagrees_with_global_step_is_an_error(watched: Watched, tmp_path: Path) -> None:
     workdir = copy_of(watched, tmp_path, ledger=False)
-    for file in checkpoints.files_of(workdir / LAST):
+    for file in checkpoint_files(workdir / LAST):
         file.rename(workdir / file.name.replace(LAST, f"{LAST}5"))
-    checkpoints.write_state(workdir, State(latest=f"{LAST}5", paths=[f"{LAST}5"]))
+    checkpoints.write_state(open_storage(workdir), State(latest=f"{LAST}5", paths=[f"{LAST}5"]))
     [record] = run_once(EvalConfig(workdir=workdir, data_dir=str(watched.data), graph=GRAPH)).ledger.read()
     assert record["status"] == "error" and f"the name says step {STEPS}5 but its global_step is {STEPS}" \
            in record["reason"]

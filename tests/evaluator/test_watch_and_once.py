@@ -22,7 +22,7 @@ from evaluator.ledger import Ledger
 from evaluator.loop import run_once, run_watch
 from evaluator.session import Session
 from evaluator.wakeups import WATCHED_NAMES, Wake
-from tests.helpers import Spy, mnist_model, watch_beside_trainer
+from tests.helpers import Spy, checkpoint_files, mnist_model, watch_beside
 from tests.helpers import run_evaluator_cli as run_cli
 
 
@@ -59,7 +59,7 @@ def test_pending_in_commit_order_and_policy(workdir: Path, tiny_data: Path) -> N
 def test_once_records_everything_then_nothing_again(workdir: Path, tiny_data: Path) -> None:
     cfg = eval_config(workdir, tiny_data)
     run_once(cfg)
-    records = Ledger(workdir).read()
+    records = Ledger(open_storage(workdir)).read()
     assert [r["checkpoint"] for r in records] == ["model-20", "model-40", "model-60"]
     first = records[0]
     for field in ("step", "checkpoint", "split", "weights", "accuracy", "loss", "examples", "per_class_accuracy",
@@ -68,13 +68,13 @@ def test_once_records_everything_then_nothing_again(workdir: Path, tiny_data: Pa
     assert (first["step"], first["split"], first["weights"], first["examples"]) == (20, "validation", "ema", 50)
     assert len(first["per_class_accuracy"]) == 10
     run_once(cfg)  # a restarted evaluator re-evaluates nothing
-    assert len(Ledger(workdir).read()) == 3
+    assert len(Ledger(open_storage(workdir)).read()) == 3
     assert not list((workdir / "eval").glob(".snapshot-*"))
 
 
 def test_ema_accuracy_is_that_of_the_shadows(workdir: Path, tiny_data: Path) -> None:
     run_once(eval_config(workdir, tiny_data, weights="both", split="test"))
-    records = [r for r in Ledger(workdir).read() if r["checkpoint"] == "model-60"]
+    records = [r for r in Ledger(open_storage(workdir)).read() if r["checkpoint"] == "model-60"]
     by_kind = {r["weights"]: r for r in records}
     model = mnist_model("softmax")
     checkpoints.restore_variables(workdir / "model-60", variables_to_restore(model))
@@ -91,10 +91,10 @@ def test_ema_accuracy_is_that_of_the_shadows(workdir: Path, tiny_data: Path) -> 
 def test_deleted_checkpoint_is_gone_not_error(workdir: Path, tiny_data: Path) -> None:
     session = Session(eval_config(workdir, tiny_data))
     listed = session.listed()
-    for file in checkpoints.files_of(workdir / "model-20"):
+    for file in checkpoint_files(workdir / "model-20"):
         file.unlink()  # retention got there first
     session.evaluate(listed[0])
-    (record,) = [r for r in Ledger(workdir).read() if r["checkpoint"] == "model-20"]
+    (record,) = [r for r in Ledger(open_storage(workdir)).read() if r["checkpoint"] == "model-20"]
     assert record["status"] == "gone" and "model-20.index is gone" in record["reason"]
     assert "model-20" not in [c.name for c in session.pending(session.listed())]
 
@@ -103,24 +103,24 @@ def test_corrupt_checkpoint_is_recorded_once(workdir: Path, tiny_data: Path) -> 
     data = next(workdir.glob("model-40.data-*"))
     data.write_bytes(data.read_bytes()[:1000])
     run_once(eval_config(workdir, tiny_data))
-    by_name = {r["checkpoint"]: r for r in Ledger(workdir).read()}
+    by_name = {r["checkpoint"]: r for r in Ledger(open_storage(workdir)).read()}
     assert by_name["model-40"]["status"] == "error" and "model-40" in by_name["model-40"]["reason"]
     assert by_name["model-20"]["status"] == by_name["model-60"]["status"] == "ok"
     run_once(eval_config(workdir, tiny_data))  # never retried
-    assert len(Ledger(workdir).read()) == 3
+    assert len(Ledger(open_storage(workdir)).read()) == 3
 
 
 def test_missing_shadows_fail_loudly(workdir: Path, tiny_data: Path) -> None:
     model = mnist_model("softmax")
     tf.train.Checkpoint(global_step=tf.Variable(80, dtype=tf.int64), model=model).write(str(workdir / "model-80"))
-    state = checkpoints.read_state(workdir)
+    state = checkpoints.read_state(open_storage(workdir))
     assert state is not None
     state.paths.append("model-80")
     state.timestamps.append(state.timestamps[-1] + 1)
     state.latest = "model-80"
-    checkpoints.write_state(workdir, state)
+    checkpoints.write_state(open_storage(workdir), state)
     run_once(eval_config(workdir, tiny_data, policy="latest"))
-    (record,) = Ledger(workdir).read()
+    (record,) = Ledger(open_storage(workdir)).read()
     assert record["status"] == "error"
     assert "no ema/fc1/kernel, ema/fc1/bias in the checkpoint" in record["reason"]
 
@@ -128,14 +128,14 @@ def test_missing_shadows_fail_loudly(workdir: Path, tiny_data: Path) -> None:
 def test_snapshot_survives_deletion_mid_read(workdir: Path) -> None:
     model = mnist_model("softmax")
     with open_storage(workdir).pin("model-60") as private:
-        for file in checkpoints.files_of(workdir / "model-60"):
+        for file in checkpoint_files(workdir / "model-60"):
             file.unlink()
         checkpoints.restore_variables(private, variables_to_restore(model))
     assert not list((workdir / "eval").iterdir())
 
 
 def test_ledger_dedupes_and_skips_broken_lines(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path)
+    ledger = Ledger(open_storage(tmp_path))
     row = {"checkpoint": "model-1", "committed": 1.0, "split": "validation", "weights": "ema", "accuracy": 0.5}
     assert ledger.append([row]) == [row]
     assert ledger.append([row]) == []
@@ -150,7 +150,7 @@ def test_a_commit_evaluated_then_deleted_before_a_rescan_reads_it_is_not_recorde
     session = Session(eval_config(workdir, tiny_data))
     (first, *_) = session.listed()
     session.evaluate(first)
-    for path in checkpoints.files_of(workdir / first.name):
+    for path in checkpoint_files(workdir / first.name):
         path.unlink()
     (again, *_) = session.listed()
     assert again.name == first.name and again.fingerprint is None and not again.on_disk
@@ -220,13 +220,14 @@ def test_cli_errors_exit_2(setup: str, flags: list[str], message: str, workdir: 
 def test_trainer_and_watching_evaluator_end_to_end(tmp_path: Path, tiny_data: Path) -> None:
     """A real trainer process and the real watching evaluator: every checkpoint lands once."""
     workdir = tmp_path / "live"
-    stop, _, err, code = watch_beside_trainer(
+    stop, _, err, code = watch_beside(
+        "trainer.cli",
         ["--workdir", str(workdir), "--data-dir", str(tiny_data), "--model", "softmax", "--steps", "300",
          "--save-every", "30", "--keep", "0", "--steps-per-loop", "10"],
         eval_config(workdir, tiny_data, exit_when_done=True), Spy())
     assert code == 0, err
     assert stop.reason is None, "the evaluator did not finish in time"
-    records = Ledger(workdir).read()
+    records = Ledger(open_storage(workdir)).read()
     assert sorted(r["step"] for r in records) == list(range(30, 301, 30))
     assert all(r["status"] == "ok" for r in records)
     assert all(r["finished"] >= r["detected"] >= r["committed"] - 1 for r in records)

@@ -21,8 +21,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.storage import open_storage
 from tests.fault import storm
-from tests.fault.storm import REPO, _committed, _leftovers, _staging, _state_mtime
+from tests.fault.storm import REPO, _leftovers, _staging, _state_mtime
+from tests.helpers import committed_step
 
 
 class Job:
@@ -150,7 +152,7 @@ def run_storm(kills: int, data_dir: Path, workdir: Path, seed: int = 0) -> Storm
         while stats.kills < kills and len(stats.problems) < 3:
             job = _start(workdir, data_dir, expected, stats)
             _kill_one(job, workdir, rng, stats)
-            expected = _committed(workdir)
+            expected = committed_step(open_storage(workdir))
         _last_clean_start(_start(workdir, data_dir, expected, stats), workdir, stats)
     finally:
         storm.stop_evaluator(evaluator, stats.problems)

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import REPO
+from common.storage import open_storage
+from tests.helpers import REPO, committed_step
 
 
 @dataclass
@@ -56,19 +57,6 @@ def _staging(workdir: Path) -> bool:
 
 def _leftovers(workdir: Path) -> int:
     return sum(1 for p in workdir.iterdir() if p.name.endswith("_temp") or ".tmp" in p.name)
-
-
-def _committed(workdir: Path) -> int | None:
-    from common.checkpoint import checkpoints
-
-    state = checkpoints.read_state(workdir)
-    if state is None or state.latest is None:
-        return None
-    prefix = checkpoints.resolve(workdir, state.latest)
-    why = checkpoints.check_readable(prefix)
-    if why:
-        raise AssertionError(f"the state file names {state.latest}, which is not readable: {why}")
-    return checkpoints.read_step(prefix)
 
 
 def _kill_one(proc: subprocess.Popen[str], workdir: Path, rng: random.Random, stats: StormStats) -> int:
@@ -123,7 +111,7 @@ def run_storm(kills: int, data_dir: Path, workdir: Path, seed: int = 0) -> Storm
             saving = _kill_one(proc, workdir, rng, stats)
             stats.leftovers_max = max(stats.leftovers_max, _leftovers(workdir))
             reached = max(_heartbeat_step(workdir) or 0, saving)  # a lower bound of the step at the kill
-            expected = _committed(workdir)
+            expected = committed_step(open_storage(workdir))
             if expected is not None:
                 stats.steps_lost.append(max(0, reached - expected))
         # One last clean start removes the leftovers of the last kill.

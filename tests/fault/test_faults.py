@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import os
@@ -24,11 +25,21 @@ from common.checkpoint import checkpoints
 from common.checkpoint.checkpoints import CheckpointError, State
 from common.data.idx import read_idx
 from common.errors import DataFormatError, WorkdirIOError
+from common.storage import open_storage
 from evaluator.config import EvalConfig
 from evaluator.core import CheckpointEvaluator
 from evaluator.ledger import Ledger
 from evaluator.loop import run_once
-from tests.helpers import Recorder, Spy, make_train_config, two_evaluators_at_once, watch_beside_trainer
+from tests.failing_disk import FailingDisk
+from tests.helpers import (
+    Recorder,
+    Spy,
+    checkpoint_files,
+    committed_step,
+    make_train_config,
+    two_evaluators_at_once,
+    watch_beside,
+)
 from tests.helpers import run_trainer_cli as run_cli
 from trainer import saver as saver_lib
 from trainer.loop import train
@@ -87,13 +98,13 @@ def test_state_paths_outside_the_workdir_are_refused(trained_config: Any, tiny_d
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    for file in checkpoints.files_of(trained_config.workdir / "model-60"):
+    for file in checkpoint_files(trained_config.workdir / "model-60"):
         shutil.copy(file, elsewhere / file.name)
     state = State(latest=str(elsewhere / "model-60"), paths=["../elsewhere/model-60", str(elsewhere / "model-60")],
                   timestamps=[1.0, 2.0])
-    checkpoints.write_state(trained_config.workdir, state)
+    checkpoints.write_state(open_storage(trained_config.workdir), state)
     run_once(EvalConfig(workdir=trained_config.workdir, data_dir=str(tiny_data)))
-    rows = Ledger(trained_config.workdir).read()
+    rows = Ledger(open_storage(trained_config.workdir)).read()
     assert len(rows) == 2 and all(r["status"] == "error" and "points outside the workdir" in r["reason"]
                                   for r in rows)
     rec, err = _resume(make_config, capsys)  # the trainer ignores them too and resumes from its own files
@@ -128,41 +139,64 @@ def test_full_disk_keeps_previous_checkpoints(tmp_path: Path, tiny_data: Path) -
         with pytest.raises(WorkdirIOError, match="saving model-40: disk full") as err:
             train(cfg, reporter=Recorder())
         assert err.value.exit_code == 5
-        state = checkpoints.read_state(cfg.workdir)
+        state = checkpoints.read_state(open_storage(cfg.workdir))
         assert state is not None and state.latest == "model-20" and state.paths == ["model-20"]
-        assert checkpoints.check_readable(cfg.workdir / "model-20") is None
+        assert checkpoints.check_readable_files(cfg.workdir / "model-20") is None
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def test_disk_full_after_the_first_save_exits_5_and_keeps_it(tmp_path: Path, tiny_data: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """As test_full_disk_keeps_previous_checkpoints, without a mount (tests/failing_disk.py); then room again."""
+    workdir = tmp_path / "run"
+    disk = FailingDisk(workdir, monkeypatch)
+    disk.fail(errno.ENOSPC, when=(workdir / "checkpoint").exists)  # full from model-20's commit on
+    args = ["--workdir", str(workdir), "--data-dir", str(tiny_data), "--model", "softmax", "--steps", "60",
+            "--save-every", "20", "--keep", "5", "--progress", "plain"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 5 and err.count("\n") == 1 and "saving model-40: disk full" in err, err
+    assert any(r.startswith("write checkpoint.tmp-") for r in disk.refused)  # the state file did not fit
+    storage = open_storage(workdir)
+    state = checkpoints.read_state(storage)
+    assert state is not None and state.paths == ["model-20"] and committed_step(storage) == 20
+    disk.heal()
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "resumed from model-20 (step 20)" in out and committed_step(storage) == 60
 
 
 def test_retention_pressure_with_a_slow_evaluator(tmp_path: Path, tiny_data: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     workdir = tmp_path / "run"
-    real = CheckpointEvaluator.evaluate
+    real = CheckpointEvaluator.evaluate_snapshot
 
     def slow(self: CheckpointEvaluator, *args: Any, **kwargs: Any) -> Any:
         threading.Event().wait(0.05)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(CheckpointEvaluator, "evaluate", slow)
-    stop, _, err, code = watch_beside_trainer(
+    monkeypatch.setattr(CheckpointEvaluator, "evaluate_snapshot", slow)
+    stop, _, err, code = watch_beside(
+        "trainer.cli",
         ["--workdir", str(workdir), "--data-dir", str(tiny_data), "--model", "softmax", "--steps", "150",
          "--save-every", "1", "--keep", "1", "--steps-per-loop", "1"],
         EvalConfig(workdir=workdir, data_dir=str(tiny_data), exit_when_done=True), Spy())
     assert code == 0, err
     assert stop.reason is None
-    rows = Ledger(workdir).read()
+    rows = Ledger(open_storage(workdir)).read()
     assert rows and {r["status"] for r in rows} <= {"ok", "gone"}
     assert any(r["step"] == 150 and r["status"] == "ok" for r in rows)
     # What remains on disk is what the state file lists.
-    state = checkpoints.read_state(workdir)
-    assert state is not None and sorted(checkpoints.name_for(s) for s in checkpoints.on_disk(workdir)) == sorted(
-        state.paths)
+    storage = open_storage(workdir)
+    state = checkpoints.read_state(storage)
+    assert state is not None
+    assert sorted(checkpoints.name_for(s) for s in checkpoints.on_disk(storage)) == sorted(state.paths)
 
 
 def test_two_evaluators_keep_one_consistent_ledger(trained_config: Any, tiny_data: Path) -> None:
     two_evaluators_at_once(str(trained_config.workdir), tiny_data)
-    rows = Ledger(trained_config.workdir).read()
+    rows = Ledger(open_storage(trained_config.workdir)).read()
     keys = [(r["checkpoint"], r["weights"]) for r in rows]
     assert sorted(keys) == sorted((f"model-{s}", w) for s in (20, 40, 60) for w in ("ema", "raw"))
 
@@ -184,7 +218,7 @@ def test_signal_during_a_save_finishes_the_save(sig: signal.Signals, make_config
     result = train(cfg, reporter=Recorder())
     assert result.stopped_by == sig.name and result.final_step == 20
     assert tf.train.latest_checkpoint(str(cfg.workdir)) == str(cfg.workdir / "model-20")
-    assert checkpoints.check_readable(cfg.workdir / "model-20") is None
+    assert checkpoints.check_readable_files(cfg.workdir / "model-20") is None
 
 
 def test_idx_header_claiming_10e12_images_fails_before_allocating(tmp_path: Path) -> None:
@@ -216,7 +250,7 @@ def test_fuzz_idx_reader(tmp_path: Path, data: bytes, gz: bool, ndim: int) -> No
 def test_fuzz_state_file_reader(tmp_path: Path, text: str) -> None:
     (tmp_path / "checkpoint").write_text(text, encoding="utf-8", errors="surrogatepass")
     try:
-        state = checkpoints.read_state(tmp_path)
+        state = checkpoints.read_state(open_storage(tmp_path))
     except CheckpointError as e:
         assert "checkpoint" in str(e)
     else:
@@ -225,7 +259,7 @@ def test_fuzz_state_file_reader(tmp_path: Path, text: str) -> None:
 
 def test_ledger_survives_a_torn_write(trained_config: Any, tiny_data: Path) -> None:
     run_once(EvalConfig(workdir=trained_config.workdir, data_dir=str(tiny_data)))
-    ledger = Ledger(trained_config.workdir)
+    ledger = Ledger(open_storage(trained_config.workdir))
     before = ledger.read()
     with open(ledger.path, "a") as f:
         f.write('{"checkpoint": "model-80", "sta')

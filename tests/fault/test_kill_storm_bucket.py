@@ -67,7 +67,7 @@ def kill_storm(workdir: str, data_dir: Path, *, kills: int, seed: int = 0) -> li
             time.sleep(rng.uniform(0.0, 0.3))  # saves land every few tens of milliseconds: kills hit them
             proc.kill()
             proc.communicate(timeout=60)  # also closes its pipe
-            step = committed_step(storage, workdir)
+            step = committed_step(storage)
             if step is not None:
                 committed.append(step)
                 expected = f"resumed from model-{step} (step {step})"
@@ -80,7 +80,7 @@ def kill_storm(workdir: str, data_dir: Path, *, kills: int, seed: int = 0) -> li
 
 def _check(workdir: str, committed: list[int], kills: int) -> None:
     assert len(committed) == kills and committed == sorted(committed)  # training went on from kill to kill
-    rows = Ledger(BucketPath(workdir)).read()
+    rows = Ledger(open_storage(BucketPath(workdir))).read()
     assert rows and {r["status"] for r in rows} <= {"ok", "gone"}  # never a partial checkpoint read
 
 

@@ -12,6 +12,7 @@ from common.checkpoint import checkpoints
 from common.errors import DivergedError
 from common.run.protocol import EarlyStopRequest
 from common.signals import StopRequest
+from common.storage import open_storage
 from tests.helpers import Recorder
 from trainer.actions import CheckFinite, CheckStopRequest, LoopOutput, Report, SaveCheckpoints, make_actions
 from trainer.loop import train
@@ -149,6 +150,6 @@ def test_train_honours_the_stop_request_it_is_given(make_config: Callable[..., A
     cfg = make_config(steps=60, save_every=40, steps_per_loop=10)
     result = train(cfg, reporter=StopAt(stop, 10), stop=stop)
     assert (result.stopped_by, result.final_step, result.metrics) == ("test", 10, {})
-    assert checkpoints.on_disk(cfg.workdir) == [10]
+    assert checkpoints.on_disk(open_storage(cfg.workdir)) == [10]
     assert not (cfg.workdir / "done.json").exists()
     assert json.loads((cfg.workdir / "heartbeat.json").read_text())["state"] == "stopped"

@@ -23,6 +23,7 @@ from common.checkpoint import checkpoints
 from common.errors import EXIT_WORKER_LOST, UsageError, WorkerLostError
 from common.run.spec import read_run
 from common.signals import StopRequest
+from common.storage import open_storage
 from tests.helpers import Recorder, make_train_config
 from tests.helpers import run_trainer_cli as run_cli
 from trainer.actions import LoopOutput
@@ -76,7 +77,7 @@ def test_replicas_hold_identical_shadows_and_slots_after_a_restore(make_config: 
     cfg = make_config(model="mlp", steps=20, save_every=20, ema_decay=0.9)
     strategy = mirrored()
     train(cfg, reporter=Recorder(), strategy=strategy)
-    spec = read_run(cfg.workdir)
+    spec = read_run(open_storage(cfg.workdir))
     assert spec is not None
     state = TrainState(spec, strategy)
     assert restore(state, cfg.workdir / "model-20") == 20

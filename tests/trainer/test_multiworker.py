@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from common.checkpoint import checkpoints
+from common.storage import open_storage
 from evaluator.config import EvalConfig
 from evaluator.loop import run_once
 from tests.fault.mw_storm import Job
@@ -96,15 +97,15 @@ def test_resume_from_two_workers_on_one_and_back_then_sigterm_commits_once(
     assert len(stopped) == 2 and stopped[0].split("] ", 1)[1] == stopped[1].split("] ", 1)[1], stopped
     step = int(re.search(r"at step (\d+); saved model-(\1)$", stopped[0])[1])  # type: ignore[index]
     assert step > 75
-    state = checkpoints.read_state(workdir)
+    state = checkpoints.read_state(open_storage(workdir))
     assert state is not None and state.latest == f"model-{step}"
-    assert checkpoints.on_disk(workdir) == [25, 50, 75, step]  # the stop committed exactly one checkpoint
+    assert checkpoints.on_disk(open_storage(workdir)) == [25, 50, 75, step]  # the stop committed exactly one checkpoint
 
 
 def test_a_second_job_on_a_locked_workdir_is_refused_by_its_chief(two_workers: tuple[Path, Job, Path],
                                                                  tiny_data: Path, tmp_path: Path) -> None:
     workdir = Path(shutil.copytree(two_workers[0], tmp_path / "copy"))
-    with WorkdirLock(workdir):  # another trainer holds the workdir
+    with WorkdirLock(open_storage(workdir)):  # another trainer holds the workdir
         before = {p.name: p.stat().st_mtime_ns for p in workdir.iterdir()}
         job = Job(job_flags(workdir, tiny_data, steps=100))
         assert job.finish() == 2

@@ -18,6 +18,7 @@ from common.checkpoint import checkpoints
 from common.checkpoint.checkpoints import State
 from common.errors import UsageError
 from common.run.spec import MAX_CLASS_NAMES, read_run
+from common.storage import open_storage
 from evaluator.config import EvalConfig
 from evaluator.loop import run_once
 from tests.helpers import REPO, Recorder, listing, make_train_config
@@ -164,10 +165,10 @@ def test_run_json_sizes_are_bounded(tmp_path: Path) -> None:
             "lr_decay_steps": 10, "l2": 0.0, "ema_decay": 0.9, "seed": 0}
     (tmp_path / "run.json").write_text(json.dumps(spec | {"class_names": ["n"] * (MAX_CLASS_NAMES + 1)}))
     with pytest.raises(UsageError, match=f"class_names has {MAX_CLASS_NAMES + 1:,} names"):
-        read_run(tmp_path)
+        read_run(open_storage(tmp_path))
     (tmp_path / "run.json").write_text(json.dumps(spec | {"class_names": ["x" * 2_000_000]}))
     with pytest.raises(UsageError, match="run file larger than 1,000,000 bytes"):
-        read_run(tmp_path)
+        read_run(open_storage(tmp_path))
 
 
 @pytest.mark.parametrize("overrides", [
@@ -194,12 +195,13 @@ def test_hand_edited_class_names_are_named_as_an_edit(workdir: Path, tiny_data: 
 
 def test_unlisted_older_checkpoints_are_removed_at_start(workdir: Path, tiny_data: Path) -> None:
     # As after a kill right after the state-file rename: the state file lists only model-60.
-    checkpoints.write_state(workdir, State(latest="model-60", paths=["model-60"], timestamps=[time.time()]))
+    state = State(latest="model-60", paths=["model-60"], timestamps=[time.time()])
+    checkpoints.write_state(open_storage(workdir), state)
     (workdir / "eval").mkdir(exist_ok=True)
     (workdir / "eval" / "best.json").write_text(json.dumps({"checkpoint": "model-20"}))
     rec = Recorder()
     train(make_train_config(tiny_data, workdir, steps=80, keep=0), reporter=rec)
-    assert checkpoints.on_disk(workdir) == [20, 60, 80]  # model-20 is the evaluator's best
+    assert checkpoints.on_disk(open_storage(workdir)) == [20, 60, 80]  # model-20 is the evaluator's best
     assert any(m.startswith("removed 1 checkpoint(s) that the state file no longer lists") and "model-40" in m
                for m in rec.messages)
 
@@ -207,11 +209,12 @@ def test_unlisted_older_checkpoints_are_removed_at_start(workdir: Path, tiny_dat
 def test_retention_ignores_timestamps_from_a_clock_stepped_back(workdir: Path, tiny_data: Path) -> None:
     future = time.time() + 10 * 86400
     paths = ["model-20", "model-40", "model-60"]
-    checkpoints.write_state(workdir, State(latest="model-60", paths=paths, timestamps=[future + i for i in range(3)]))
+    state = State(latest="model-60", paths=paths, timestamps=[future + i for i in range(3)])
+    checkpoints.write_state(open_storage(workdir), state)
     train(make_train_config(tiny_data, workdir, steps=100, keep=2), reporter=Recorder())
-    state = checkpoints.read_state(workdir)
+    state = checkpoints.read_state(open_storage(workdir))
     assert state is not None and state.latest == "model-100" and state.paths == ["model-80", "model-100"]
-    assert checkpoints.on_disk(workdir) == [80, 100]
+    assert checkpoints.on_disk(open_storage(workdir)) == [80, 100]
 
 
 def test_select_kept_keeps_the_new_checkpoint_whatever_the_timestamps() -> None:
@@ -227,7 +230,7 @@ def test_leftover_temp_link_is_removed_without_touching_its_target(tmp_path: Pat
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "model-5_temp").symlink_to(outside)
-    assert saver_lib.clean_leftovers(workdir) == ["model-5_temp"]
+    assert open_storage(workdir).clean_leftovers() == ["model-5_temp"]
     assert not (workdir / "model-5_temp").is_symlink()
     assert (outside / "precious.txt").read_text() == "keep me"
 

@@ -16,7 +16,8 @@ import tensorflow as tf
 from common.checkpoint import checkpoints
 from common.data.datasets import load
 from common.errors import DivergedError, UsageError
-from tests.helpers import REPO, Recorder, listing
+from common.storage import open_storage
+from tests.helpers import REPO, Recorder, checkpoint_files, listing
 from tests.helpers import run_trainer_cli as run_cli
 from trainer import loop as loop_mod
 from trainer.inputs import train_dataset
@@ -32,9 +33,9 @@ def test_fresh_run_writes_checkpoints_state_and_keys(make_config: Callable[..., 
     assert (result.start_step, result.final_step, result.resumed_from) == (0, 60, None)
     names = sorted(p.name for p in cfg.workdir.iterdir() if not p.name.startswith("model-"))
     assert names == ["checkpoint", "done.json", "heartbeat.json", "run.json", "tb", "trainer.lock"]
-    assert checkpoints.on_disk(cfg.workdir) == [40, 60]  # --keep 2
+    assert checkpoints.on_disk(open_storage(cfg.workdir)) == [40, 60]  # --keep 2
     for step in (40, 60):
-        files = [p.name for p in checkpoints.files_of(cfg.workdir / f"model-{step}")]
+        files = [p.name for p in checkpoint_files(cfg.workdir / f"model-{step}")]
         assert f"model-{step}.index" in files and any(".data-00000-of-" in f for f in files)
     tf_state = tf.train.get_checkpoint_state(str(cfg.workdir))
     assert tf_state.model_checkpoint_path == str(cfg.workdir / "model-60")
@@ -84,7 +85,7 @@ def test_edited_state_file_resumes_there_and_replaces_later(make_config: Callabl
     assert rec.messages[0] == "resumed from model-20 (step 20)"
     assert result.final_step == 60
     assert (cfg.workdir / "model-60.index").stat().st_mtime_ns > old_60
-    state = checkpoints.read_state(cfg.workdir)
+    state = checkpoints.read_state(open_storage(cfg.workdir))
     assert state is not None and state.latest == "model-60"
     assert sorted(state.paths, key=checkpoints.step_of) == ["model-20", "model-40", "model-60"]
 
@@ -104,7 +105,8 @@ def test_from_flag_bad_path(make_config: Callable[..., Any]) -> None:
 def test_second_trainer_is_refused(make_config: Callable[..., Any]) -> None:
     cfg = make_config()
     cfg.workdir.mkdir(parents=True)
-    with WorkdirLock(cfg.workdir), pytest.raises(UsageError, match=r"another trainer is running on this workdir"):
+    lock = WorkdirLock(open_storage(cfg.workdir))
+    with lock, pytest.raises(UsageError, match=r"another trainer is running on this workdir"):
         train(cfg, reporter=Recorder())
 
 
@@ -206,7 +208,7 @@ def test_label_smoothing_is_the_models_default_a_flag_and_kept_on_resume(
         workdir = tmp_path / "-".join(flags)
         code, _, err = run_cli(["--workdir", str(workdir), *base, *flags], capsys)
         assert code == 0, err
-        spec = read_run(workdir)
+        spec = read_run(open_storage(workdir))
         assert spec is not None and spec.label_smoothing == expected, flags
     # A run.json from before the setting existed resumes without smoothing, whatever the model.
     workdir = tmp_path / "--model-cnn3x3"

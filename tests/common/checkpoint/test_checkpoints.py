@@ -7,28 +7,29 @@ import tensorflow as tf
 
 from common.checkpoint import checkpoints
 from common.checkpoint.checkpoints import CheckpointError, State
+from common.storage import open_storage
 from trainer.saver import select_kept
 
 
 def test_state_file_is_read_by_tensorflow(tmp_path: Path) -> None:
     state = State(latest="model-20", paths=["model-10", "model-20"], timestamps=[1.0, 2.0],
                   last_preserved_timestamp=0.5)
-    checkpoints.write_state(tmp_path, state)
+    checkpoints.write_state(open_storage(tmp_path), state)
     tf_state = tf.train.get_checkpoint_state(str(tmp_path))
     assert tf_state.model_checkpoint_path == str(tmp_path / "model-20")
     assert list(tf_state.all_model_checkpoint_paths) == [str(tmp_path / "model-10"), str(tmp_path / "model-20")]
-    assert checkpoints.read_state(tmp_path) == state
+    assert checkpoints.read_state(open_storage(tmp_path)) == state
     assert not list(tmp_path.glob("*.tmp-*"))
 
 
 def test_missing_and_corrupt_state(tmp_path: Path) -> None:
-    assert checkpoints.read_state(tmp_path) is None
+    assert checkpoints.read_state(open_storage(tmp_path)) is None
     (tmp_path / "checkpoint").write_text("model_checkpoint_path: \"model-1\nall_model")
     with pytest.raises(CheckpointError, match="checkpoint: corrupt state file"):
-        checkpoints.read_state(tmp_path)
+        checkpoints.read_state(open_storage(tmp_path))
     (tmp_path / "checkpoint").write_text("")
     with pytest.raises(CheckpointError, match="names no model_checkpoint_path"):
-        checkpoints.read_state(tmp_path)
+        checkpoints.read_state(open_storage(tmp_path))
 
 
 def test_names() -> None:
@@ -41,12 +42,12 @@ def test_names() -> None:
 def test_check_readable(tmp_path: Path) -> None:
     step = tf.Variable(7, dtype=tf.int64)
     prefix = tf.train.Checkpoint(global_step=step, w=tf.Variable(tf.ones([1000]))).write(str(tmp_path / "model-7"))
-    assert checkpoints.check_readable(prefix) is None
+    assert checkpoints.check_readable_files(prefix) is None
     assert checkpoints.read_step(prefix) == 7
     data = next(tmp_path.glob("model-7.data-*"))
     data.write_bytes(data.read_bytes()[:100])
-    assert checkpoints.check_readable(prefix) is not None
-    assert checkpoints.check_readable(tmp_path / "model-8") == "model-8.index is missing"
+    assert checkpoints.check_readable_files(prefix) is not None
+    assert checkpoints.check_readable_files(tmp_path / "model-8") == "model-8.index is missing"
 
 
 def test_retention_keeps_newest() -> None:

@@ -14,6 +14,8 @@ import pytest
 from common.data import datasets
 from common.errors import DataNotFoundError
 from common.run.spec import read_run
+from common.run.workdir import Workdir
+from common.storage import open_storage
 from evaluator.report import write_report
 from tests.helpers import Recorder, run_evaluator_cli, write_dataset
 from trainer.loop import train
@@ -49,7 +51,7 @@ def evaluate_once(workdir: Path, capsys: pytest.CaptureFixture[str], *extra: str
 
 def test_run_json_records_the_folder_and_fingerprint(trained_from: tuple[Path, Path]) -> None:
     workdir, folder = trained_from
-    spec = read_run(workdir)
+    spec = read_run(open_storage(workdir))
     assert spec is not None
     assert spec.data_source == str(folder.resolve())
     assert spec.data_fingerprint == datasets.fingerprint(datasets.load("fashion-mnist", str(folder)))
@@ -69,7 +71,7 @@ def test_changed_data_are_a_warning(trained_from: tuple[Path, Path], capsys: pyt
     write_dataset(folder, seed=7)  # same files, other images
     code, out, err = evaluate_once(workdir, capsys)
     assert code == 0, err
-    recorded = read_run(workdir).data_fingerprint  # type: ignore[union-attr]
+    recorded = read_run(open_storage(workdir)).data_fingerprint  # type: ignore[union-attr]
     assert f"differ from the data this run was trained on (fingerprint {recorded})" in out
     code, out, err = evaluate_once(workdir, capsys, "--json")
     assert code == 0 and "evaluator: warning:" in err and "differ from the data" in err
@@ -100,10 +102,10 @@ def test_report_uses_the_recorded_folder(trained_from: tuple[Path, Path], capsys
     workdir, folder = trained_from
     assert evaluate_once(workdir, capsys)[0] == 0
     warnings: list[str] = []
-    out = write_report(workdir, step="20", warn=warnings.append)
+    out = write_report(Workdir.open(workdir), step="20", warn=warnings.append)
     assert (out / "metrics.json").is_file() and warnings == []
     write_dataset(folder, seed=7)
-    write_report(workdir, step="20", warn=warnings.append)
+    write_report(Workdir.open(workdir), step="20", warn=warnings.append)
     assert len(warnings) == 1 and "differ from the data" in warnings[0]
 
 
@@ -112,7 +114,7 @@ def test_old_run_json_without_the_fields(trained_from: tuple[Path, Path], capsys
     run_file = workdir / "run.json"
     old = {k: v for k, v in json.loads(run_file.read_text()).items() if not k.startswith("data_")}
     run_file.write_text(json.dumps(old))
-    spec = read_run(workdir)
+    spec = read_run(open_storage(workdir))
     assert spec is not None and spec.data_source == "" and spec.data_fingerprint == ""
     code, out, err = evaluate_once(workdir, capsys, "--data-dir", str(folder))
     assert code == 0, err

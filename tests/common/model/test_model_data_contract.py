@@ -16,6 +16,7 @@ from common.errors import UsageError
 from common.model import models
 from common.model.ema import MovingAverage, raw_variables, variables_to_restore
 from common.run.spec import RunSpec, read_run, write_run
+from common.storage import open_storage
 from trainer.step import Adam
 
 
@@ -107,11 +108,11 @@ def _spec() -> RunSpec:
 
 
 def test_run_json_records_the_input_spec_and_preprocessing(tmp_path: Path) -> None:
-    write_run(tmp_path, _spec())
+    write_run(open_storage(tmp_path), _spec())
     data = json.loads((tmp_path / "run.json").read_text())
     assert data["input_spec"] == {"height": 28, "width": 28, "channels": 1, "dtype": "uint8"}
     assert data["preprocessing"] == {"scale": 1 / 255, "mean": 0.0, "std": 1.0}
-    spec = read_run(tmp_path)
+    spec = read_run(open_storage(tmp_path))
     assert spec is not None and spec.input == datasets.MNIST_INPUT and spec.prep == datasets.MNIST_PREPROCESSING
 
 
@@ -119,15 +120,15 @@ def test_run_json_without_them_gets_the_datasets_own(tmp_path: Path) -> None:
     data = _spec().to_json()
     del data["input_spec"], data["preprocessing"]
     (tmp_path / "run.json").write_text(json.dumps(data))
-    spec = read_run(tmp_path)
+    spec = read_run(open_storage(tmp_path))
     assert spec is not None and spec.input == datasets.MNIST_INPUT and not spec.differences(_spec())
 
 
 def test_an_edited_input_spec_is_a_difference_and_a_bad_one_an_error(tmp_path: Path) -> None:
     data = _spec().to_json() | {"input_spec": {"height": 32, "width": 32, "channels": 1, "dtype": "uint8"}}
     (tmp_path / "run.json").write_text(json.dumps(data))
-    spec = read_run(tmp_path)
+    spec = read_run(open_storage(tmp_path))
     assert spec is not None and any(d.startswith("input_spec:") for d in spec.differences(_spec()))
     (tmp_path / "run.json").write_text(json.dumps(data | {"preprocessing": {"scale": 0}}))
     with pytest.raises(UsageError, match="bad run file: preprocessing scale"):
-        read_run(tmp_path)
+        read_run(open_storage(tmp_path))

@@ -16,6 +16,7 @@ from common.layout import BEST_JSON, BEST_LINK, EVAL_DIR
 from common.run.loader import load_model
 from common.run.locate import BEST, BEST_ELSE_LATEST, LATEST, NoBest, NoCheckpoint, Unreadable, locate
 from common.run.spec import read_run
+from common.storage import open_storage
 
 
 def save(prefix: Path, step: int) -> None:
@@ -37,22 +38,22 @@ def run(tmp_path: Path) -> Path:
     names = [checkpoints.name_for(step) for step in (20, 40, 60)]
     for step, name in zip((20, 40, 60), names, strict=True):
         save(tmp_path / name, step)
-    checkpoints.write_state(tmp_path, State(latest=names[-1], paths=names))
+    checkpoints.write_state(open_storage(tmp_path), State(latest=names[-1], paths=names))
     return tmp_path
 
 
 def test_names_in_a_workdir(run: Path) -> None:
-    assert locate(run, LATEST) == run / "model-60"
-    assert locate(run, 20) == run / "model-20"
-    assert locate(run, BEST_ELSE_LATEST) == run / "model-60"  # no best yet
+    assert locate(run, LATEST).prefix == run / "model-60"
+    assert locate(run, 20).prefix == run / "model-20"
+    assert locate(run, BEST_ELSE_LATEST).prefix == run / "model-60"  # no best yet
     best = keep_best(run, 40)
-    assert locate(run, BEST) == best
-    assert locate(run) == best  # BEST_ELSE_LATEST is the default
-    assert locate(run, LATEST) == run / "model-60"
+    assert locate(run, BEST).prefix == best
+    assert locate(run).prefix == best  # BEST_ELSE_LATEST is the default
+    assert locate(run, LATEST).prefix == run / "model-60"
 
 
 def test_a_prefix_is_taken_as_it_is(run: Path) -> None:
-    assert locate(run / "model-40") == run / "model-40"
+    assert locate(run / "model-40").prefix == run / "model-40"
     with pytest.raises(Unreadable, match=r"model-30\.index is missing"):
         locate(run / "model-30")
 
@@ -77,7 +78,7 @@ def test_a_damaged_checkpoint_is_unreadable_unless_the_check_is_skipped(run: Pat
     with pytest.raises(Unreadable) as caught:
         locate(run, 40)
     assert caught.value.source == run / "model-40"
-    assert locate(run, 40, check=False) == run / "model-40"
+    assert locate(run, 40, check=False).prefix == run / "model-40"
 
 
 def test_an_unknown_name_is_a_programming_error(run: Path) -> None:
@@ -86,7 +87,7 @@ def test_an_unknown_name_is_a_programming_error(run: Path) -> None:
 
 
 def test_load_model_restores_the_weights_asked_for(trained: Path) -> None:
-    spec = read_run(trained)
+    spec = read_run(open_storage(trained))
     assert spec is not None
     prefix = locate(trained, LATEST)
     reader = tf.train.load_checkpoint(str(prefix))

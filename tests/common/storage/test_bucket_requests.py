@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from common.signals import StopRequest
+from common.storage import open_storage
 from common.storage.objectstore import ObjectStorage, Poller, open_bucket
 from common.storage.paths import BucketPath
 from evaluator import loop
@@ -112,7 +113,7 @@ def test_an_idle_evaluator_makes_one_request_per_poll_whatever_the_checkpoints(
         _train(workdir, tiny_data, steps, capsys)
         loop.run_once(cfg)  # everything evaluated: the watch below has nothing to do
         per_poll[steps] = _idle_requests_per_poll(cfg, cloud, monkeypatch)
-    assert len(Ledger(BucketPath(workdir)).read()) == 8
+    assert len(Ledger(open_storage(BucketPath(workdir))).read()) == 8
     # One HEAD of the state file per poll (one more may be in flight at either end of the window).
     assert all(1.0 <= v <= 1.0 + 1 / 10 for v in per_poll.values()), per_poll
 
@@ -123,7 +124,7 @@ def test_timed_refreshes_of_a_bucket_workdir_do_not_rescan_it(
     _train(workdir, tiny_data, 3, capsys)
     cfg = EvalConfig(workdir=BucketPath(workdir), data_dir=str(tiny_data), poll_secs=3600.0, rescan_secs=0.1)
     with Watcher(cfg, monkeypatch) as watcher:
-        _until(lambda: len(Ledger(BucketPath(workdir)).read()) == 3
+        _until(lambda: len(Ledger(open_storage(BucketPath(workdir))).read()) == 3
                and watcher.display.statuses[-1]["state"] == "watching", "the three evaluations")
         shown, scans = len(watcher.display.statuses), watcher.scans
         _until(lambda: len(watcher.display.statuses) >= shown + 5, "five timed refreshes of the header")
@@ -131,4 +132,4 @@ def test_timed_refreshes_of_a_bucket_workdir_do_not_rescan_it(
         # A commit is noticed by the poller only: here it polls once an hour, so nothing is evaluated.
         _train(workdir, tiny_data, 4, capsys)
         _until(lambda: len(watcher.display.statuses) >= shown + 10, "five more refreshes")
-        assert len(Ledger(BucketPath(workdir)).read()) == 3 and watcher.scans == scans
+        assert len(Ledger(open_storage(BucketPath(workdir))).read()) == 3 and watcher.scans == scans

@@ -8,6 +8,7 @@ Tests of mechanisms only a local folder has (links pointing out, hard links) fol
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -23,6 +24,8 @@ from common.storage import Gone, Locked, Storage, open_storage
 from common.storage import local as storage_local
 from common.storage.local import LocalStorage
 from common.storage.paths import OutsideError
+from tests.failing_disk import FailingDisk
+from tests.helpers import commit_model_5
 
 INDEX, DATA = "model-5.index", "model-5.data-00000-of-00001"
 
@@ -35,19 +38,6 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
         return open_storage(f"{request.param}://{cloud.new_bucket(request.param)}/run")
     (tmp_path / "run").mkdir()  # a local workdir exists before anything is written into it
     return open_storage(tmp_path / "run")
-
-
-def commit(storage: Storage, name: str, files: dict[str, bytes], state: bytes) -> None:
-    """Commit a checkpoint the way the trainer does: files at `checkpoint_target`, then `commit_checkpoint`."""
-    target = storage.checkpoint_target(name)
-    for suffix, data in files.items():
-        Path(f"{target}{suffix}").write_bytes(data)
-    storage.commit_checkpoint(name, state_key="checkpoint", state=state)
-
-
-def committed_model_5(storage: Storage) -> None:
-    commit(storage, "model-5", {".index": b"index-bytes", ".data-00000-of-00001": b"data" * 1000},
-           b'model_checkpoint_path: "model-5"\n')
 
 
 @contextlib.contextmanager
@@ -125,7 +115,7 @@ def test_append_and_read_from_an_offset(storage: Storage) -> None:
 
 
 def test_delete_removes_a_key_or_a_folder_and_refuses_keys_outside(storage: Storage, tmp_path: Path) -> None:
-    committed_model_5(storage)
+    commit_model_5(storage)
     storage.append("eval/best-5-abc/model-5.index", b"x")
     storage.delete("eval/best-5-abc")
     storage.delete(INDEX)
@@ -151,7 +141,7 @@ def test_commit_makes_the_state_file_the_commit_point(storage: Storage) -> None:
 
 
 def test_pin_is_a_private_copy_that_outlives_a_delete(storage: Storage) -> None:
-    committed_model_5(storage)
+    commit_model_5(storage)
     with storage.pin("model-5") as private:
         for key in storage.checkpoint_files("model-5"):
             storage.delete(key)
@@ -162,7 +152,7 @@ def test_pin_is_a_private_copy_that_outlives_a_delete(storage: Storage) -> None:
 
 
 def test_pin_of_a_deleted_checkpoint_is_gone(storage: Storage) -> None:
-    committed_model_5(storage)
+    commit_model_5(storage)
     storage.delete(INDEX)
     with pytest.raises(Gone, match=r"model-5\.index is gone"), storage.pin("model-5"):
         pass
@@ -194,7 +184,7 @@ def test_a_lease_counts_while_its_holder_lives_and_a_dead_ones_is_ignored(storag
 def test_the_notifier_fires_on_a_state_file_commit(storage: Storage, poll: bool) -> None:
     changed = threading.Event()
     with storage.watch({"checkpoint"}, changed.set, on_lost=changed.set, poll=poll, poll_secs=0.1):
-        committed_model_5(storage)
+        commit_model_5(storage)
         assert changed.wait(30), "no notice of the committed state file"
 
 
@@ -237,7 +227,7 @@ def test_local_delete_refuses_a_link_that_points_outside(tmp_path: Path) -> None
 
 def test_local_pin_is_gone_when_a_file_vanishes_mid_pin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     storage = LocalStorage(tmp_path)
-    committed_model_5(storage)
+    commit_model_5(storage)
     real_link = os.link
 
     def retention_first(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
@@ -253,7 +243,7 @@ def test_local_pin_is_gone_when_a_file_vanishes_mid_pin(tmp_path: Path, monkeypa
 
 def test_local_pin_is_gone_when_a_file_is_replaced_mid_pin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     storage = LocalStorage(tmp_path)
-    committed_model_5(storage)
+    commit_model_5(storage)
     real_link = os.link
 
     def rewrite_after(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
@@ -265,3 +255,21 @@ def test_local_pin_is_gone_when_a_file_is_replaced_mid_pin(tmp_path: Path, monke
     monkeypatch.setattr(storage_local.os, "link", rewrite_after)
     with pytest.raises(Gone, match=r"model-5\.index was replaced while being read"), storage.pin("model-5"):
         pass
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EROFS], ids=errno.errorcode.get)
+@pytest.mark.parametrize("operation", ["write", "append"])
+def test_local_write_or_append_that_fails_leaves_the_old_content(operation: str, error: int, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = LocalStorage(tmp_path)
+    change = getattr(storage, operation)
+    change("results.jsonl", b'{"n": 1}\n')
+    disk = FailingDisk(tmp_path, monkeypatch)
+    disk.fail(error, room=4)  # a full disk takes the first 4 bytes, then refuses
+    with pytest.raises(OSError) as raised:
+        change("results.jsonl", b'{"n": 2}\n')
+    assert raised.value.errno == error and disk.refused
+    assert storage.read("results.jsonl") == b'{"n": 1}\n' and storage.names() == ["results.jsonl"]  # no temp file
+    disk.heal()
+    change("results.jsonl", b'{"n": 2}\n')
+    assert storage.read("results.jsonl") == {"write": b"", "append": b'{"n": 1}\n'}[operation] + b'{"n": 2}\n'

@@ -24,10 +24,11 @@ from typing import Any
 import pytest
 
 from common.errors import UsageError
-from common.storage import Gone, Locked
+from common.storage import Gone, Locked, Storage
 from common.storage.bucket import Bucket, BucketURL, filesystem
 from common.storage.objectstore import FOLD_AT, Holder, ObjectStorage
 from tests.cloud import FlakyProxy, Servers
+from tests.helpers import commit_files, commit_model_5, committed_step
 
 pytestmark = pytest.mark.cloud
 INDEX, DATA = "model-5.index", "model-5.data-00000-of-00001"
@@ -38,16 +39,9 @@ def store(bucket_workdir: str) -> ObjectStorage:
     return ObjectStorage(bucket_workdir)
 
 
-def commit(store: ObjectStorage, name: str, files: dict[str, bytes]) -> None:
-    target = store.checkpoint_target(name)
-    for suffix, data in files.items():
-        Path(f"{target}{suffix}").write_bytes(data)
-    store.commit_checkpoint(name, state_key="checkpoint", state=f'model_checkpoint_path: "{name}"\n'.encode())
-
-
 def test_commit_uploads_verifies_then_writes_the_state_file(store: ObjectStorage) -> None:
     staged = Path(store.checkpoint_target("model-5")).parent  # where the commit below stages its files
-    commit(store, "model-5", {".index": b"index-bytes", ".data-00000-of-00001": os.urandom(3 << 20)})
+    commit_files(store, "model-5", {".index": b"index-bytes", ".data-00000-of-00001": os.urandom(3 << 20)})
     assert store.names() == ["checkpoint", DATA, INDEX]  # the layout of a local workdir, nothing else
     assert store.read("checkpoint") == b'model_checkpoint_path: "model-5"\n'
     assert store.checkpoint_files("model-5") == [DATA, INDEX]
@@ -157,7 +151,7 @@ def test_a_pointer_is_followed_by_read(store: ObjectStorage) -> None:
 
 def test_pin_of_an_object_deleted_during_the_download_is_gone(store: ObjectStorage,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    commit(store, "model-5", {".index": b"index-bytes", ".data-00000-of-00001": b"data" * 1000})
+    commit_model_5(store)
     real_get = store.fs.get_file
 
     def retention_first(rpath: str, lpath: str, **kwargs: object) -> None:
@@ -172,7 +166,7 @@ def test_pin_of_an_object_deleted_during_the_download_is_gone(store: ObjectStora
 
 def test_pin_of_an_object_replaced_during_the_download_is_gone(store: ObjectStorage,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    commit(store, "model-5", {".index": b"index-bytes", ".data-00000-of-00001": b"data" * 1000})
+    commit_model_5(store)
     real_get = store.fs.get_file
 
     def rewrite_after(rpath: str, lpath: str, **kwargs: object) -> None:
@@ -249,7 +243,7 @@ def test_leases_count_until_they_expire(store: ObjectStorage, holder_elsewhere: 
 def test_the_poller_fires_once_per_change(store: ObjectStorage) -> None:
     changes = []
     with store.watch({"checkpoint"}, lambda: changes.append(1), on_lost=lambda: None, poll=True, poll_secs=0.05):
-        commit(store, "model-5", {".index": b"i", ".data-00000-of-00001": b"d"})
+        commit_files(store, "model-5", {".index": b"i", ".data-00000-of-00001": b"d"})
         deadline = time.monotonic() + 30
         while not changes and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -297,11 +291,8 @@ while True:
 """
 
 
-def committed_step(store: ObjectStorage) -> int:
-    """The step the state file names, after checking that its files are there, whole and byte-exact."""
-    state = store.read("checkpoint")
-    assert state is not None and state.startswith(b'model_checkpoint_path: "model-'), state
-    name = state.split(b'"')[1].decode()
+def byte_exact(store: Storage, name: str) -> int:
+    """The step of COMMITTER's checkpoint `name`, after checking that its files are there, whole and byte-exact."""
     digest = hashlib.sha256(name.encode()).digest()
     step = int(name.rpartition("-")[2])
     assert store.read(f"{name}.index") == digest * 8
@@ -322,8 +313,8 @@ def test_kills_during_commits_always_leave_a_complete_checkpoint(store: ObjectSt
             assert child.stdout is not None and child.stdout.readline().strip()  # one commit at least
             time.sleep(rng.uniform(0, 0.3))
             child.kill()
-        resumed = committed_step(store)
-        assert resumed > step  # each life committed something, and the relaunch resumes from it
+        resumed = committed_step(store, check=byte_exact)
+        assert resumed is not None and resumed > step  # each life committed something, and the relaunch resumes from it
         step = resumed
 
 
@@ -346,8 +337,9 @@ def test_a_limited_read_of_a_huge_object_fetches_only_a_range(store: ObjectStora
 APPENDER = """
 import sys
 from common.run.protocol import FINGERPRINT
+from common.storage import open_storage
 from evaluator.ledger import Ledger
-ledger, steps = Ledger(sys.argv[1]), [int(s) for s in sys.argv[2].split(",")]
+ledger, steps = Ledger(open_storage(sys.argv[1])), [int(s) for s in sys.argv[2].split(",")]
 for s in steps:  # each evaluator records every checkpoint it evaluated; the ledger keeps one row of each
     ledger.append([{"checkpoint": f"model-{s}", "step": s, "split": "validation", "weights": "ema",
                     "status": "ok", "accuracy": s / 100, "committed": 1.0, FINGERPRINT: f"fp-{s}"}])
@@ -363,14 +355,14 @@ def test_two_evaluators_append_to_one_ledger_without_duplicates_or_losses(store:
     children = [subprocess.Popen([sys.executable, "-c", APPENDER, store.root, order]) for order in orders]
     for child in children:
         assert child.wait(timeout=300) == 0
-    rows = Ledger(store.root).read()  # type: ignore[arg-type]  # a URL: the ledger goes through the seam
+    rows = Ledger(store).read()
     assert sorted(r["step"] for r in rows) == steps
 
 
 def test_adopting_a_pinned_checkpoint_copies_its_shards_server_side(store: ObjectStorage,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     shard = os.urandom(1 << 20)
-    commit(store, "model-5", {".index": b"index-bytes", ".data-00000-of-00001": shard})
+    commit_files(store, "model-5", {".index": b"index-bytes", ".data-00000-of-00001": shard})
     uploaded: list[str] = []
     real_put = store.fs.put_file
 

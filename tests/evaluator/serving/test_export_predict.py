@@ -18,6 +18,7 @@ from PIL import Image
 from common.checkpoint import checkpoints
 from common.data import datasets
 from common.model.ema import variables_to_restore
+from common.run.workdir import Workdir
 from evaluator import cli
 from evaluator.serving import export as export_lib
 from evaluator.serving import predict
@@ -95,7 +96,7 @@ def test_export_loads_without_the_project(workdir: Path, tiny_data: Path, tmp_pa
 
 
 def test_bytes_signature_matches_images(workdir: Path, tiny_data: Path) -> None:
-    out = export_lib.export(workdir, step="latest")
+    out = export_lib.export(Workdir.open(workdir), step="latest")
     images = datasets.load("fashion-mnist", str(tiny_data)).test.images[:4]
     encoded = []
     for image in images:
@@ -109,7 +110,7 @@ def test_bytes_signature_matches_images(workdir: Path, tiny_data: Path) -> None:
 
 
 def test_saved_model_cli_reads_it(workdir: Path) -> None:
-    out = export_lib.export(workdir, step="best")
+    out = export_lib.export(Workdir.open(workdir), step="best")
     cli_path = Path(sys.executable).with_name("saved_model_cli")
     done = subprocess.run([str(cli_path), "show", "--all", "--dir", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-1000:]
@@ -119,7 +120,7 @@ def test_saved_model_cli_reads_it(workdir: Path) -> None:
 
 
 def test_export_is_atomic(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    first = export_lib.export(workdir, step="40")
+    first = export_lib.export(Workdir.open(workdir), step="40")
     before = sorted(p.name for p in first.iterdir())
 
     def broken(*_: Any, **__: Any) -> None:
@@ -127,7 +128,7 @@ def test_export_is_atomic(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setattr(export_lib.tf.saved_model, "save", broken)
     with pytest.raises(RuntimeError):
-        export_lib.export(workdir, step="40")
+        export_lib.export(Workdir.open(workdir), step="40")
     assert sorted(p.name for p in first.iterdir()) == before  # the old export is untouched
     assert [p.name for p in first.parent.iterdir()] == ["40"]  # no half-written folder left
 
@@ -198,7 +199,7 @@ def test_predict_sources_agree(workdir: Path, tiny_data: Path, tmp_path: Path,
                                capsys: pytest.CaptureFixture[str]) -> None:
     image = save_png(tmp_path / "x.png", datasets.load("fashion-mnist", str(tiny_data)).test.images[5])
     best = json.loads((workdir / "eval" / "best.json").read_text())
-    out = export_lib.export(workdir, step="best")
+    out = export_lib.export(Workdir.open(workdir), step="best")
     results = []
     for model in (workdir, out, workdir / best["checkpoint"]):
         assert predict.main(["--model", str(model), "--json", "--no-preprocess", str(image)]) == 0
