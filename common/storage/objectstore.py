@@ -317,7 +317,6 @@ class ObjectStorage:
 
     def _download_checkpoint(self, name: str, folder: Path) -> dict[str, tuple[str, str]]:
         """Download checkpoint `name`'s files into `folder`; return each file's key and token (for `adopt`)."""
-        base = name.rpartition("/")[2]
         sources = {}
         keys = self.checkpoint_files(name)
         require_complete(name, keys)
