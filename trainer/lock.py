@@ -9,7 +9,7 @@ import socket
 import time
 from types import TracebackType
 
-from common.errors import UsageError
+from common.errors import UsageError, WorkdirIOError
 from common.storage import Locked, Storage
 
 LOCK_FILE = "trainer.lock"
@@ -28,6 +28,8 @@ class WorkdirLock:
             self._held.enter_context(self.storage.lock(LOCK_FILE, wait=False, note=note))
         except Locked as holder:
             raise UsageError(f"{self.storage.root}: another trainer is running on this workdir ({holder})") from None
+        except OSError as e:  # a full or read-only disk: the lock file cannot be written
+            raise WorkdirIOError(f"{self.storage.root}: cannot take the trainer lock ({e.strerror or e})") from e
         return self
 
     def __exit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:

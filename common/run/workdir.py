@@ -86,11 +86,6 @@ class Workdir:
         """Where state-file path `path` points: a prefix in the workdir, or the path as written."""
         return checkpoints.resolve(self.storage, path)
 
-    def latest(self) -> Location | None:
-        """The prefix of the checkpoint the state file names, or None when there is no state file."""
-        state = self.state()
-        return None if state is None or state.latest is None else self.resolve(state.latest)
-
     def fingerprint(self, name: str) -> str | None:
         """`<size>:<crc32>` of checkpoint `name`'s `.index` (see `checkpoints.index_fingerprint`)."""
         return checkpoints.index_fingerprint(self.storage, name)

@@ -91,7 +91,7 @@ def test_iterator_consumer_follows_the_run_to_its_last_checkpoint(tmp_path: Path
     assert [s["path"] for s in seen if "path" in s] == [first, last]
 
 
-@pytest.mark.slow
+@pytest.mark.soak  # about 3 minutes of CPU (some twenty TensorFlow processes): `make soak`, not `make test`
 def test_quick_bench_produces_every_figure(tiny_data: Path, tmp_path: Path) -> None:
     assert run.main(["--quick", "--data-dir", str(tiny_data), "--out", str(tmp_path)]) == 0
     results = _strict_json((tmp_path / "results.json").read_text())

@@ -6,12 +6,16 @@ from tests.fault.storm import run_storm
 
 
 def test_kill_storm(tiny_data: Path, tmp_path: Path) -> None:
-    """30 SIGKILLs of a real trainer, most inside a save, with a real evaluator watching throughout."""
-    stats = run_storm(30, tiny_data, tmp_path / "run", seed=1)
+    """8 SIGKILLs of a real trainer, most inside a save, with a real evaluator watching throughout.
+
+    Each relaunch imports TensorFlow (about 5 s of CPU on two cores), so `make test` runs this short
+    form; `make soak` runs 300 kills (`python -m tests.fault.storm --kills 300`).
+    """
+    stats = run_storm(8, tiny_data, tmp_path / "run", seed=1)
     print(stats.line())
     assert stats.problems == []
-    assert stats.kills == 30 and stats.resumes_verified == 29
-    assert stats.in_save >= 5, "the storm should hit the save window several times"
+    assert stats.kills == 8 and stats.resumes_verified == 7
+    assert stats.in_save >= 2, "the storm should hit the save window several times"
     assert stats.broken_reads == 0
     assert stats.evaluations > 0
     assert stats.leftovers_max <= 2  # at most what one interrupted save leaves, cleaned at the next start

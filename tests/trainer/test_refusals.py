@@ -3,6 +3,7 @@ checkpoints the state file lost, clocks stepped back and a closed stdout."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import subprocess
@@ -21,6 +22,7 @@ from common.run.spec import MAX_CLASS_NAMES, read_run
 from common.storage import open_storage
 from evaluator.config import EvalConfig
 from evaluator.loop import run_once
+from tests.failing_disk import FailingDisk
 from tests.helpers import REPO, Recorder, listing, make_train_config
 from tests.helpers import run_trainer_cli as run_cli
 from trainer import saver as saver_lib
@@ -263,3 +265,21 @@ def test_trainer_piped_into_head_finishes_the_run(tmp_path: Path, tiny_data: Pat
     assert proc.returncode == 0, err
     assert STDOUT_CLOSED in err and "Traceback" not in err
     assert read(workdir, "done.json")["step"] == 200
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EROFS])
+def test_a_lock_that_cannot_be_written_is_one_line_and_exit_5(tmp_path: Path, tiny_data: Path, error: int,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    disk = FailingDisk(workdir, monkeypatch)
+    disk.fail(error, only="trainer.lock")
+    code, _, err = run_cli(["--workdir", str(workdir), "--data-dir", str(tiny_data), "--model", "softmax",
+                            "--steps", "20", "--save-every", "10"], capsys)
+    assert code == 5 and err.count("\n") == 1 and "cannot take the trainer lock" in err, err
+    assert disk.refused and not (workdir / "checkpoint").exists()
+    disk.heal()
+    code, _, err = run_cli(["--workdir", str(workdir), "--data-dir", str(tiny_data), "--model", "softmax",
+                            "--steps", "20", "--save-every", "10"], capsys)
+    assert code == 0, err
