@@ -60,8 +60,29 @@ def quiet_import_tensorflow() -> None:
     # AMD EPYC (Zen 3) our trainer ran 2.6x faster with them (3,270-3,481 against 1,279-1,297 images/s).
     # TF reads the variable once, at import; a value the user set, 0 included, is kept.
     os.environ.setdefault(ONEDNN_VAR, "1")
-    with _quiet_stderr():
+    with _quiet_stderr(), _keras_on_first_use():
         import tensorflow  # noqa: F401
+
+
+# TF's own `__init__` imports Keras eagerly (`keras.src.optimizers`, which pulls in matplotlib): 0.9 s
+# of CPU in a 4.8 s import on two cores (`python -c "import tensorflow"`, 3.4-4.0 s without it), paid by
+# every start of a program, although none of them uses Keras itself. TF skips that import when it
+# raises ImportError, and Keras then loads on first use: `import keras` in a user's model, or `tf.keras`.
+_KERAS_EAGER_IMPORT = "keras.src.optimizers"
+
+
+@contextlib.contextmanager
+def _keras_on_first_use() -> Iterator[None]:
+    """While TF imports, make its eager import of Keras raise ImportError; then let Keras import normally."""
+    if _KERAS_EAGER_IMPORT in sys.modules:
+        yield
+        return
+    sys.modules[_KERAS_EAGER_IMPORT] = None  # type: ignore[assignment]  # the import system's "cannot import"
+    try:
+        yield
+    finally:
+        if _KERAS_EAGER_IMPORT in sys.modules and sys.modules[_KERAS_EAGER_IMPORT] is None:
+            del sys.modules[_KERAS_EAGER_IMPORT]
 
 
 def onednn_enabled() -> bool | None:

@@ -145,10 +145,11 @@ def build_config(args: argparse.Namespace) -> Any:
 def _data_fields(settings: dict[str, Any], existing: Any, args: argparse.Namespace) -> dict[str, Any]:
     """The class names, and for a user's data its input spec and preprocessing (a resume keeps run.json's)."""
     from common.data import datasets, userdata
+    from common.data import registry as data_registry
 
     dataset = settings["dataset"]
     image_size = None if args.image_size is None else userdata.parse_image_size(args.image_size)
-    if not userdata.is_reference(dataset):
+    if not data_registry.is_user(dataset):
         if image_size is not None or args.channels is not None:
             raise UsageError(f"--image-size and --channels go with folder: datasets; {dataset} is "
                              f"{datasets.get_info(dataset).input_spec.describe()}")

@@ -10,16 +10,15 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from common import __version__
+from common.data import datasets, userdata
+from common.data import registry as data_registry
 from common.data.inputspec import InputSpec, Preprocessing
-from common.errors import UsageError
+from common.errors import DataNotFoundError, UsageError
 from common.layout import RUN_FILE
 from common.storage import Storage, write_json
-
-if TYPE_CHECKING:
-    from common.data.datasets import Dataset
 
 # Bounds on what is read from run.json: a real one is about 1 kB with at most 10 class names, and
 # a hand-made file with 10^6 names once cost the evaluator 10.5 GB of memory.
@@ -112,7 +111,6 @@ class RunSpec:
 
     def _check_names(self) -> None:
         """Refuse an unknown dataset or model by name, whatever wrote it (a user's data or model is not imported)."""
-        from common.data import registry as data_registry
         from common.model import registry as model_registry
 
         data_registry.check(self.dataset)
@@ -120,9 +118,8 @@ class RunSpec:
 
     def _default_input(self) -> None:
         """A built-in dataset's input spec and preprocessing where none is recorded; a user's data must record them."""
-        from common.data import datasets, userdata
 
-        if userdata.is_reference(self.dataset):
+        if data_registry.is_user(self.dataset):
             if self.input_spec is None or self.preprocessing is None:
                 raise UsageError(f"dataset {self.dataset}: input_spec and preprocessing must be recorded")
             return
@@ -134,9 +131,8 @@ class RunSpec:
 
     def _check_classes(self) -> None:
         """Classes must exist in the dataset, differ, and match the class names one to one."""
-        from common.data import datasets, userdata
 
-        if userdata.is_reference(self.dataset):
+        if data_registry.is_user(self.dataset):
             if self.classes:
                 raise UsageError(f"--classes goes with the built-in datasets, not {self.dataset}")
             if len(self.class_names) < 2:
@@ -193,12 +189,10 @@ class RunSpec:
         longer holds the dataset. Both that fall-back and data that differ from the recorded
         fingerprint are returned as warnings for the caller to show.
         """
-        from common.data import datasets, userdata
-        from common.errors import DataNotFoundError
 
         warnings: list[str] = []
         data = None
-        if userdata.is_reference(self.dataset):
+        if data_registry.is_user(self.dataset):
             data, warnings = self._load_user_data(data_dir)
         elif data_dir is None and self.data_source:
             try:
@@ -218,9 +212,8 @@ class RunSpec:
             data = datasets.subset(data, self.classes, train_examples=self.train_examples)
         return RunData(data, source, fingerprint, tuple(warnings))
 
-    def _load_user_data(self, data_dir: str | None) -> tuple[Dataset, list[str]]:
+    def _load_user_data(self, data_dir: str | None) -> tuple[datasets.Dataset, list[str]]:
         """A user's data (common.data.userdata), which must still have this run's classes and image spec."""
-        from common.data import userdata
 
         if data_dir is not None:
             raise UsageError(f"--data-dir goes with the built-in datasets; this run reads {self.dataset}")
@@ -238,7 +231,7 @@ class RunSpec:
 class RunData:
     """What `RunSpec.load_data` loaded, and from where."""
 
-    data: Dataset  # the run's data, restricted to its classes and training images
+    data: datasets.Dataset  # the run's data, restricted to its classes and training images
     source: str  # absolute path of the folder (or .npz file) it came from
     fingerprint: str  # common.data.datasets.fingerprint of everything loaded there, before the restriction
     warnings: tuple[str, ...]  # a fall-back from the recorded folder, or data unlike the recorded ones

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from common.data import datasets, userdata
+from common.data import datasets
+from common.data import registry as data_registry
 from common.data.inputspec import InputSpec
 from common.errors import BucketUnusable, UsageError
 from common.run.loader import load_model
@@ -47,7 +48,7 @@ def _batch(files: list[Path], spec: InputSpec, dataset: str,
 
 def _read(path: Path, spec: InputSpec, dataset: str, do_preprocess: bool) -> np.ndarray:
     """One file as `spec` stores images: a user's data as the trainer read them, else made like the dataset."""
-    if userdata.is_reference(dataset):
+    if data_registry.is_user(dataset):
         return read_as_trained(path, spec)
     gray = read_gray(path)
     return preprocess(gray, spec, dataset) if do_preprocess else plain_resize(gray, spec)

@@ -135,3 +135,26 @@ def test_predict_turns_onednn_on_before_import(tmp_path: Path) -> None:
     rec, _ = probe("evaluator.serving.predict:main", "--model", str(tmp_path / "missing"), str(image))
     assert rec["exit"] == 2
     assert rec["onednn_at_import"] == "1"
+
+
+KERAS_PROBE = """
+import json, sys
+from common.tfenv import quiet_import_tensorflow
+quiet_import_tensorflow()
+seen = {"keras_at_start": "keras" in sys.modules, "matplotlib_at_start": "matplotlib" in sys.modules}
+import keras
+import tensorflow as tf
+model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+seen["outputs"] = list(model(tf.zeros((1, 3))).shape)
+seen["tf_keras_is_keras"] = tf.keras.layers.Dense is keras.layers.Dense
+seen["optimizer"] = type(keras.optimizers.Adam()).__name__
+print(json.dumps(seen))
+"""
+
+
+def test_tensorflow_starts_without_keras_and_keras_loads_on_first_use() -> None:
+    out = subprocess.run([sys.executable, "-c", KERAS_PROBE], capture_output=True, text=True, cwd=REPO, check=True,
+                         env=os.environ | {"PYTHONPATH": str(REPO)})
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen == {"keras_at_start": False, "matplotlib_at_start": False, "outputs": [1, 2],
+                    "tf_keras_is_keras": True, "optimizer": "Adam"}
