@@ -1,4 +1,4 @@
-"""`module.path:function`: a user's own code named on the command line (`--model`, `--dataset`, `--metric`).
+"""`module.path:function`: a user's own code named on the command line (`--model`, `--dataset`).
 
 One definition of the form and of how it is imported, for every flag that takes one.
 """

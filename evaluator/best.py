@@ -43,12 +43,11 @@ def _to_stderr(message: str) -> None:
     print(f"evaluator: warning: {message}", file=sys.stderr)
 
 
-def improves(record: Record, best: BestEntry | Mapping[str, Any] | None) -> bool:
-    """Whether an ok record beats the current best (strictly: ties keep the earlier step).
+def improves(row: LedgerRow, best: BestEntry | Mapping[str, Any] | None) -> bool:
+    """Whether an ok row beats the current best (strictly: ties keep the earlier step).
 
     `best` is the typed entry, or best.json's object as `common.storage.read_best` returns it.
     """
-    row = LedgerRow(record)
     if row.status != "ok" or row.accuracy is None:
         return False
     if best is None:
@@ -57,7 +56,7 @@ def improves(record: Record, best: BestEntry | Mapping[str, Any] | None) -> bool
     return float(row.accuracy) > float(-1.0 if accuracy is None else accuracy)
 
 
-def promote(workdir: Workdir, private_prefix: Path, record: Record, *, warn: Warn = _to_stderr) -> BestEntry:
+def promote(workdir: Workdir, private_prefix: Path, row: LedgerRow, *, warn: Warn = _to_stderr) -> BestEntry:
     """Make the pinned folder holding `private_prefix` the new best; return its best.json entry.
 
     The folder becomes `eval/best-<step>-<id>/` (`Storage.adopt`), then the `best` pointer is
@@ -70,7 +69,6 @@ def promote(workdir: Workdir, private_prefix: Path, record: Record, *, warn: War
     storage = workdir.storage
     folder = private_prefix.parent
     name = private_prefix.name
-    row = LedgerRow(record)
     entry = BestEntry(checkpoint=name, step=row.step, accuracy=row.accuracy, loss=row.loss, split=row.split,
                       weights=row.weights, committed=row.committed,
                       source=str(workdir.resolve(name)), time=time.time())
@@ -101,7 +99,7 @@ def catch_up(workdir: Workdir, records: list[Record], *, weights: str, warn: War
     """
     best = workdir.best()
     ranked = [row for row in map(LedgerRow, records) if row.split == "validation" and row.weights == weights
-              and row.index_fingerprint and improves(row.to_json(), best)]
+              and row.index_fingerprint and improves(row, best)]
     ranked.sort(key=lambda row: -float(row.accuracy or 0.0))  # stable: ties keep the earlier evaluation
     for row in ranked:
         name = Path(row.checkpoint).name
@@ -110,7 +108,7 @@ def catch_up(workdir: Workdir, records: list[Record], *, weights: str, warn: War
         try:
             with workdir.pin(name) as private:
                 if checkpoints.file_fingerprint(private) == row.index_fingerprint:
-                    return promote(workdir, private, row.to_json(), warn=warn)
+                    return promote(workdir, private, row, warn=warn)
         except Gone:
             continue
     return None
@@ -125,14 +123,14 @@ class BestKeeper:
         self.warn = warn
         self.problem = ""  # why the newest improvement is not eval/best yet
 
-    def offer(self, private: Path, main: Record) -> None:
+    def offer(self, private: Path, main: LedgerRow) -> None:
         """Promote the evaluated files to eval/best when they beat the best validation accuracy."""
-        if LedgerRow(main).split != "validation" or not improves(main, self.workdir.best()):
+        if main.split != "validation" or not improves(main, self.workdir.best()):
             return
         try:
             promote(self.workdir, private, main, warn=self.warn)
         except OSError as e:
-            self.problem = (f"could not make {LedgerRow(main).checkpoint} the best checkpoint "
+            self.problem = (f"could not make {main.checkpoint} the best checkpoint "
                             f"({e.strerror or e}); retried at the next scan")
         else:
             self.problem = ""

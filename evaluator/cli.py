@@ -17,7 +17,8 @@ from common.storage.paths import local_path, local_text, workdir_path
 
 DEFAULT_WORKDIR = Path("runs") / "fashion-mnist-cnn3x3"  # the trainer's default run (tests/trainer/test_train.py)
 DEFAULT_NICE = 10  # evaluations compute with the CPU the trainer leaves (bench B8 measures the pair)
-EPILOG = "Exit codes: 0 done or stopped by a signal, 2 bad input or nothing to show, 4 no data."
+EPILOG = ("Exit codes: 0 done or stopped by a signal, 2 bad input or nothing to show, 4 no data, "
+          "5 its files in eval/ or an export could not be written.")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ from common.storage.paths import Location, refuse_bucket, refuse_file
 from evaluator.core import WEIGHT_CHOICES
 from evaluator.foreign import ForeignFlags
 
-MAX_INTERVAL_SECS = 86400.0  # --rescan-secs, --poll-secs and --silent-secs: longer than a day is a typo
+MAX_INTERVAL_SECS = 86400.0  # --rescan-secs, --poll-secs and silent_secs: longer than a day is a typo
 
 
 @dataclasses.dataclass(frozen=True)

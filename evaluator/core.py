@@ -14,6 +14,7 @@ from common.checkpoint.checkpoints import CheckpointError
 from common.data import datasets
 from common.model.evaluation import Evaluation
 from common.run import loader
+from common.run.protocol import LedgerRow
 from common.run.spec import RunSpec
 from common.run.workdir import Workdir
 from evaluator.ledger import FINGERPRINT, Record
@@ -50,7 +51,7 @@ class SnapshotEvaluator:
         """The fields every record of checkpoint `name` carries; its `started` time is now."""
         return self._base(name, committed=committed, detected=detected, fingerprint=fingerprint)
 
-    def evaluate_snapshot(self, private: Path, base: Record) -> list[Record]:
+    def evaluate_snapshot(self, private: Path, base: Record) -> list[LedgerRow]:
         """Evaluate a pinned private copy of the checkpoint `base` names; one record per weights kind.
 
         The caller pins, records and releases (`evaluator.session.Session.evaluate`). Never raises for a
@@ -62,10 +63,10 @@ class SnapshotEvaluator:
         except CheckpointError as e:
             return self.failed(base, "error", str(e).replace(str(private), base["checkpoint"]))
         finished = time.time()
-        return [base | r | {"status": "ok", "finished": finished, "eval_secs": finished - base["started"]}
+        return [LedgerRow(base | r | {"status": "ok", "finished": finished, "eval_secs": finished - base["started"]})
                 for r in results]
 
-    def unread(self, name: str, *, committed: float, detected: float) -> list[Record]:
+    def unread(self, name: str, *, committed: float, detected: float) -> list[LedgerRow]:
         """Records for a listed checkpoint that is not there to read: `gone`, or `error` if it lies outside.
 
         Costs no snapshot, so a state file listing thousands of missing checkpoints is recorded at once.
@@ -87,11 +88,11 @@ class SnapshotEvaluator:
         """The metrics of snapshot `prefix` with weights `kind`; CheckpointError when it cannot be used."""
         raise NotImplementedError
 
-    def failed(self, base: Record, status: str, reason: str) -> list[Record]:
+    def failed(self, base: Record, status: str, reason: str) -> list[LedgerRow]:
         """Records of an evaluation that gave no figures: `status` (gone, error, failed) and why."""
         finished = time.time()
-        return [base | {"weights": kind, "status": status, "reason": reason, "finished": finished,
-                        "eval_secs": finished - base["started"]} for kind in self.weights]
+        return [LedgerRow(base | {"weights": kind, "status": status, "reason": reason, "finished": finished,
+                                  "eval_secs": finished - base["started"]}) for kind in self.weights]
 
 
 class CheckpointEvaluator(SnapshotEvaluator):

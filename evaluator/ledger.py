@@ -10,7 +10,7 @@ skipped and counted.
 
 from __future__ import annotations
 
-from collections.abc import Set
+from collections.abc import Mapping, Set
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ Record = dict[str, Any]  # a ledger row's JSON object (typed access: common.run.
 FAILED = "failed"
 
 
-def version_key(record: Record) -> tuple[Any, ...]:
+def version_key(record: Mapping[str, Any]) -> tuple[Any, ...]:
     """Which version of a checkpoint a record is about: its name and the content of its `.index`.
 
     Rows written before the content fingerprint existed are told apart by the commit time instead.
@@ -40,12 +40,12 @@ def _version(checkpoint: Any, fingerprint: Any, committed: Any) -> tuple[Any, ..
     return (checkpoint, "index", fingerprint) if fingerprint is not None else (checkpoint, "unread", committed)
 
 
-def record_key(record: Record) -> tuple[Any, ...]:
+def record_key(record: Mapping[str, Any]) -> tuple[Any, ...]:
     """The identity of an evaluation: checkpoint version (see version_key), split and weights."""
     return (*version_key(record), record.get("split"), record.get("weights"))
 
 
-def commit_key(record: Record) -> tuple[Any, ...]:
+def commit_key(record: Mapping[str, Any]) -> tuple[Any, ...]:
     """The commit a record is about (name and commit time), whatever was read of it.
 
     A checkpoint deleted between the listing and the read has no fingerprint: if its commit was
@@ -90,8 +90,8 @@ class Ledger:
         self._refresh()
         return self._done
 
-    def append(self, records: list[Record]) -> list[Record]:
-        """Add records whose identity is not yet in the ledger; return those added.
+    def append(self, rows: list[LedgerRow]) -> list[LedgerRow]:
+        """Add rows whose identity is not yet in the ledger; return those added.
 
         A `failed` record is added unless the evaluation is done or failed before for the same reason.
 
@@ -102,19 +102,20 @@ class Ledger:
             with self.storage.lock(f"{EVAL_DIR}/.ledger.lock", wait=True):
                 self._terminate_torn_line()
                 self._refresh()
-                new = self._new(records)
+                new = self._new(rows)
                 if new:
-                    self._write(b"".join(LedgerRow(r).to_line() for r in new))
+                    self._write(b"".join(row.to_line() for row in new))
                     self._refresh()
         except OSError as e:
             raise WorkdirIOError(f"cannot write the ledger {self.where}: {e.strerror or e}") from e
         return new
 
-    def _new(self, records: list[Record]) -> list[Record]:
-        new: list[Record] = []
+    def _new(self, rows: list[LedgerRow]) -> list[LedgerRow]:
+        new: list[LedgerRow] = []
         done: set[tuple[Any, ...]] = set()
         failed: set[tuple[Any, ...]] = set()
-        for r in records:
+        for row in rows:
+            r = row.fields
             key = record_key(r)
             known = (key, commit_key(r)) if r.get(FINGERPRINT) is None else (key,)
             if any(k in self._done or k in done for k in known):
@@ -126,7 +127,7 @@ class Ledger:
                 failed.add(mark)
             else:
                 done.update((key, commit_key(r)))
-            new.append(r)
+            new.append(row)
         return new
 
     def _refresh(self) -> None:

@@ -19,6 +19,7 @@ from common.checkpoint import checkpoints
 from common.errors import UsageError
 from common.layout import TB_DIR
 from common.model import registry
+from common.run.protocol import LedgerRow
 from common.run.spec import RunSpec, read_run
 from common.run.workdir import Workdir
 from common.storage import Gone
@@ -27,7 +28,7 @@ from evaluator.best import BestKeeper, clean_stale
 from evaluator.config import EvalConfig
 from evaluator.core import WEIGHT_CHOICES, CheckpointEvaluator, SnapshotEvaluator
 from evaluator.early_stop import check_patience
-from evaluator.ledger import FAILED, FINGERPRINT, Ledger, Record, candidate_keys
+from evaluator.ledger import FAILED, FINGERPRINT, Ledger, candidate_keys
 from evaluator.rows import Row, build_rows
 from evaluator.snapshot import lease
 from evaluator.status import header, result_warnings
@@ -181,7 +182,7 @@ class Session:
             todo = [c for c in todo if listed and c == listed[-1]]
         return sorted(todo, key=lambda c: not c.on_disk)
 
-    def evaluate(self, cand: Candidate) -> list[Record]:
+    def evaluate(self, cand: Candidate) -> list[LedgerRow]:
         """Evaluate one checkpoint and record it; return the records added to the ledger.
 
         The session holds what it takes, in order: a lease, then a pinned private copy, which the
@@ -214,11 +215,11 @@ class Session:
                 added = self.ledger.append(records)
                 self.best.offer(private, records[0])
                 return self._after(added)
-        if records[0].get("status") == FAILED:
+        if records[0].status == FAILED:
             self.deferred.add(cand)
         return self._after(self.ledger.append(records))
 
-    def record_unread(self, cands: list[Candidate]) -> list[Record]:
+    def record_unread(self, cands: list[Candidate]) -> list[LedgerRow]:
         """Record listed checkpoints whose files are not there (`gone`, or `error` outside the workdir) at once."""
         if not cands:
             return []
@@ -227,7 +228,7 @@ class Session:
                                                          detected=self.first_seen.get(c, time.time()))]
         return self._after(self.ledger.append(records))
 
-    def _after(self, added: list[Record]) -> list[Record]:
+    def _after(self, added: list[LedgerRow]) -> list[LedgerRow]:
         """Hand what was added to TensorBoard, then check patience (which reads the ledger again)."""
         self.tensorboard.write(added)
         if self.cfg.patience:

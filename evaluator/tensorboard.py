@@ -6,7 +6,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from evaluator.ledger import Record
+from common.run.protocol import LedgerRow
 
 
 class TensorBoardSink:
@@ -17,16 +17,16 @@ class TensorBoardSink:
         self.logdir = logdir
         self._writer: tf.summary.SummaryWriter | None = None
 
-    def write(self, records: list[Record]) -> None:
-        ok = [r for r in records if r.get("status") == "ok" and r.get("step") is not None]
+    def write(self, rows: list[LedgerRow]) -> None:
+        ok = [r for r in rows if r.status == "ok" and r.step is not None and r.accuracy is not None]
         if not ok or self.logdir is None:
             return
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(str(self.logdir))
         with self._writer.as_default():
             for r in ok:
-                for metric in ("accuracy", "loss"):
-                    tf.summary.scalar(f"{r['split']}/{metric}/{r['weights']}", r[metric], step=int(r["step"]))
+                for metric, value in (("accuracy", r.accuracy), ("loss", r.loss)):
+                    tf.summary.scalar(f"{r.split}/{metric}/{r.weights}", value, step=int(r.step or 0))
         self._writer.flush()
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from common.checkpoint import checkpoints
 from common.layout import EVAL_DIR, STOP_REQUEST_FILE
+from common.run.protocol import LedgerRow
 from common.run.workdir import Workdir
 from common.storage import open_storage, read_best
 from evaluator import best as best_lib
@@ -47,10 +48,10 @@ def test_best_is_kept_with_its_files_and_json(workdir: Path, tiny_data: Path) ->
 
 
 def test_ties_keep_the_earlier_step() -> None:
-    assert best_lib.improves({"status": "ok", "accuracy": 0.9}, None)
-    assert not best_lib.improves({"status": "ok", "accuracy": 0.9}, {"accuracy": 0.9})
-    assert best_lib.improves({"status": "ok", "accuracy": 0.91}, {"accuracy": 0.9})
-    assert not best_lib.improves({"status": "error"}, None)
+    assert best_lib.improves(LedgerRow({"status": "ok", "accuracy": 0.9}), None)
+    assert not best_lib.improves(LedgerRow({"status": "ok", "accuracy": 0.9}), {"accuracy": 0.9})
+    assert best_lib.improves(LedgerRow({"status": "ok", "accuracy": 0.91}), {"accuracy": 0.9})
+    assert not best_lib.improves(LedgerRow({"status": "error"}), None)
 
 
 def test_crash_during_promotion_leaves_old_best_consistent(workdir: Path, tiny_data: Path,
@@ -66,8 +67,8 @@ def test_crash_during_promotion_leaves_old_best_consistent(workdir: Path, tiny_d
 
     monkeypatch.setattr(best_lib.os, "replace", crash)
     with pytest.raises(OSError, match="simulated crash"):
-        best_lib.promote(Workdir.open(workdir), _fake_snapshot(workdir, "model-40"), {
-            "step": 40, "accuracy": 1.0, "loss": 0.0, "split": "validation", "weights": "ema", "committed": 1.0})
+        best_lib.promote(Workdir.open(workdir), _fake_snapshot(workdir, "model-40"), LedgerRow({
+            "step": 40, "accuracy": 1.0, "loss": 0.0, "split": "validation", "weights": "ema", "committed": 1.0}))
     monkeypatch.undo()
     after = read_best(open_storage(workdir))
     assert after == before  # best.json and eval/best/ still describe the same, old checkpoint

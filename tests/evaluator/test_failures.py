@@ -22,6 +22,7 @@ from common.checkpoint import checkpoints
 from common.checkpoint.checkpoints import CheckpointError, State
 from common.errors import WorkdirIOError
 from common.layout import EVAL_DIR, lease_path
+from common.run.protocol import LedgerRow
 from common.run.workdir import Workdir
 from common.storage import local as storage_local
 from common.storage import open_storage, read_best
@@ -220,9 +221,9 @@ def test_old_rows_without_fingerprint_still_match(workdir: Path, tiny_data: Path
 
 # --- the ledger: appends in place, reads what is new, tolerates bad bytes ----------------------------
 
-def _row(i: int) -> dict[str, Any]:
-    return {"checkpoint": f"model-{i}", FINGERPRINT: f"1:{i:08x}", "committed": 1.0, "split": "validation",
-            "weights": "ema", "status": "ok", "accuracy": 0.5}
+def _row(i: int) -> LedgerRow:
+    return LedgerRow({"checkpoint": f"model-{i}", FINGERPRINT: f"1:{i:08x}", "committed": 1.0, "split": "validation",
+                      "weights": "ema", "status": "ok", "accuracy": 0.5})
 
 
 def test_ledger_appends_in_place(tmp_path: Path) -> None:
@@ -233,7 +234,7 @@ def test_ledger_appends_in_place(tmp_path: Path) -> None:
     assert ledger.append([_row(2000)]) == [_row(2000)]
     after = ledger.path.read_bytes()
     assert ledger.path.stat().st_ino == inode and after.startswith(before)
-    assert after[len(before):] == json.dumps(_row(2000), sort_keys=True).encode() + b"\n"
+    assert after[len(before):] == json.dumps(_row(2000).to_json(), sort_keys=True).encode() + b"\n"
 
 
 def test_two_ledger_readers_dedupe_under_the_lock(tmp_path: Path) -> None:

@@ -104,7 +104,7 @@ def test_snapshot_holds_while_the_saver_deletes(watched: Watched, tmp_path: Path
     finally:
         core.close()
     assert sorted(deleted) == sorted([f"{name}.data-00000-of-00001", f"{name}.index", f"{name}.meta"])
-    assert record["status"] == "ok" and record["accuracy"] == pytest.approx(watched.refs[name]["ema"], abs=1e-6)
+    assert record.status == "ok" and record.accuracy == pytest.approx(watched.refs[name]["ema"], abs=1e-6)
 
 
 def test_best_keeps_the_meta_and_report_and_best_work(watched: Watched, tmp_path: Path,

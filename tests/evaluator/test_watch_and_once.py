@@ -14,6 +14,7 @@ from common.checkpoint import checkpoints
 from common.data import datasets
 from common.model.ema import variables_to_restore
 from common.model.evaluation import Evaluation
+from common.run.protocol import LedgerRow
 from common.signals import StopRequest
 from common.storage import open_storage
 from common.storage.local import NameHandler
@@ -136,12 +137,13 @@ def test_snapshot_survives_deletion_mid_read(workdir: Path) -> None:
 
 def test_ledger_dedupes_and_skips_broken_lines(tmp_path: Path) -> None:
     ledger = Ledger(open_storage(tmp_path))
-    row = {"checkpoint": "model-1", "committed": 1.0, "split": "validation", "weights": "ema", "accuracy": 0.5}
+    row = LedgerRow({"checkpoint": "model-1", "committed": 1.0, "split": "validation", "weights": "ema",
+                     "accuracy": 0.5})
     assert ledger.append([row]) == [row]
     assert ledger.append([row]) == []
     with open(ledger.path, "a") as f:
         f.write('{"checkpoint": "model-2", "comm')  # a torn line from some other writer
-    assert ledger.read() == [row]
+    assert ledger.read() == [row.to_json()]
 
 
 def test_a_commit_evaluated_then_deleted_before_a_rescan_reads_it_is_not_recorded_gone(workdir: Path,
@@ -155,10 +157,11 @@ def test_a_commit_evaluated_then_deleted_before_a_rescan_reads_it_is_not_recorde
     (again, *_) = session.listed()
     assert again.name == first.name and again.fingerprint is None and not again.on_disk
     assert again not in session.pending(session.listed())
-    gone = {"checkpoint": first.name, "committed": first.committed, "split": "validation", "weights": "ema",
-            "index_fingerprint": None, "status": "gone"}
+    gone = LedgerRow({"checkpoint": first.name, "committed": first.committed, "split": "validation",
+                      "weights": "ema", "index_fingerprint": None, "status": "gone"})
     assert session.ledger.append([gone]) == []  # the evaluation of that commit stands
-    other = gone | {"committed": first.committed + 1}  # another commit under the name, gone before any read
+    # Another commit under the name, gone before any read:
+    other = LedgerRow(gone.to_json() | {"committed": first.committed + 1})
     assert session.ledger.append([other]) == [other]
     session.close()
 

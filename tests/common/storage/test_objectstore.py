@@ -336,13 +336,13 @@ def test_a_limited_read_of_a_huge_object_fetches_only_a_range(store: ObjectStora
 
 APPENDER = """
 import sys
-from common.run.protocol import FINGERPRINT
+from common.run.protocol import FINGERPRINT, LedgerRow
 from common.storage import open_storage
 from evaluator.ledger import Ledger
 ledger, steps = Ledger(open_storage(sys.argv[1])), [int(s) for s in sys.argv[2].split(",")]
 for s in steps:  # each evaluator records every checkpoint it evaluated; the ledger keeps one row of each
-    ledger.append([{"checkpoint": f"model-{s}", "step": s, "split": "validation", "weights": "ema",
-                    "status": "ok", "accuracy": s / 100, "committed": 1.0, FINGERPRINT: f"fp-{s}"}])
+    ledger.append([LedgerRow({"checkpoint": f"model-{s}", "step": s, "split": "validation", "weights": "ema",
+                              "status": "ok", "accuracy": s / 100, "committed": 1.0, FINGERPRINT: f"fp-{s}"})])
 """
 
 
