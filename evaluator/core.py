@@ -47,10 +47,6 @@ class SnapshotEvaluator:
     def before_pin(self, name: str) -> None:
         """Called before checkpoint `name` is pinned (a TF1 Saver's core waits for its `.meta` there)."""
 
-    def begin(self, name: str, *, committed: float, detected: float, fingerprint: str | None) -> Record:
-        """The fields every record of checkpoint `name` carries; its `started` time is now."""
-        return self._base(name, committed=committed, detected=detected, fingerprint=fingerprint)
-
     def evaluate_snapshot(self, private: Path, base: Record) -> list[LedgerRow]:
         """Evaluate a pinned private copy of the checkpoint `base` names; one record per weights kind.
 
@@ -71,12 +67,13 @@ class SnapshotEvaluator:
 
         Costs no snapshot, so a state file listing thousands of missing checkpoints is recorded at once.
         """
-        base = self._base(name, committed=committed, detected=detected, fingerprint=None)
+        base = self.begin(name, committed=committed, detected=detected, fingerprint=None)
         if not self.workdir.inside(name):
             return self.failed(base, "error", f"refused: the state file's path {name!r} points outside the workdir")
         return self.failed(base, "gone", f"{base['checkpoint']}.index is gone")
 
-    def _base(self, name: str, *, committed: float, detected: float, fingerprint: str | None) -> Record:
+    def begin(self, name: str, *, committed: float, detected: float, fingerprint: str | None) -> Record:
+        """The fields every record of checkpoint `name` carries; its `started` time is now."""
         return {"checkpoint": Path(name).name, "step": checkpoints.saver_step(name), "split": self.split_name,
                 "committed": committed, "detected": detected, "started": time.time(),
                 "data_fingerprint": self.data_fingerprint, "examples": len(self.split), FINGERPRINT: fingerprint}

@@ -22,7 +22,7 @@ from common.model import registry
 from common.run.protocol import LedgerRow
 from common.run.spec import RunSpec, read_run
 from common.run.workdir import Workdir
-from common.storage import Gone
+from common.storage import Gone, Stat
 from evaluator import foreign, tf1core
 from evaluator.best import BestKeeper, clean_stale
 from evaluator.config import EvalConfig
@@ -135,34 +135,28 @@ class Session:
         stamps = state.timestamps_by_path()
         found = []
         for name in names:
-            inside = self.workdir.inside(name)
-            fingerprint = self._fingerprint(Path(name).name) if inside else None
-            found.append(Candidate(name, stamps.get(name) or self._index_mtime(name, inside), fingerprint))
+            key = Path(name).name
+            stat = self._index_stat(key) if self.workdir.inside(name) else None
+            fingerprint = self._fingerprint(key, stat) if stat is not None else None
+            found.append(Candidate(name, stamps.get(name) or (stat.mtime if stat else 0.0), fingerprint))
         now = time.time()
         for cand in found:
             self.first_seen.setdefault(cand, now)
         return sorted(found, key=lambda c: (c.committed, c.step or 0))
 
-    def _fingerprint(self, name: str) -> str | None:
-        """The .index fingerprint of checkpoint `name`, read again only when the file changed (its `Stat.token`)."""
+    def _index_stat(self, name: str) -> Stat | None:
+        """The Stat of checkpoint `name`'s `.index` (one request in a bucket), or None when it is not there."""
         try:
-            stat = self.workdir.storage.stat(f"{name}.index")
+            return self.workdir.storage.stat(f"{name}.index")
         except OSError:
             return None
-        if stat is None:
-            return None
+
+    def _fingerprint(self, name: str, stat: Stat) -> str | None:
+        """The .index fingerprint of checkpoint `name`, read again only when the file changed (its `Stat.token`)."""
         cached = self._fingerprints.get(name)
         if cached is None or cached[0] != stat.token:
             cached = self._fingerprints[name] = (stat.token, self.workdir.fingerprint(name))
         return cached[1]
-
-    def _index_mtime(self, name: str, inside: bool) -> float:
-        """When a listed checkpoint's `.index` was written (for state files without timestamps); 0 if unknown."""
-        try:
-            stat = self.workdir.storage.stat(f"{Path(name).name}.index") if inside else None
-        except OSError:
-            return 0.0
-        return stat.mtime if stat else 0.0
 
     def pending(self, listed: list[Candidate]) -> list[Candidate]:
         """What is still to evaluate under the policy: checkpoints on disk first, in commit order.

@@ -26,7 +26,7 @@ from common.run.spec import RunSpec, read_run, run_file_bytes
 from common.run.workdir import Workdir
 from common.storage import Gone
 from common.storage.fileio import atomic_write_bytes, atomic_write_json
-from common.storage.paths import Location, absolute, remove
+from common.storage.paths import absolute, remove
 
 FROZEN_FILE = "frozen_graph.pb"
 LABELS_FILE = "labels.txt"
@@ -159,15 +159,11 @@ def write_labels(folder: Path, class_names: tuple[str, ...]) -> Path:
     return labels
 
 
-def write_marker(folder: Path, workdir: Location | Workdir, checkpoint: str, step: int | None, weights: str,
+def write_marker(folder: Path, workdir: Workdir, checkpoint: str, step: int | None, weights: str,
                  **extra: str) -> None:
     """`export.json`: what was exported, from where (and it marks the folder as an export)."""
     atomic_write_json(folder / MARKER_FILE, {"checkpoint": checkpoint, "step": step, "weights": weights,
-                                             "workdir": absolute(_location(workdir)), **extra})
-
-
-def _location(workdir: Location | Workdir) -> Location:
-    return workdir.location if isinstance(workdir, Workdir) else workdir
+                                             "workdir": absolute(workdir.location), **extra})
 
 
 def is_export(folder: Path) -> bool:
