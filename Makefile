@@ -61,11 +61,12 @@ predict: install
 export: install
 	$(BIN)/evaluator export --workdir $(WORKDIR) --frozen
 
-# 300 SIGKILLs of a real trainer, then 50 of a random worker of a 2-worker job, with an evaluator watching
-# (each ends with one line of figures); then the long test variants (100 kills per bucket store, the quick bench).
+# 300 SIGKILLs of a real trainer, then 50 of a random worker of a 2-worker job, with an evaluator watching,
+# then 20 of random evaluators of three sharing a workdir (each ends with one line of figures); then the long test variants (100 kills per bucket store, the quick bench).
 soak: data
 	$(BIN)/python -m tests.fault.storm --kills 300
 	$(BIN)/python -m tests.fault.mw_storm --kills 50
+	$(BIN)/python -m tests.fault.eval_storm --kills 20
 	$(BIN)/python -m pytest -q -m soak $(PYTEST_ARGS)
 
 # Benchmarks B1-B13 against Keras fit/evaluate, tf.train.checkpoints_iterator, the trainer alone, one process

@@ -35,16 +35,17 @@ def training_steps_per_sec(workdir: Path, args: list[str], workers: int) -> list
 
 def save_seconds(workdir: Path, workers: int, saves: int) -> list[float]:
     """The chief's wall time of each save of the CNN's train state, with `workers` processes taking part."""
-    from trainer.launcher import free_ports, tf_config
+    from common.cluster import tf_config
+    from trainer.launcher import free_ports
 
     command = [sys.executable, "-m", "bench.distributed", "--saves", str(saves), "--workdir", str(workdir)]
     if workers == 1:
         procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=REPO)]
     else:
         addresses = [f"127.0.0.1:{p}" for p in free_ports(workers)]
+        configs = [tf_config({"worker": addresses}, "worker", i) for i in range(workers)]
         procs = [subprocess.Popen([*command, "--strategy", "multi-worker"], stdout=subprocess.PIPE, text=True,
-                                  cwd=REPO, env=os.environ | {"TF_CONFIG": tf_config(addresses, i)})
-                 for i in range(workers)]
+                                  cwd=REPO, env=os.environ | {"TF_CONFIG": config}) for config in configs]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     if any(p.returncode for p in procs):
         raise RuntimeError(f"a save probe failed (exit codes {[p.returncode for p in procs]})")

@@ -1,4 +1,4 @@
-"""`make bench`: figures B1-B13 side by side in one run; a Rich table, bench/results.json and bench/RESULTS.md.
+"""`make bench`: figures B1-B14 side by side in one run; a Rich table, bench/results.json and bench/RESULTS.md.
 
     python -m bench.run [--quick | --plan gpu] [--only B1,B8] [--device {auto,cpu,gpu}] [--data-dir DIR] [--out DIR]
 
@@ -25,7 +25,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 # B9 comes with B1, from the same process; B11-B13 (bucket workdirs) are measured together.
-ALL_FIGURES = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B10", "B11")
+ALL_FIGURES = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B10", "B11", "B14")
 VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
 
 # Sizes of each measurement. full: `make bench` (about 15 minutes on 2 cores). quick: about two minutes,
@@ -35,12 +35,13 @@ PLANS: dict[str, dict[str, Any]] = {
     "full": {"train_steps": 800, "repeats": 3, "experiment_repeats": 1, "b2_steps": 1000, "b3_steps": 2500,
              "b3_every": 100, "eval_repeats": 5, "b5_target": 0.91, "b5_steps": 15000, "b5_every": 500,
              "b5_epochs": 15, "b6_count": 100, "b7_repeats": 5, "b8_args": [], "matmul_size": 2048,
-             "matmul_repeats": 5, "b10_steps": 600, "b10_saves": 30, "cloud_samples": 10, "cloud_poll_secs": 2.0},
+             "matmul_repeats": 5, "b10_steps": 600, "b10_saves": 30, "cloud_samples": 10, "cloud_poll_secs": 2.0,
+             "b14_checkpoints": 24, "b14_pause": 1.0, "b14_repeats": 2},
     "quick": {"train_steps": 60, "repeats": 1, "experiment_repeats": 0, "b2_steps": 150, "b3_steps": 80,
               "b3_every": 20, "eval_repeats": 2, "b5_target": 0.3, "b5_steps": 150, "b5_every": 50, "b5_epochs": 3,
               "b6_count": 3, "b7_repeats": 1, "b8_args": ["--steps", "60", "--save-every", "20"],
               "matmul_size": 1024, "matmul_repeats": 5, "b10_steps": 60, "b10_saves": 3, "cloud_samples": 3,
-              "cloud_poll_secs": 0.5},
+              "cloud_poll_secs": 0.5, "b14_checkpoints": 4, "b14_pause": 0.2, "b14_repeats": 1},
     # On a GPU, oneDNN (a CPU library) does not change B1, so its second process is left out.
     "gpu": {"figures": ("B1", "B4", "B8"), "train_steps": 1000, "repeats": 2, "experiment_repeats": 0,
             "b1_as_shipped": False, "eval_repeats": 5, "b8_args": [], "matmul_size": 8192, "matmul_repeats": 5},
@@ -339,9 +340,25 @@ def b11_b13(ctx: Context) -> dict[str, Any]:
                 "target": "reported", "onednn": ctx.onednn}}
 
 
+def b14(ctx: Context) -> dict[str, Any]:
+    """Backlog drain by 1, 2 and 4 evaluators sharing a workdir (bench/evaluators.py)."""
+    from bench import evaluators
+
+    got = evaluators.measure(checkpoints=ctx.plan["b14_checkpoints"], pause=ctx.plan["b14_pause"],
+                             repeats=ctx.plan["b14_repeats"])
+    rates = {n: summary(v, missing="no rows") for n, v in got["rates"].items()}
+    return {"B14": {"name": f"backlog drain, checkpoints/min: 1 / 2 / 4 evaluators sharing a workdir "
+                            f"({got['checkpoints']} checkpoints, {got['pause_secs']:g} s per evaluation)",
+                    "ours": rates["4"], "one": rates["1"], "two": rates["2"], "ratio": ratio(rates["4"], rates["1"]),
+                    "ratio_two": ratio(rates["2"], rates["1"]), "shares": got["shares"],
+                    "target": "each checkpoint once; rate grows with evaluators",
+                    "met": not got["problems"] and (value(rates["4"]) or 0) > (value(rates["2"]) or 0)
+                    > (value(rates["1"]) or 0), "problems": got["problems"], "onednn": ctx.onednn}}
+
+
 FIGURES: dict[str, Callable[[Context], dict[str, Any]]] = {
     "B1": b1, "B2": b2, "B3": b3, "B4": b4, "B5": b5, "B6": b6_b7, "B7": b6_b7, "B8": b8, "B10": b10,
-    "B11": b11_b13, "B12": b11_b13, "B13": b11_b13}
+    "B11": b11_b13, "B12": b11_b13, "B13": b11_b13, "B14": b14}
 
 
 def problems(results: dict[str, Any]) -> list[str]:
@@ -464,8 +481,10 @@ _CELLS: dict[str, Callable[[dict[str, Any], str], Cells]] = {
     "B10": _b10_cells,
     "B12": lambda fig, fmt: (_ours(fig), fig["theirs"], ""),
     "B13": lambda fig, fmt: (_ours(fig), fig["local"], "local folder "),
+    "B14": lambda fig, fmt: (f"4: {_text(_ours(fig), fmt)}", fig["one"],
+                             f"2: {_text(fig['two'], fmt)} ({_text(fig['ratio_two'], '{:.2f}')}x); 1: "),
 }
-_ONE_DECIMAL = ("B3", "B5", "B7", "B8", "B9", "B11", "B12", "B13")
+_ONE_DECIMAL = ("B3", "B5", "B7", "B8", "B9", "B11", "B12", "B13", "B14")
 
 
 def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:

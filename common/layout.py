@@ -26,6 +26,11 @@ STOP_REQUEST_FILE = "stop_request.json"  # written by the evaluator (--patience)
 BEST_LINK = "best"  # eval/best -> eval/best-<step>-<id>/: the best checkpoint's files and its best.json
 BEST_JSON = "best.json"  # eval/best.json -> best/best.json, so both always change together
 LEASE_DIR = "leases"  # eval/leases/<checkpoint>@<pid>: checkpoints an evaluator is reading
+# eval/leases/.evaluator@<pid>: an evaluator watching the workdir (the trainer's --keep-pending keeps
+# unevaluated checkpoints while one is)
+EVALUATOR_LEASE = ".evaluator"
+CLAIMS_DIR = "claims"  # eval/claims/<checkpoint>: the one evaluator evaluating it (a lock, gone after)
+BEST_LOCK = ".best.lock"  # eval/.best.lock: held around compare-and-promote and the start-up clean
 TB_DIR = "tb"  # TensorBoard logs: tb/train from the trainer, tb/eval from the evaluator
 
 

@@ -12,9 +12,10 @@ from common.checkpoint.keymap import parse_map
 from common.checkpoint.tf1graph import GraphFlags
 from common.errors import UsageError
 from common.layout import BEST_LINK, EVAL_DIR
+from common.run.ledger import Ledger
 from common.run.workdir import Workdir
 from common.signals import StopRequest, stop_on_signals
-from evaluator.config import EvalConfig
+from evaluator.config import EvalConfig, default_name
 from evaluator.display import Display, LiveTable, PlainLines, header_text, per_class_tables, render_table
 from evaluator.foreign import ForeignFlags
 from evaluator.loop import json_lines, run_once, run_watch
@@ -25,7 +26,7 @@ def config_from(args: argparse.Namespace, workdir: Workdir) -> EvalConfig:
                       data_dir=args.data_dir, rescan_secs=args.rescan_secs, poll=args.poll,
                       poll_secs=_poll_secs(args, workdir), exit_when_done=args.exit_when_done, patience=args.patience,
                       min_delta=args.min_delta, per_class=args.per_class, graph=graph_flags(args),
-                      foreign=foreign_flags(args))
+                      foreign=foreign_flags(args), name=args.name or default_name())
 
 
 def _poll_secs(args: argparse.Namespace, workdir: Workdir) -> float:
@@ -103,8 +104,6 @@ def report(args: argparse.Namespace, workdir: Workdir) -> None:
 
 def _warn_skipped_ledger_lines(workdir: Workdir) -> None:
     """Say that the report left out ledger lines it could not read (not UTF-8, not JSON)."""
-    from evaluator.ledger import Ledger
-
     ledger = Ledger(workdir.storage)
     ledger.read()
     if ledger.skipped:

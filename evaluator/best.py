@@ -4,7 +4,7 @@
 hard-linked files, a `checkpoint` state file (so `tf.train.latest_checkpoint("eval/best")` works)
 and `best.json`; `eval/best.json` is a symlink to `best/best.json`. Replacing the one `best`
 symlink by a rename switches files and description together, so a crash can never leave them
-disagreeing. Ties keep the earlier checkpoint.
+disagreeing. Ties go to the earlier step.
 
 The switch is made through the storage seam (`Storage.adopt`, `point`, `pointer`): a symlink swap
 on a local disk. Every delete goes through `Storage.delete` (refused outside the workdir), and
@@ -15,23 +15,24 @@ to `warn`, never dropped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from common.checkpoint import checkpoints
 from common.checkpoint.checkpoints import STATE_FILE, State
-from common.layout import BEST_JSON, BEST_LINK, EVAL_DIR
+from common.layout import BEST_JSON, BEST_LINK, BEST_LOCK, EVAL_DIR
+from common.run.ledger import Record
 from common.run.protocol import BestEntry, LedgerRow
 from common.run.workdir import Workdir
 from common.storage import Gone, Storage
 from common.storage.fileio import atomic_write_bytes
 from common.storage.paths import OutsideError
-from evaluator.ledger import Record
 
 Warn = Callable[[str], None]
 _FOLDER_PREFIX = f"{BEST_LINK}-"
@@ -44,16 +45,39 @@ def _to_stderr(message: str) -> None:
 
 
 def improves(row: LedgerRow, best: BestEntry | Mapping[str, Any] | None) -> bool:
-    """Whether an ok row beats the current best (strictly: ties keep the earlier step).
+    """Whether an ok row beats the current best: a higher accuracy, or the same at an earlier step.
 
-    `best` is the typed entry, or best.json's object as `common.storage.read_best` returns it.
+    Ties go to the earlier step whatever the order of evaluation, which several evaluators do not
+    keep. `best` is the typed entry, or best.json's object as `common.storage.read_best` returns it.
+    Only like weights compare: a raw result never replaces an EMA best, nor the other way round.
     """
     if row.status != "ok" or row.accuracy is None:
         return False
     if best is None:
         return True
-    accuracy = best.accuracy if isinstance(best, BestEntry) else best.get("accuracy")
-    return float(row.accuracy) > float(-1.0 if accuracy is None else accuracy)
+    entry = best if isinstance(best, BestEntry) else BestEntry(checkpoint="", accuracy=best.get("accuracy"),
+                                                               weights=best.get("weights"), step=best.get("step"))
+    if not like_weights(row, entry):
+        return False
+    accuracy = float(-1.0 if entry.accuracy is None else entry.accuracy)
+    earlier = row.step is not None and entry.step is not None and row.step < entry.step
+    return float(row.accuracy) > accuracy or (float(row.accuracy) == accuracy and earlier)
+
+
+def like_weights(row: LedgerRow, best: BestEntry) -> bool:
+    """Whether `row` may be ranked against `best` (entries older than the field hold any weights)."""
+    return best.weights is None or best.weights == row.weights
+
+
+@contextlib.contextmanager
+def best_lock(storage: Storage) -> Iterator[None]:
+    """Held around compare-and-promote and the start-up clean, so that evaluators sharing a workdir take turns.
+
+    Without it, two evaluators could both read the same best, both find theirs better and let the
+    lower one win, or one could delete, as stale, the folder the other has just made the best.
+    """
+    with storage.lock(f"{EVAL_DIR}/{BEST_LOCK}", wait=True, note=f"pid {os.getpid()}"):
+        yield
 
 
 def promote(workdir: Workdir, private_prefix: Path, row: LedgerRow, *, warn: Warn = _to_stderr) -> BestEntry:
@@ -100,7 +124,7 @@ def catch_up(workdir: Workdir, records: list[Record], *, weights: str, warn: War
     best = workdir.best()
     ranked = [row for row in map(LedgerRow, records) if row.split == "validation" and row.weights == weights
               and row.index_fingerprint and improves(row, best)]
-    ranked.sort(key=lambda row: -float(row.accuracy or 0.0))  # stable: ties keep the earlier evaluation
+    ranked.sort(key=lambda row: (-float(row.accuracy or 0.0), row.step if row.step is not None else 0))
     for row in ranked:
         name = Path(row.checkpoint).name
         if not workdir.inside(row.checkpoint) or workdir.fingerprint(name) != row.index_fingerprint:
@@ -125,10 +149,17 @@ class BestKeeper:
 
     def offer(self, private: Path, main: LedgerRow) -> None:
         """Promote the evaluated files to eval/best when they beat the best validation accuracy."""
-        if main.split != "validation" or not improves(main, self.workdir.best()):
+        if main.split != "validation":
             return
         try:
-            promote(self.workdir, private, main, warn=self.warn)
+            with best_lock(self.workdir.storage):
+                best = self.workdir.best()
+                if best is not None and not like_weights(main, best):
+                    self.problem = (f"eval/best ranks {best.weights} weights and this evaluator {main.weights}: "
+                                    f"left it alone (remove {self.workdir.describe(_BEST)} to rank {main.weights})")
+                    return
+                if improves(main, best):
+                    promote(self.workdir, private, main, warn=self.warn)
         except OSError as e:
             self.problem = (f"could not make {main.checkpoint} the best checkpoint "
                             f"({e.strerror or e}); retried at the next scan")
@@ -138,7 +169,8 @@ class BestKeeper:
     def sync(self, records: list[Record]) -> None:
         """Retry a promotion that failed or was cut short: make the ledger's best result eval/best."""
         try:
-            catch_up(self.workdir, records, weights=self.weights, warn=self.warn)
+            with best_lock(self.workdir.storage):
+                catch_up(self.workdir, records, weights=self.weights, warn=self.warn)
         except OSError as e:
             self.problem = f"could not update eval/best ({e.strerror or e}); retried at the next scan"
         else:
@@ -207,6 +239,18 @@ def clean_stale(workdir: Workdir, *, warn: Warn = _to_stderr) -> None:
     if not storage.is_folder(EVAL_DIR):
         return
     try:
+        with best_lock(storage):
+            _clean_best(workdir, warn)
+    except OSError as e:
+        warn(f"cannot clean {storage.describe(EVAL_DIR)}: {e.strerror or e}")
+    for problem in storage.clean_readers():
+        warn(problem)
+
+
+def _clean_best(workdir: Workdir, warn: Warn) -> None:
+    """clean_stale's part under the best lock: the best folders and the leftovers of switches."""
+    storage = workdir.storage
+    try:
         adopt_copied_best(workdir, warn=warn)
     except OSError as e:
         warn(f"cannot turn the folder {storage.describe(_BEST)} into a link: {e.strerror or e}")
@@ -223,6 +267,4 @@ def clean_stale(workdir: Workdir, *, warn: Warn = _to_stderr) -> None:
                 _remove(storage, f"{EVAL_DIR}/{name}", warn)
     for name in storage.names(EVAL_DIR, ".*.link-*"):
         _remove(storage, f"{EVAL_DIR}/{name}", warn)
-    for problem in storage.clean_readers():
-        warn(problem)
 

@@ -9,9 +9,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from common.cluster import EVALUATOR, read_task
 from common.errors import ProjectError, UsageError
 from common.storage.paths import local_path, local_text, workdir_path
 
@@ -45,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-delta", type=float, default=0.0,
                    help="an improvement must beat the best validation accuracy by more than this (default 0)")
     p.add_argument("--per-class", action="store_true", help="also show per-class accuracy")
+    p.add_argument("--name", help="this evaluator's name in the rows it evaluates, when several share the "
+                                  "workdir (default HOST:PID)")
     p.add_argument("--progress", default="auto", choices=["auto", "rich", "plain"],
                    help="watch mode display: a live table on a terminal (auto), or plain lines")
     _tf1_graph(p)
@@ -155,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = SUBCOMMANDS[command]().parse_args(rest)
         check_tf1_flags(args, command)
+        if command == "watch":
+            take_evaluator_task(args)
     except ProjectError as e:
         return _fail(str(e), e.exit_code)
     if command == "watch" and args.json and not args.once:
@@ -175,6 +181,24 @@ def main(argv: list[str] | None = None) -> int:
     except ProjectError as e:
         return _fail(str(e), e.exit_code)
     return 0
+
+
+def take_evaluator_task(args: argparse.Namespace) -> None:
+    """Act as the `evaluator` task a TF_CONFIG names: a cluster of its own, until the trainer is done.
+
+    TF_CONFIG is removed before TensorFlow starts, so this process never joins the training cluster
+    (a chief and its workers list the evaluator but do not wait for it). The task evaluates until
+    the trainer has finished and its last checkpoint is evaluated (--exit-when-done), even when the
+    chief has finished before this task started; its index names it in the rows (--name).
+    """
+    task = read_task(os.environ.get("TF_CONFIG"))
+    if task is None or task.type != EVALUATOR:
+        return
+    del os.environ["TF_CONFIG"]
+    args.exit_when_done = args.exit_when_done or not args.once
+    args.name = args.name or f"{EVALUATOR}-{task.index}"
+    print(f"evaluator: TF_CONFIG names this process {EVALUATOR} task {task.index}: evaluating as a cluster of its "
+          f"own{'' if args.once else ', until the trainer is done'}", file=sys.stderr, flush=True)
 
 
 def _fail(message: str, code: int) -> int:

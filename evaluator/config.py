@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import socket
 
 from common.checkpoint.tf1graph import GraphFlags
 from common.errors import UsageError
@@ -12,6 +14,12 @@ from evaluator.core import WEIGHT_CHOICES
 from evaluator.foreign import ForeignFlags
 
 MAX_INTERVAL_SECS = 86400.0  # --rescan-secs, --poll-secs and silent_secs: longer than a day is a typo
+MAX_NAME = 100  # --name: shown in a table column
+
+
+def default_name() -> str:
+    """An evaluator's name when --name is not given: `host:pid`, unique among live evaluators."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +41,7 @@ class EvalConfig:
     per_class: bool = False  # show per-class accuracy under the live table
     graph: GraphFlags | None = None  # --tf1-graph: a TF1 Saver workdir evaluated through its meta graph
     foreign: ForeignFlags | None = None  # --model: another TF2 loop's checkpoints, through key maps
+    name: str = dataclasses.field(default_factory=lambda: default_name())  # --name: in each row it evaluates
 
     def __post_init__(self) -> None:
         choices = {"split": ("validation", "test"), "weights": tuple(WEIGHT_CHOICES), "policy": ("all", "latest")}
@@ -48,6 +57,8 @@ class EvalConfig:
             raise UsageError(f"--min-delta ({self.min_delta}) must be a finite number")
         if self.patience < 0 or self.min_delta < 0:
             raise UsageError(f"--patience ({self.patience}) and --min-delta ({self.min_delta}) must not be negative")
+        if not self.name.strip() or len(self.name) > MAX_NAME or "\n" in self.name:
+            raise UsageError(f"--name ({self.name!r}) must be a non-empty line of at most {MAX_NAME} characters")
         if self.graph is not None and self.foreign is not None:
             raise UsageError("--tf1-graph and --model exclude each other")
         if self.graph is not None and self.graph.dataset is None:

@@ -14,10 +14,10 @@ from common.checkpoint.checkpoints import CheckpointError
 from common.data import datasets
 from common.model.evaluation import Evaluation
 from common.run import loader
+from common.run.ledger import FINGERPRINT, Record
 from common.run.protocol import LedgerRow
 from common.run.spec import RunSpec
 from common.run.workdir import Workdir
-from evaluator.ledger import FINGERPRINT, Record
 
 WEIGHT_CHOICES = {"ema": ("ema",), "raw": ("raw",), "both": ("ema", "raw")}
 

@@ -40,7 +40,7 @@ class Display(Protocol):
 
 def _without_old_gone(rows: list[Row]) -> tuple[list[Row], int]:
     """The rows with only the newest MAX_GONE_ROWS `gone` ones; and how many were left out."""
-    gone = [i for i, row in enumerate(rows) if row.status == "gone"]
+    gone = [i for i, row in enumerate(rows) if row.status in ("gone", "skipped")]
     hidden = set(gone[:-MAX_GONE_ROWS])
     return [row for i, row in enumerate(rows) if i not in hidden], len(hidden)
 
@@ -51,14 +51,16 @@ def render_table(rows: list[Row], *, both: bool, limit: int | None = None) -> Ta
     rows, hidden_gone = _without_old_gone(rows)
     names = ["step", "checkpoint", "acc% ema" if both else "acc%"]
     names += ["acc% raw", "ema-raw"] if both else []
-    names += ["loss", "Δprev", "best", "eval s", "lag s", "status"]
+    names += ["loss", "Δprev", "best", "eval s", "lag s", "evaluator", "status"]
     for name in names:
         table.add_column(name, justify="left" if name in ("checkpoint", "status") else "right",
                          no_wrap=name != "status")
     shown = rows if limit is None or len(rows) <= limit else rows[-limit:]
     captions = [f"{len(rows) - len(shown)} earlier rows not shown"] if len(shown) < len(rows) else []
+    if any(row.here for row in shown):
+        captions.append("evaluator * is this one; the other rows were read from the ledger")
     if hidden_gone:
-        captions.append(f"{hidden_gone:,} earlier gone rows not shown (the ledger and --json hold them)")
+        captions.append(f"{hidden_gone:,} earlier gone or skipped rows not shown (the ledger and --json hold them)")
     if captions:
         table.caption = "; ".join(captions)
     for row in shown:
@@ -68,9 +70,14 @@ def render_table(rows: list[Row], *, both: bool, limit: int | None = None) -> Ta
             cells += [_pct(row.raw_accuracy), _pct(diff, signed=True)]
         status = row.status if row.status == "ok" else f"{row.status}: {row.reason}"
         cells += ["" if row.loss is None else f"{row.loss:.4f}", _pct(row.delta, signed=True),
-                  "★" if row.best else "", _secs(row.eval_secs), _secs(row.lag_secs), status]
+                  "★" if row.best else "", _secs(row.eval_secs), _secs(row.lag_secs), _who(row), status]
         table.add_row(*cells, style=None if row.status == "ok" else "yellow")
     return table
+
+
+def _who(row: Row) -> str:
+    """The evaluator column: who evaluated the row, `*` marking this evaluator's own rows."""
+    return f"{row.evaluator} *" if row.here else row.evaluator
 
 
 def header_text(status: dict[str, Any]) -> Text:
@@ -152,6 +159,7 @@ class PlainLines:
                 "result", step=row.step, checkpoint=row.checkpoint, status=row.status,
                 accuracy=row.accuracy, raw_accuracy=row.raw_accuracy, loss=row.loss, delta=row.delta,
                 best="yes" if row.best else None, eval_secs=row.eval_secs, lag_secs=row.lag_secs,
+                evaluator=json.dumps(row.evaluator) if row.evaluator else None, here="yes" if row.here else None,
                 reason=json.dumps(row.reason) if row.reason else None))
         state = status.get("state", "")
         if state and state != self._last_state:

@@ -27,9 +27,9 @@ from common.errors import UsageError
 from common.model import models, usermodel
 from common.model import registry as model_registry
 from common.model.evaluation import Evaluation
+from common.run.ledger import Record
 from common.run.workdir import Workdir
 from evaluator.core import SnapshotEvaluator
-from evaluator.ledger import Record
 
 STEP_KEYS = ("global_step", "step")  # a loop's step variable, under the names TF's guides use
 

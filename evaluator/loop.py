@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
+import time
+from pathlib import Path
 
 from common.checkpoint.checkpoints import CheckpointError
 from common.errors import ProjectError, UsageError
 from common.layout import DONE_FILE
+from common.run.ledger import SKIPPED, record_key
 from common.run.workdir import Workdir
 from common.signals import StopRequest
 from evaluator.config import EvalConfig, require_folder
@@ -22,6 +26,7 @@ from evaluator.wakeups import Wake, watching
 
 SETTLE_QUIET_SECS = 0.02  # a save writes the state file once; wait this long for more events
 SETTLE_MAX_SECS = 0.2
+CLAIM_RETRY_SECS = 0.25  # how often --once looks again at checkpoints other evaluators are evaluating
 
 
 def run_once(cfg: EvalConfig, workdir: Workdir | None = None) -> Session:
@@ -38,23 +43,50 @@ def run_once(cfg: EvalConfig, workdir: Workdir | None = None) -> Session:
     listed = session.listed()
     if not listed:
         raise UsageError(f"{cfg.workdir}: no checkpoint to evaluate (no state file, or it lists none)")
-    session.clean()
-    try:
-        todo = session.pending(listed)
-        for cand in todo:
-            if cand.on_disk:
-                session.evaluate(cand)
-        session.record_unread([c for c in todo if not c.on_disk])
+    with contextlib.closing(session), session.register():
+        session.clean()
+        waiting: set[str] = set()
+        tried: set[Candidate] = set()  # each is evaluated at most once by this run, whatever its result
+        while todo := [c for c in session.pending(listed) if c not in tried]:
+            session.elsewhere.clear()
+            for cand in todo:
+                if cand.on_disk and _evaluate_if_claimed(session, cand):
+                    tried.add(cand)
+            session.record_unread([c for c in todo if not c.on_disk])
+            tried.update(c for c in todo if not c.on_disk)
+            if not session.elsewhere:
+                break
+            # Other evaluators are on the rest: wait for their rows, or for a claim its holder's death frees.
+            _say_waiting(session, waiting)
+            time.sleep(CLAIM_RETRY_SECS)
         session.sync_best()
-    finally:
-        session.close()
     return session
 
 
+def _evaluate_if_claimed(session: Session, cand: Candidate) -> bool:
+    """Evaluate `cand` if this evaluator gets its claim and it is still pending; return whether it did."""
+    with session.claim(cand) as mine:
+        if mine:
+            session.evaluate(cand)
+        return mine
+
+
+def _say_waiting(session: Session, said: set[str]) -> None:
+    """Say once per checkpoint which other evaluator --once is waiting for."""
+    for cand, holder in session.elsewhere.items():
+        if cand.name not in said:
+            said.add(cand.name)
+            print(f"evaluator: waiting for {Path(cand.name).name}, which {holder} is evaluating", file=sys.stderr)
+
+
 def json_lines(session: Session) -> str:
-    """The ledger's records for this split and these weights, one JSON object per line."""
-    records = [r for r in session.ledger.read()
-               if r.get("split") == session.cfg.split and r.get("weights") in session.weights]
+    """The ledger's records for this split and these weights, one JSON object per line.
+
+    Each says whether this run evaluated it (`evaluated_here`) or read it from the ledger.
+    """
+    records = [r | {"evaluated_here": record_key(r) in session.mine} for r in session.ledger.read()
+               if (r.get("split") == session.cfg.split and r.get("weights") in session.weights)
+               or r.get("status") == SKIPPED]
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
 
 
@@ -69,8 +101,9 @@ def run_watch(cfg: EvalConfig, display: Display, stop: StopRequest, workdir: Wor
         wake.wait(0.5)
     if stop:
         return
-    session.clean()
-    with watching(session.workdir.storage, wake, poll=cfg.poll, poll_secs=cfg.poll_secs), contextlib.closing(session):
+    with contextlib.closing(session), session.register(), \
+            watching(session.workdir.storage, wake, poll=cfg.poll, poll_secs=cfg.poll_secs):
+        session.clean()
         show = _Refresh(session, display, wake)
         show("watching", 0)
         scan = True
@@ -79,7 +112,9 @@ def run_watch(cfg: EvalConfig, display: Display, stop: StopRequest, workdir: Wor
                 if _evaluate_next(session, show, stop):
                     continue
                 session.sync_best()
-                if cfg.exit_when_done and session.problem == "" and session.workdir.storage.stat(DONE_FILE):
+                # Done when nothing is left to anyone: an evaluator that another one's death leaves work to stays.
+                if cfg.exit_when_done and not session.problem and not session.elsewhere and \
+                        session.workdir.storage.stat(DONE_FILE):
                     show(_finished_state(session), 0)
                     return
             show("waiting for the trainer" if session.problem else "watching", 0)
@@ -87,16 +122,24 @@ def run_watch(cfg: EvalConfig, display: Display, stop: StopRequest, workdir: Wor
 
 
 def _evaluate_next(session: Session, show: _Refresh, stop: StopRequest) -> bool:
-    """Rescan the workdir and evaluate the oldest pending checkpoint; False when none is pending (or stopping)."""
+    """Rescan the workdir and evaluate the oldest pending checkpoint that no other evaluator holds.
+
+    False when none is left to this evaluator (or it is stopping).
+    """
     todo = _scan(session)
-    if not todo or stop:
-        return False
-    show(f"evaluating {todo[0].name}", len(todo))
-    if todo[0].on_disk:
-        session.evaluate(todo[0])
-    else:  # the rest are names without files too (see Session.pending)
-        session.record_unread(todo)
-    return True
+    session.elsewhere.clear()
+    for i, cand in enumerate(todo):
+        if stop:
+            return False
+        if not cand.on_disk:  # the rest are names without files too (see Session.pending)
+            session.record_unread(todo[i:])
+            return True
+        with session.claim(cand) as mine:
+            if mine:
+                show(f"evaluating {cand.name}", len(todo))
+                session.evaluate(cand)
+                return True
+    return False
 
 
 def _wait(session: Session, wake: Wake) -> bool:
@@ -107,12 +150,14 @@ def _wait(session: Session, wake: Wake) -> bool:
     (which may have been a network error) is worth the rescan's requests, whose number grows with
     the checkpoints listed.
     """
-    noticed = wake.wait(session.cfg.rescan_secs)
+    # Checkpoints other evaluators hold are looked at again soon: a holder that dies leaves them to this one.
+    noticed = wake.wait(CLAIM_RETRY_SECS * 4 if session.elsewhere else session.cfg.rescan_secs)
     if noticed:
         wake.settle(SETTLE_QUIET_SECS, SETTLE_MAX_SECS)
     retry = bool(session.deferred)
     session.deferred.clear()  # a new scan cycle: retry what failed in the last one
-    return noticed or retry or bool(session.problem) or not session.workdir.storage.polls_state_file_only
+    return noticed or retry or bool(session.problem or session.elsewhere) or \
+        not session.workdir.storage.polls_state_file_only
 
 
 class _Refresh:

@@ -21,13 +21,13 @@ from common.checkpoint.tf1graph import GraphFlags, SaverGraph, meta_of, missing_
 from common.data import datasets
 from common.errors import UsageError
 from common.layout import EVAL_DIR
+from common.run.ledger import Ledger, Record
 from common.run.loader import load_model
 from common.run.locate import BEST, Located, NoBest, Unreadable, locate
 from common.run.spec import RunSpec, read_run
 from common.run.workdir import Workdir
 from common.storage import Gone
 from common.storage.paths import Location, refuse_bucket
-from evaluator.ledger import Ledger, Record
 
 GRID = 6  # misclassified examples are shown in a GRID x GRID image
 METRICS_FILE = "metrics.json"  # written last: a report folder that holds it is complete

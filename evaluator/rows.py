@@ -7,10 +7,11 @@ table, the plain log lines and `--once`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Set
 from typing import Any
 
+from common.run.ledger import SKIPPED, Record, record_key, version_key
 from common.run.protocol import LedgerRow
-from evaluator.ledger import Record, version_key
 
 
 @dataclasses.dataclass
@@ -29,25 +30,33 @@ class Row:
     lag_secs: float | None = None  # commit to result
     reason: str = ""
     per_class: list[float | None] = dataclasses.field(default_factory=list)
+    evaluator: str = ""  # who evaluated it ("" in rows older than the field)
+    here: bool = False  # evaluated by this evaluator run (the others were read from the ledger)
 
 
-def build_rows(records: list[Record], *, split: str, weights: tuple[str, ...]) -> list[Row]:
-    """Rows for the records of `split`, in the order the checkpoints were committed."""
+def build_rows(records: list[Record], *, split: str, weights: tuple[str, ...],
+               mine: Set[tuple[Any, ...]] = frozenset()) -> list[Row]:
+    """Rows for the records of `split`, in the order the checkpoints were committed.
+
+    `mine`: the record keys (common.run.ledger.record_key) this evaluator run appended itself.
+    """
     groups: dict[tuple[Any, ...], dict[str, Record]] = {}
     for r in records:
+        if r.get("status") == SKIPPED:  # the trainer's row: for every split and weights
+            r = r | {"split": split, "weights": weights[0]}
         if r.get("split") == split and r.get("weights") in weights:
             # A later record of the same evaluation (ok after failed) replaces the earlier one.
             groups.setdefault(version_key(r), {})[r["weights"]] = r
     ordered = sorted(groups.values(), key=lambda g: (next(iter(g.values())).get("committed") or 0))
-    rows = [_row(g, weights) for g in ordered if weights[0] in g]
+    rows = [_row(g, weights, mine) for g in ordered if weights[0] in g]
     _mark(rows)
     return rows
 
 
-def _row(group: dict[str, Record], weights: tuple[str, ...]) -> Row:
+def _row(group: dict[str, Record], weights: tuple[str, ...], mine: Set[tuple[Any, ...]]) -> Row:
     main = LedgerRow(group[weights[0]])
     row = Row(step=main.step, checkpoint=main.checkpoint, status=main.status, reason=main.reason,
-              eval_secs=main.eval_secs)
+              eval_secs=main.eval_secs, evaluator=main.evaluator, here=record_key(main.fields) in mine)
     if row.status == "ok":
         row.accuracy, row.loss = main.accuracy, main.loss
         row.per_class = main.per_class_accuracy

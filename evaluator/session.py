@@ -4,6 +4,12 @@ List the checkpoints the state file names, drop those the ledger already holds (
 and `.index` content), evaluate the rest oldest first (or only the newest), append the results to
 the ledger, then keep the best (evaluator.best) and watch patience (evaluator.early_stop). Listed
 names without files are recorded in one batch at the end.
+
+Several evaluators may share a workdir: each checkpoint is evaluated by the one that claims it
+(`claimed`), and every row names its evaluator. A claim is a lock that dies with its holder (a
+flock locally; an expiring object, renewed while held, in a bucket), so a killed evaluator's
+checkpoint is taken over by another; the ledger, read again once the claim is held, tells whether
+the work is done already.
 """
 
 from __future__ import annotations
@@ -11,24 +17,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from common.checkpoint import checkpoints
-from common.errors import UsageError
-from common.layout import TB_DIR
+from common.errors import UsageError, WorkdirIOError
+from common.layout import CLAIMS_DIR, EVAL_DIR, EVALUATOR_LEASE, TB_DIR
 from common.model import registry
+from common.run.ledger import FAILED, FINGERPRINT, Ledger, candidate_keys, record_key
 from common.run.protocol import LedgerRow
 from common.run.spec import RunSpec, read_run
 from common.run.workdir import Workdir
-from common.storage import Gone, Stat
+from common.storage import Gone, Locked, Stat, Storage
 from evaluator import foreign, tf1core
 from evaluator.best import BestKeeper, clean_stale
 from evaluator.config import EvalConfig
 from evaluator.core import WEIGHT_CHOICES, CheckpointEvaluator, SnapshotEvaluator
 from evaluator.early_stop import check_patience
-from evaluator.ledger import FAILED, FINGERPRINT, Ledger, candidate_keys
 from evaluator.rows import Row, build_rows
 from evaluator.snapshot import lease
 from evaluator.status import header, result_warnings
@@ -116,6 +122,8 @@ class Session:
         self.data_warnings: list[str] = []  # about where the data came from (RunSpec.load_data)
         self.best = BestKeeper(self.workdir, weights=self.weights[0], warn=self.note)
         self.deferred: set[Candidate] = set()  # failed in this scan cycle: retried in the next one
+        self.elsewhere: dict[Candidate, str] = {}  # pending, claimed by another evaluator (its name) at the last try
+        self.mine: set[tuple[Any, ...]] = set()  # record keys of the rows this session evaluated itself
         self._fingerprints: dict[str, tuple[str, str | None]] = {}  # name -> (Stat.token, fingerprint)
         if local is None:
             self.note("TensorBoard logs are not written for a bucket workdir")
@@ -158,26 +166,56 @@ class Session:
             cached = self._fingerprints[name] = (stat.token, self.workdir.fingerprint(name))
         return cached[1]
 
+    def register(self) -> contextlib.AbstractContextManager[None]:
+        """Say that an evaluator watches the workdir, while the block runs (the trainer's --keep-pending reads it).
+
+        Raises:
+          WorkdirIOError: the registration cannot be written (read-only workdir, full disk).
+        """
+        return lease(self.workdir.storage, EVALUATOR_LEASE)
+
     def pending(self, listed: list[Candidate]) -> list[Candidate]:
         """What is still to evaluate under the policy: checkpoints on disk first, in commit order.
 
         Listed names without files (deleted, or junk in an edited state file) come last and are
         recorded in one batch (`record_unread`), so they never hold up a real checkpoint.
         """
-        done = self.ledger.keys()
-
-        def recorded(c: Candidate, weights: str) -> bool:
-            keys = candidate_keys(Path(c.name).name, fingerprint=c.fingerprint, committed=c.committed,
-                                  split=self.cfg.split, weights=weights)
-            return any(k in done for k in keys)
-
-        todo = [c for c in listed if c not in self.deferred and not all(recorded(c, w) for w in self.weights)]
+        todo = [c for c in listed if c not in self.deferred and not self._recorded(c)]
         if self.cfg.policy == "latest":
             todo = [c for c in todo if listed and c == listed[-1]]
         return sorted(todo, key=lambda c: not c.on_disk)
 
+    def _recorded(self, cand: Candidate) -> bool:
+        """Whether the ledger holds every asked evaluation of `cand`."""
+        done = self.ledger.keys()
+        name = Path(cand.name).name
+        return all(any(k in done for k in candidate_keys(name, fingerprint=cand.fingerprint, committed=cand.committed,
+                                                         split=self.cfg.split, weights=w))
+                   for w in self.weights)
+
+    @contextlib.contextmanager
+    def claim(self, cand: Candidate) -> Iterator[bool]:
+        """Hold the claim on `cand` while the block runs; yield whether to evaluate it here.
+
+        False when another evaluator holds the claim (`cand` is kept in `elsewhere`, with who holds
+        it) or finished it before this one got the claim (the ledger is read again once it is held).
+
+        Raises:
+          WorkdirIOError: the claim cannot be written (read-only workdir, full disk).
+        """
+        key = f"{EVAL_DIR}/{CLAIMS_DIR}/{Path(cand.name).name}"
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(_claim_lock(self.workdir.storage, key, self.cfg.name))
+            except Locked as holder:
+                self.elsewhere[cand] = str(holder)
+                yield False
+                return
+            self.elsewhere.pop(cand, None)
+            yield not self._recorded(cand)
+
     def evaluate(self, cand: Candidate) -> list[LedgerRow]:
-        """Evaluate one checkpoint and record it; return the records added to the ledger.
+        """Evaluate one checkpoint (claimed: see `claim`) and record it; return the records added to the ledger.
 
         The session holds what it takes, in order: a lease, then a pinned private copy, which the
         core evaluates; the records go to the ledger, then the copy is offered to eval/best, then
@@ -192,8 +230,8 @@ class Session:
         base = core.begin(cand.name, committed=cand.committed, fingerprint=cand.fingerprint,
                           detected=self.first_seen.get(cand, time.time()))
         if not self.workdir.inside(cand.name):
-            return self._after(self.ledger.append(core.unread(cand.name, committed=cand.committed,
-                                                              detected=base["detected"])))
+            return self._after(self._append(core.unread(cand.name, committed=cand.committed,
+                                                        detected=base["detected"])))
         core.before_pin(cand.name)
         with lease(self.workdir.storage, name), contextlib.ExitStack() as pinned:
             try:
@@ -206,12 +244,22 @@ class Session:
                 base[FINGERPRINT] = checkpoints.file_fingerprint(private)
                 records = core.evaluate_snapshot(private, base)
                 # The ledger first: a failed append must not leave best.json naming an unrecorded checkpoint.
-                added = self.ledger.append(records)
-                self.best.offer(private, records[0])
+                added = self._append(records)
+                self.best.offer(private, self._signed(records)[0])
                 return self._after(added)
         if records[0].status == FAILED:
             self.deferred.add(cand)
-        return self._after(self.ledger.append(records))
+        return self._after(self._append(records))
+
+    def _signed(self, rows: list[LedgerRow]) -> list[LedgerRow]:
+        """`rows`, each naming this evaluator."""
+        return [LedgerRow(dict(r.fields) | {"evaluator": self.cfg.name}) for r in rows]
+
+    def _append(self, rows: list[LedgerRow]) -> list[LedgerRow]:
+        """Append `rows`, signed, to the ledger; remember them as this session's own work."""
+        added = self.ledger.append(self._signed(rows))
+        self.mine.update(record_key(r.fields) for r in added)
+        return added
 
     def record_unread(self, cands: list[Candidate]) -> list[LedgerRow]:
         """Record listed checkpoints whose files are not there (`gone`, or `error` outside the workdir) at once."""
@@ -220,7 +268,7 @@ class Session:
         core = self.prepare()
         records = [r for c in cands for r in core.unread(c.name, committed=c.committed,
                                                          detected=self.first_seen.get(c, time.time()))]
-        return self._after(self.ledger.append(records))
+        return self._after(self._append(records))
 
     def _after(self, added: list[LedgerRow]) -> list[LedgerRow]:
         """Hand what was added to TensorBoard, then check patience (which reads the ledger again)."""
@@ -246,8 +294,14 @@ class Session:
             self.unsent.append(message)
 
     def clean(self) -> None:
-        """Remove what earlier evaluators left behind (see evaluator.best.clean_stale)."""
+        """Remove what earlier evaluators left behind (see evaluator.best.clean_stale), and claims no one holds."""
         clean_stale(self.workdir, warn=self.note)
+        storage = self.workdir.storage
+        for name in storage.names(f"{EVAL_DIR}/{CLAIMS_DIR}"):
+            # A killed evaluator's claim is free; taking it with `discard` removes it. A live one's is Locked.
+            with contextlib.suppress(Locked, WorkdirIOError), \
+                    _claim_lock(storage, f"{EVAL_DIR}/{CLAIMS_DIR}/{name}", self.cfg.name):
+                pass
 
     def close(self) -> None:
         self.tensorboard.close()
@@ -255,7 +309,7 @@ class Session:
             self.core.close()
 
     def rows(self) -> list[Row]:
-        return build_rows(self.ledger.read(), split=self.cfg.split, weights=self.weights)
+        return build_rows(self.ledger.read(), split=self.cfg.split, weights=self.weights, mine=self.mine)
 
     def status(self, backlog: int) -> dict[str, Any]:
         """The header: workdir, run, trainer status, backlog and warnings."""
@@ -264,3 +318,19 @@ class Session:
         return header(self.cfg, self.workdir.storage, self.spec, backlog, problem=self.problem,
                       warnings=warnings + self.notes)
 
+
+
+
+@contextlib.contextmanager
+def _claim_lock(storage: Storage, key: str, name: str) -> Iterator[None]:
+    """Claim lock `key`, taken without waiting (Locked when held) and removed on release (see `Storage.lock`).
+
+    Raises:
+      WorkdirIOError: the claim cannot be written (read-only workdir, full disk).
+    """
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(storage.lock(key, wait=False, note=name, discard=True))
+        except OSError as e:
+            raise WorkdirIOError(f"cannot write the claim {storage.describe(key)}: {e.strerror or e}") from e
+        yield

@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from common.run.ledger import FAILED, Ledger
 from common.run.protocol import TrainerHeartbeat, TrainingDone
 from common.run.spec import RunSpec
 from common.storage import Storage
 from evaluator.config import EvalConfig
-from evaluator.ledger import FAILED, Ledger
 from evaluator.rows import Row
 
 

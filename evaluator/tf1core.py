@@ -16,9 +16,9 @@ from common.checkpoint.checkpoints import CheckpointError, State
 from common.checkpoint.tf1graph import GraphFlagError, GraphFlags, SaverGraph, meta_of, read_saver_step, saver_format
 from common.data import datasets
 from common.errors import UsageError
+from common.run.ledger import Record
 from common.run.workdir import Workdir
 from evaluator.core import SnapshotEvaluator
-from evaluator.ledger import Record
 
 # A Saver writes the state file first and the `.meta` right after it: wait this long for the `.meta`
 # of a checkpoint that is listed already, before calling it missing.

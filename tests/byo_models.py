@@ -3,6 +3,8 @@ and folders and .npz files written for `--dataset folder:` and `npz:`."""
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +162,30 @@ def keras_mlp(num_classes: int, input_shape: tuple[int, int, int]) -> Any:
     x = keras.layers.Flatten()(inputs)
     x = keras.layers.Dense(500, activation="relu", name="fc1")(x)
     return keras.Model(inputs, keras.layers.Dense(num_classes, name="fc2")(x))
+
+
+class SlowEval(tf.Module):
+    """A linear model whose every batch of more than one image takes SLOW_EVAL_SECS seconds more (read when it is
+    built): set for an evaluator, it is slow to evaluate, so that a test can kill it in the middle of an evaluation."""
+
+    def __init__(self, num_classes: int, input_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.size = int(np.prod(input_shape))
+        self.linear = _Linear(self.size, num_classes)
+        self.pause = float(os.environ.get("SLOW_EVAL_SECS", "0"))
+
+    def __call__(self, images: tf.Tensor) -> tf.Tensor:
+        logits = self.linear(tf.reshape(images, [-1, self.size]))
+        if not self.pause:
+            return logits
+        waited = tf.py_function(self._wait, [tf.shape(images)[0]], tf.float32)
+        return logits + 0.0 * waited
+
+    def _wait(self, batch: tf.Tensor) -> float:
+        if int(batch) > 1:
+            time.sleep(self.pause)
+        return 0.0
+
+
+def slow_eval(num_classes: int, input_shape: tuple[int, int, int]) -> SlowEval:
+    return SlowEval(num_classes, input_shape)

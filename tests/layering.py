@@ -20,7 +20,8 @@ PACKAGES = ("common", *PROGRAMS)
 # never one above; each program sits above all of `common`, and neither imports the other.
 # `common.layout` holds file names and keys and imports nothing of the project.
 LAYERS = (
-    ("common", "common.errors", "common.layout", "common.reference", "common.signals", "common.tfenv"),
+    ("common", "common.errors", "common.layout", "common.reference", "common.signals", "common.tfenv",
+     "common.cluster"),
     ("common.storage",),
     ("common.data",),
     ("common.model",),

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from common.checkpoint.keymap import parse_map
+from common.cluster import EVALUATOR, read_task, without_evaluator
 from common.errors import ProjectError, UsageError
 from common.storage.paths import local_text, workdir_path, workdir_text
 
@@ -49,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (default 1000)")
     p.add_argument("--keep", type=int, default=5, help="newest checkpoints kept, 0 = all (default 5)")
     p.add_argument("--keep-every-hours", type=float, default=0.0, help="also keep one per H hours (default 0, off)")
+    p.add_argument("--keep-pending", type=int, default=0, metavar="N",
+                   help="while an evaluator watches, also keep up to N checkpoints it has not evaluated yet "
+                        "(each costs one checkpoint's disk; default 0, off)")
     p.add_argument("--data-dir", type=local_text("--data-dir"),
                    help="folder holding the four IDX files (default: the usual places)")
     p.add_argument("--from", dest="resume_from", type=workdir_text("--from"), metavar="PATH",
@@ -71,6 +75,9 @@ def _distribution_flags(p: argparse.ArgumentParser) -> None:
     d.add_argument("--devices", type=int, default=0, metavar="N", help="mirrored over N logical CPU devices")
     d.add_argument("--workers", type=int, default=0, metavar="N",
                    help="run N local worker processes as one multi-worker job (default 0: this process only)")
+    d.add_argument("--evaluators", type=int, default=0, metavar="M",
+                   help="also run M evaluators on the workdir, each a TF_CONFIG evaluator task, all ended together "
+                        "(default 0)")
     d.add_argument("--collective-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="multi-worker: a worker that waits this long for another ends the job (default 300)")
 
@@ -90,6 +97,13 @@ def _transfer_flags(p: argparse.ArgumentParser) -> None:
                    help="do not train variables matching this, e.g. 'model/conv*'")
     t.add_argument("--unfreeze-at", type=int, help="from this step every variable trains at --finetune-lr")
     t.add_argument("--finetune-lr", type=float, help="learning rate after --unfreeze-at")
+
+
+def default_workdir(dataset: str, model: str) -> Path:
+    """The workdir of a run without --workdir: runs/<dataset>-<model>."""
+    from common.data import userdata
+
+    return Path("runs") / f"{userdata.short_name(dataset)}-{userdata.short_name(model)}"
 
 
 def build_config(args: argparse.Namespace) -> Any:
@@ -118,7 +132,7 @@ def build_config(args: argparse.Namespace) -> Any:
         if data_registry.is_user(dataset):
             raise UsageError(f"--classes goes with the built-in datasets, not {dataset}")
         given["classes"] = datasets.parse_classes(given["classes"], datasets.get_info(dataset))
-    workdir = args.workdir or Path("runs") / f"{userdata.short_name(dataset)}-{userdata.short_name(model)}"
+    workdir = args.workdir or default_workdir(dataset, model)
     opened = Workdir.open(workdir)  # the program's one opening of the workdir: it travels in the config
     existing = read_run(opened.storage)
     base = ({k: getattr(existing, k) for k in RUN_DEFAULTS} if existing
@@ -137,8 +151,8 @@ def build_config(args: argparse.Namespace) -> Any:
     return TrainConfig(
         spec=spec, workdir=workdir, steps=args.steps if args.steps is not None else models.recipe(spec.model).steps,
         save_every=args.save_every, keep=args.keep, keep_every_hours=args.keep_every_hours,
-        data_dir=args.data_dir, resume_from=args.resume_from, steps_per_loop=args.steps_per_loop,
-        log_every=args.log_every, progress=args.progress, init=init, opened=opened,
+        keep_pending=args.keep_pending, data_dir=args.data_dir, resume_from=args.resume_from,
+        steps_per_loop=args.steps_per_loop, log_every=args.log_every, progress=args.progress, init=init, opened=opened,
     )
 
 
@@ -165,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         args = parser().parse_args(argv)
-        if args.workers:
+        if args.workers or args.evaluators:
             return _launch(args, sys.argv[1:] if argv is None else argv)
+        _join_training_cluster()
         from common.tfenv import Runtime, configure, quiet_import_tensorflow
 
         runtime = Runtime.from_flags(threads=args.threads, cpu_devices=args.devices)
@@ -190,15 +205,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _join_training_cluster() -> None:
+    """Refuse an evaluator's TF_CONFIG; drop the evaluator job from a chief's or worker's (a cluster of its own)."""
+    text = os.environ.get("TF_CONFIG")
+    task = read_task(text)
+    if task is None or text is None:
+        return
+    if task.type == EVALUATOR:
+        raise UsageError("TF_CONFIG names an evaluator task: run `evaluator` for it (the trainer runs the chief "
+                         "and worker tasks)")
+    os.environ["TF_CONFIG"] = without_evaluator(text)
+
+
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
-    """`--workers N`: start N local workers running these flags (see trainer.launcher)."""
+    """`--workers N`, `--evaluators M`: N local workers running these flags, and M evaluators (trainer.launcher)."""
     from trainer.launcher import launch
 
-    if args.strategy not in (None, "multi-worker"):
+    if args.workers < 0 or args.evaluators < 0:
+        raise UsageError(f"--workers ({args.workers}) and --evaluators ({args.evaluators}) must not be negative")
+    if args.workers and args.strategy not in (None, "multi-worker"):
         raise UsageError(f"--workers runs a multi-worker job; drop --strategy {args.strategy}")
-    if args.devices:
+    if args.workers and args.devices:
         raise UsageError("--devices goes with --strategy mirrored, not --workers")
-    return launch(args.workers, argv)
+    workdir = args.workdir or default_workdir(args.dataset or RUN_DEFAULTS["dataset"],
+                                              args.model or RUN_DEFAULTS["model"])
+    evaluator = ["--workdir", str(workdir), "--progress", "plain"]
+    evaluator += ["--data-dir", args.data_dir] if args.data_dir else []
+    return launch(args.workers, argv, evaluators=args.evaluators, evaluator_argv=evaluator)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ class TrainConfig:
     save_every: int = 1000  # steps between checkpoints (one is always saved at the end)
     keep: int = 5  # newest checkpoints kept (like max_to_keep); 0 keeps all
     keep_every_hours: float = 0.0  # also keep one checkpoint per this many hours; 0 = off
+    keep_pending: int = 0  # while an evaluator watches, also keep this many not yet evaluated; 0 = off
     data_dir: str | None = None  # folder with the four IDX files; None = the usual places
     resume_from: str | None = None  # explicit checkpoint to resume from (--from)
     steps_per_loop: int = 20  # steps per tf.function call; bounds how fast a signal is seen
@@ -40,6 +41,8 @@ class TrainConfig:
                 raise UsageError(f"--{name.replace('_', '-')} ({value}) must be a positive integer")
         if self.keep < 0:
             raise UsageError(f"--keep ({self.keep}) must be 0 (keep all) or a positive integer")
+        if self.keep_pending < 0:
+            raise UsageError(f"--keep-pending ({self.keep_pending}) must be 0 (off) or a positive integer")
         if self.keep_every_hours < 0:
             raise UsageError(f"--keep-every-hours ({self.keep_every_hours}) must be 0 (off) or positive")
         if self.progress not in ("auto", "rich", "plain"):

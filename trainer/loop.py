@@ -302,7 +302,7 @@ def _make_saver(cfg: TrainConfig, train_state: TrainState, state: State | None, 
     """The saver for this run; first remove the checkpoints an interrupted save left unlisted."""
     saver = saver_lib.CheckpointSaver(cfg.wd, train_state.checkpoint, state=_initial_state(cfg.wd, state),
                                       keep=cfg.keep, keep_every_hours=cfg.keep_every_hours,
-                                      anchor=train_state.spec.created)
+                                      anchor=train_state.spec.created, keep_pending=cfg.keep_pending, warn=warn)
     if state is None:  # without a state file, nothing tells which checkpoints are unlisted
         return saver
     gone = saver.remove_unlisted(frozenset({Path(resumed_from).name}) if resumed_from else frozenset())

@@ -7,12 +7,19 @@ The order of a save is what makes a crash at any instant safe:
   3. the files are fsynced, so the state file never names data that is still in flight;
   4. the state file is replaced atomically, listing the new checkpoint and those retention keeps;
   5. only then are the checkpoints it no longer lists deleted.
+
+While an evaluator watches the workdir (it holds a registration lease), retention also keeps the
+newest `keep_pending` checkpoints that no evaluator has recorded yet, and a checkpoint it deletes
+unrecorded all the same gets a `skipped` row in the evaluators' ledger, so that every commit the
+state file listed is named there.
 """
 
 from __future__ import annotations
 
 import errno
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import tensorflow as tf
@@ -20,6 +27,9 @@ import tensorflow as tf
 from common.checkpoint import checkpoints
 from common.checkpoint.checkpoints import State
 from common.errors import WorkdirIOError
+from common.layout import EVALUATOR_LEASE
+from common.run.ledger import SKIPPED, Ledger
+from common.run.protocol import LedgerRow
 from common.run.workdir import Workdir
 from common.storage import Storage, read_best
 from common.storage.paths import Location, OutsideError
@@ -67,7 +77,8 @@ class CheckpointSaver:
     """Writes `model-<step>` checkpoints into a workdir and keeps its state file true."""
 
     def __init__(self, workdir: Workdir, checkpoint: tf.train.Checkpoint, *, state: State, keep: int,
-                 keep_every_hours: float, anchor: float) -> None:
+                 keep_every_hours: float, anchor: float, keep_pending: int = 0,
+                 warn: Callable[[str], None] | None = None) -> None:
         self.workdir = workdir
         self.storage: Storage = workdir.storage
         self.checkpoint = checkpoint
@@ -75,6 +86,9 @@ class CheckpointSaver:
         self.keep = keep
         self.keep_every_hours = keep_every_hours
         self.anchor = anchor
+        self.keep_pending = keep_pending  # unevaluated checkpoints kept while an evaluator watches
+        self.warn = warn or _to_stderr
+        self.ledger = Ledger(self.storage)  # read only while an evaluator watches
         # Traced once: an eager `write` re-serializes the object graph in Python at every save;
         # inside a tf.function that happens at tracing only (measured: 24.6 -> 12.6 ms per save).
         self._write = tf.function(lambda prefix: checkpoint.write(prefix))
@@ -87,8 +101,11 @@ class CheckpointSaver:
             self._write(tf.constant(self.storage.checkpoint_target(name)))
             stamps = self.state.timestamps_by_path()
             entries = [(p, stamps.get(p, 0.0)) for p in self.state.paths] + [(name, time.time())]
+            leased = self.storage.leased()
+            watched = EVALUATOR_LEASE in leased
+            protected = self.protected(leased) | (self._pending(entries) if watched else frozenset())
             kept, last = select_kept(entries, keep=self.keep, keep_every_hours=self.keep_every_hours,
-                                     anchor=self.anchor, protected=self.protected())
+                                     anchor=self.anchor, protected=protected)
             new_state = State(latest=name, paths=[p for p, _ in kept], timestamps=[t for _, t in kept],
                               last_preserved_timestamp=last)
             self.storage.commit_checkpoint(name, state_key=checkpoints.STATE_FILE,
@@ -99,11 +116,35 @@ class CheckpointSaver:
         self.state = new_state
         for old in dropped:
             self._delete(old)
+        if watched:
+            self._record_skipped([(p, stamps.get(p, 0.0)) for p in dropped])
         return self.workdir / name
 
-    def protected(self) -> frozenset[str]:
-        """Checkpoints retention must not delete: the evaluator's best and those being read."""
-        names = self.storage.leased()
+    def _pending(self, entries: list[tuple[str, float]]) -> frozenset[str]:
+        """The newest `keep_pending` of `entries` older than the newest `keep` that no evaluator has recorded yet."""
+        if not self.keep_pending or not self.keep:
+            return frozenset()
+        unrecorded = [p for p, ts in entries[:-self.keep] if not self.ledger.has_result(Path(p).name, ts)]
+        return frozenset(unrecorded[-self.keep_pending:])
+
+    def _record_skipped(self, dropped: list[tuple[str, float]]) -> None:
+        """Give each deleted checkpoint that no evaluator recorded a `skipped` row (a failed write is a warning)."""
+        why = (f"deleted by the trainer's retention (--keep {self.keep}, --keep-pending {self.keep_pending}) "
+               "before an evaluator read it")
+        # Leased now, after the delete: an evaluator leased it before, so it pinned the files in time and reads them.
+        reading = self.storage.leased()
+        rows = [LedgerRow({"checkpoint": Path(p).name, "step": checkpoints.saver_step(p), "status": SKIPPED,
+                           "reason": why, "committed": ts, "finished": time.time()})
+                for p, ts in dropped if Path(p).name not in reading and not self.ledger.has_result(Path(p).name, ts)]
+        if rows:
+            try:
+                self.ledger.append(rows)
+            except WorkdirIOError as e:
+                self.warn(f"{e}: {len(rows)} skipped checkpoint(s) are not recorded")
+
+    def protected(self, leased: set[str] | None = None) -> frozenset[str]:
+        """Checkpoints retention must not delete: the evaluator's best and those being read (`leased`)."""
+        names = set(self.storage.leased() if leased is None else leased)
         best = read_best(self.storage)
         if best and isinstance(best.get("checkpoint"), str):
             names.add(best["checkpoint"])
@@ -148,6 +189,10 @@ class CheckpointSaver:
                 self.storage.delete(file)
         except OutsideError:
             return
+
+
+def _to_stderr(text: str) -> None:
+    print(f"trainer: warning: {text}", file=sys.stderr, flush=True)
 
 
 def unlisted(workdir: Workdir, state: State) -> list[str]:

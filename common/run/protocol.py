@@ -238,7 +238,8 @@ class BestEntry:
 
 _ROW_SCHEMA: Schema = {"checkpoint": _STR, "step": _INT, "split": _STR, "weights": _STR, "status": _STR,
                        "reason": _STR, "accuracy": _NUM, "loss": _NUM, "per_class_accuracy": _LIST,
-                       "committed": _NUM, "finished": _NUM, "eval_secs": _NUM, FINGERPRINT: _STR}
+                       "committed": _NUM, "finished": _NUM, "eval_secs": _NUM, FINGERPRINT: _STR,
+                       "evaluator": _STR}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,6 +320,11 @@ class LedgerRow:
     @property
     def eval_secs(self) -> float | None:
         return self.fields.get("eval_secs")
+
+    @property
+    def evaluator(self) -> str:
+        """Who evaluated it (its `--name`, by default host:pid); "" in rows written before the field."""
+        return str(self.fields.get("evaluator") or "")
 
     @property
     def fingerprinted(self) -> bool:

@@ -145,11 +145,14 @@ class Storage(Protocol):
         """
         ...
 
-    def lock(self, key: str, *, wait: bool, note: str = "") -> contextlib.AbstractContextManager[None]:
+    def lock(self, key: str, *, wait: bool, note: str = "",
+             discard: bool = False) -> contextlib.AbstractContextManager[None]:
         """Hold an exclusive lock named `key` (writing `note` into it) while the block runs.
 
         Released when the holder exits in any way (local: the kernel drops the flock; an object
         store: a lock object that expires unless renewed). Raises Locked when not `wait`ing and taken.
+        `discard`: remove `key` on release (an object store's lock object always goes), for locks
+        taken once per item (the evaluators' claims) that must not pile up.
         """
         ...
 

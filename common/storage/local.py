@@ -192,21 +192,41 @@ class LocalStorage:
             remove(folder, scratch)
 
     @contextlib.contextmanager
-    def lock(self, key: str, *, wait: bool, note: str = "") -> Iterator[None]:
+    def lock(self, key: str, *, wait: bool, note: str = "", discard: bool = False) -> Iterator[None]:
         path = self._at(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._flock(path, wait=wait)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                raise Locked(os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown process") from None
             if note:
                 os.ftruncate(fd, 0)
                 os.write(fd, note.encode("utf-8"))
             yield
         finally:
-            os.close(fd)  # closing releases the flock; the file stays for the next holder
+            if discard:  # while still held: a process that opens the name after this makes a new file
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            os.close(fd)  # closing releases the flock; without `discard` the file stays for the next holder
+
+    @staticmethod
+    def _flock(path: Path, *, wait: bool) -> int:
+        """Open `path` and flock it; the fd. Retried while the file taken was unlinked meanwhile (a discarded lock)."""
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown process"
+                os.close(fd)
+                raise Locked(holder) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the holder before us discarded this file: lock the name's new file instead
 
     @contextlib.contextmanager
     def lease(self, name: str) -> Iterator[None]:
@@ -367,14 +387,18 @@ def _link_checkpoint(storage: LocalStorage, name: str, folder: Path) -> None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists on this machine."""
+    """Whether process `pid` runs on this machine: it exists and is not a zombie (dead, not yet reaped)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text("utf-8", "replace")
+    except OSError:
+        return True  # no /proc (or it went meanwhile): existing is all that is known
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]  # the state follows the command name, which may hold ")"
 
 
 class NameHandler(FileSystemEventHandler):

@@ -390,7 +390,7 @@ class ObjectStorage:
     # --- locks, leases, cleaning --------------------------------------------------------------
 
     @contextlib.contextmanager
-    def lock(self, key: str, *, wait: bool, note: str = "") -> Iterator[None]:
+    def lock(self, key: str, *, wait: bool, note: str = "", discard: bool = False) -> Iterator[None]:
         """See `Storage.lock`: an object created only if absent, renewed while held, deleted on release."""
         holder = Holder.mine(note, self.lock_ttl)
         while not self._create(key, holder):

@@ -16,10 +16,10 @@ from PIL import Image
 
 from common.checkpoint import checkpoints
 from common.layout import DONE_FILE, STOP_REQUEST_FILE
+from common.run.ledger import Ledger
 from common.storage import Storage, open_storage
 from common.storage.paths import BucketPath
 from evaluator.config import EvalConfig
-from evaluator.ledger import Ledger
 from tests.cloud import Servers
 from tests.fault.mw_storm import Job
 from tests.helpers import (
@@ -27,7 +27,6 @@ from tests.helpers import (
     committed_step,
     run_evaluator_cli,
     run_trainer_cli,
-    two_evaluators_at_once,
     watch_beside,
 )
 
@@ -173,16 +172,6 @@ def test_retention_spares_a_checkpoint_an_evaluator_holds(bucket_workdir: str, t
         assert checkpoints.on_disk(storage) == [10, 40]
     assert _train(bucket_workdir, tiny_data, 50, capsys, "--keep", "1")[0] == 0
     assert checkpoints.on_disk(storage) == [50]  # released: the next save deletes it
-
-
-def test_two_evaluators_on_one_bucket_workdir(bucket_workdir: str, tiny_data: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
-    assert _train(bucket_workdir, tiny_data, 30, capsys, "--keep", "0")[0] == 0
-    two_evaluators_at_once(bucket_workdir, tiny_data)
-    rows = Ledger(open_storage(BucketPath(bucket_workdir))).read()
-    keys = [(r["checkpoint"], r["weights"]) for r in rows if r["status"] == "ok"]
-    assert sorted(set(keys)) == [(f"model-{s}", w) for s in (10, 20, 30) for w in ("ema", "raw")]  # none lost
-    assert len(keys) == len(set(keys))  # none twice
 
 
 def test_predict_and_init_from_read_a_bucket_workdir(bucket_workdir: str, tiny_data: Path, tmp_path: Path,

@@ -13,6 +13,7 @@ import pytest
 
 from common.checkpoint import checkpoints
 from common.layout import EVAL_DIR, STOP_REQUEST_FILE
+from common.run.ledger import Ledger
 from common.run.protocol import LedgerRow
 from common.run.workdir import Workdir
 from common.storage import open_storage, read_best
@@ -20,7 +21,6 @@ from evaluator import best as best_lib
 from evaluator import cli
 from evaluator.config import EvalConfig
 from evaluator.early_stop import without_improvement
-from evaluator.ledger import Ledger
 from evaluator.loop import run_once
 from evaluator.rows import Row
 from evaluator.session import Session

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from common.run.ledger import Ledger
 from common.storage import open_storage
 from evaluator.foreign import ForeignFlags
-from evaluator.ledger import Ledger
 from tests.helpers import Watched, listing, run_evaluator_cli, watch_reference_loop
 
 STEPS, SAVE_EVERY = 60, 10  # 6 saves; the manager's max_to_keep=2 deletes the 4 oldest

@@ -19,11 +19,11 @@ from PIL import Image
 from common.checkpoint import checkpoints
 from common.checkpoint.checkpoints import State
 from common.checkpoint.tf1graph import GraphFlagError, GraphFlags, SaverGraph, meta_of
+from common.run.ledger import Ledger
 from common.run.workdir import Workdir
 from common.signals import StopRequest
 from common.storage import open_storage
 from evaluator.config import EvalConfig
-from evaluator.ledger import Ledger
 from evaluator.loop import run_once, run_watch
 from evaluator.tf1core import GraphEvaluator
 from tests import tf1_tutorial

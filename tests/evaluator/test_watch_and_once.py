@@ -14,12 +14,12 @@ from common.checkpoint import checkpoints
 from common.data import datasets
 from common.model.ema import variables_to_restore
 from common.model.evaluation import Evaluation
+from common.run.ledger import Ledger
 from common.run.protocol import LedgerRow
 from common.signals import StopRequest
 from common.storage import open_storage
 from common.storage.local import NameHandler
 from evaluator.config import EvalConfig
-from evaluator.ledger import Ledger
 from evaluator.loop import run_once, run_watch
 from evaluator.session import Session
 from evaluator.wakeups import WATCHED_NAMES, Wake

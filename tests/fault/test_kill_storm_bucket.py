@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from common.checkpoint import checkpoints
+from common.run.ledger import Ledger
 from common.storage import Stat, Storage, open_storage
 from common.storage.paths import BucketPath
-from evaluator.ledger import Ledger
 from tests.helpers import REPO, committed_step
 
 pytestmark = pytest.mark.cloud
@@ -81,12 +81,12 @@ def kill_storm(workdir: str, data_dir: Path, *, kills: int, seed: int = 0) -> li
 def _check(workdir: str, committed: list[int], kills: int) -> None:
     assert len(committed) == kills and committed == sorted(committed)  # training went on from kill to kill
     rows = Ledger(open_storage(BucketPath(workdir))).read()
-    assert rows and {r["status"] for r in rows} <= {"ok", "gone"}  # never a partial checkpoint read
+    assert rows and {r["status"] for r in rows} <= {"ok", "gone", "skipped"}  # never a partial checkpoint read
 
 
 def test_kill_storm_with_an_evaluator_watching(bucket_workdir: str, tiny_data: Path) -> None:
-    # 4 kills per store in `make test` (about 10 s each: every relaunch imports TF); 100 in `make soak`.
-    _check(bucket_workdir, kill_storm(bucket_workdir, tiny_data, kills=4), 4)
+    # 3 kills per store in `make test` (about 10 s each: every relaunch imports TF); 100 in `make soak`.
+    _check(bucket_workdir, kill_storm(bucket_workdir, tiny_data, kills=3), 3)
 
 
 @pytest.mark.soak

@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 
 from common.checkpoint import checkpoints
+from common.cluster import tf_config
 from common.errors import EXIT_WORKER_LOST, UsageError, WorkerLostError
 from common.run.spec import read_run
 from common.signals import StopRequest
@@ -28,7 +29,7 @@ from tests.helpers import Recorder, make_train_config
 from tests.helpers import run_trainer_cli as run_cli
 from trainer.actions import LoopOutput
 from trainer.distribute import Peers, Topology, distributed_batches, lost_worker_errors, topology
-from trainer.launcher import _first_failure, free_ports, tf_config
+from trainer.launcher import _first_failure, free_ports
 from trainer.loop import restore, train
 from trainer.step import TrainState, make_train_loop
 from trainer.warmstart import InitSpec
@@ -207,5 +208,5 @@ def test_launcher_names_the_worker_that_died_or_hung_not_the_one_that_lost_it() 
         143, "worker 1 was ended by the SIGTERM forwarded to it, outside training; ended the other workers")
     ports = free_ports(3)
     assert len(set(ports)) == 3
-    config = json.loads(tf_config([f"127.0.0.1:{p}" for p in ports], 2))
+    config = json.loads(tf_config({"worker": [f"127.0.0.1:{p}" for p in ports]}, "worker", 2))
     assert config["task"] == {"type": "worker", "index": 2} and len(config["cluster"]["worker"]) == 3

@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 
+from common.run.ledger import Ledger
 from common.signals import StopRequest
 from common.storage import open_storage
 from common.storage.objectstore import ObjectStorage, Poller, open_bucket
 from common.storage.paths import BucketPath
 from evaluator import loop
 from evaluator.config import EvalConfig
-from evaluator.ledger import Ledger
 from tests.cloud import FlakyProxy, Servers
 from tests.helpers import Spy, run_trainer_cli
 

@@ -168,6 +168,27 @@ def test_lock_is_exclusive_between_processes_and_freed_by_a_kill(storage: Storag
         pass
 
 
+def test_a_discarded_lock_is_gone_after_release_and_exclusive_while_held(storage: Storage) -> None:
+    key = "eval/claims/model-5"
+    with storage.lock(key, wait=False, note="first", discard=True), \
+            pytest.raises(Locked, match="first"), storage.lock(key, wait=False, discard=True):
+        pass
+    assert storage.names("eval/claims") == []  # claims taken once per checkpoint do not pile up
+    with storage.lock(key, wait=False, note="second", discard=True):  # a new holder gets the name's new file
+        assert b"second" in (storage.read(key) or b"")
+    assert storage.names("eval/claims") == []
+
+
+def test_a_zombie_is_not_alive(tmp_path: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    while Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+        pass  # exited, not yet reaped: a killed evaluator whose parent has not waited for it
+    assert not storage_local.pid_alive(child.pid)
+    assert storage_local.pid_alive(os.getpid())
+    child.wait()
+    assert not storage_local.pid_alive(child.pid)
+
+
 def test_a_lease_counts_while_its_holder_lives_and_a_dead_ones_is_ignored(storage: Storage) -> None:
     with child_holding(storage, "lease") as child:
         assert storage.leased() == {"model-5"}

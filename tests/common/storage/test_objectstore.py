@@ -338,7 +338,7 @@ APPENDER = """
 import sys
 from common.run.protocol import FINGERPRINT, LedgerRow
 from common.storage import open_storage
-from evaluator.ledger import Ledger
+from common.run.ledger import Ledger
 ledger, steps = Ledger(open_storage(sys.argv[1])), [int(s) for s in sys.argv[2].split(",")]
 for s in steps:  # each evaluator records every checkpoint it evaluated; the ledger keeps one row of each
     ledger.append([LedgerRow({"checkpoint": f"model-{s}", "step": s, "split": "validation", "weights": "ema",
@@ -348,7 +348,7 @@ for s in steps:  # each evaluator records every checkpoint it evaluated; the led
 
 def test_two_evaluators_append_to_one_ledger_without_duplicates_or_losses(store: ObjectStorage) -> None:
     """The evaluator's own Ledger in two processes on one bucket, both recording the same 8 checkpoints."""
-    from evaluator.ledger import Ledger
+    from common.run.ledger import Ledger
 
     steps = list(range(1, 9))
     orders = [",".join(map(str, steps)), ",".join(map(str, reversed(steps)))]

@@ -23,6 +23,9 @@ Record = dict[str, Any]  # a ledger row's JSON object (typed access: common.run.
 # Not a result: an evaluation that a problem of this machine stopped (full disk, no permission).
 # Such a row does not count as done, so the checkpoint is evaluated again later.
 FAILED = "failed"
+# Written by the trainer: a commit its retention deleted before any evaluator read it, while one was
+# watching. For every split and weights (it has neither); no `gone` row is added for that commit.
+SKIPPED = "skipped"
 
 
 def version_key(record: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -76,6 +79,8 @@ class Ledger:
         self._records: list[Record] = []
         self._done: set[tuple[Any, ...]] = set()
         self._failed: set[tuple[Any, ...]] = set()
+        self._commits: set[tuple[Any, Any]] = set()  # (checkpoint, committed) of every row but failed ones
+        self._skipped: set[tuple[Any, Any]] = set()  # the same of skipped rows
         self._offset = 0
         self._identity: str | None = None  # Stat.origin of the file parsed so far
         self._tail: Record | None = None  # a complete JSON object after the last newline (a hand edit)
@@ -89,6 +94,11 @@ class Ledger:
         """The identities of every recorded evaluation, except `failed` ones (read-only view)."""
         self._refresh()
         return self._done
+
+    def has_result(self, checkpoint: str, committed: float) -> bool:
+        """Whether any row but a failed one records the commit of `checkpoint` at `committed` (any split, weights)."""
+        self._refresh()
+        return (checkpoint, committed) in self._commits
 
     def append(self, rows: list[LedgerRow]) -> list[LedgerRow]:
         """Add rows whose identity is not yet in the ledger; return those added.
@@ -120,6 +130,11 @@ class Ledger:
             known = (key, commit_key(r)) if r.get(FINGERPRINT) is None else (key,)
             if any(k in self._done or k in done for k in known):
                 continue
+            commit = (r.get("checkpoint"), r.get("committed"))
+            if r.get(FINGERPRINT) is None and commit in self._skipped:
+                continue  # the trainer recorded this commit as skipped: a `gone` row would say it twice
+            if r.get("status") == SKIPPED and commit in self._commits:
+                continue  # an evaluator recorded it (`gone`, when it lost the race with the delete)
             if r.get("status") == FAILED:
                 mark = (*key, r.get("reason"))
                 if mark in self._failed or mark in failed:
@@ -147,7 +162,7 @@ class Ledger:
         self._tail = _parse(data[end:]) if data[end:].strip() else None
 
     def _reset(self, identity: str | None) -> None:
-        self._records, self._done, self._failed = [], set(), set()
+        self._records, self._done, self._failed, self._commits, self._skipped = [], set(), set(), set(), set()
         self._offset, self.skipped, self._identity, self._tail = 0, 0, identity, None
 
     def _add_line(self, line: bytes) -> None:
@@ -160,8 +175,11 @@ class Ledger:
         self._records.append(obj)
         if obj.get("status") == FAILED:
             self._failed.add((*record_key(obj), obj.get("reason")))
-        else:
-            self._done.update((record_key(obj), commit_key(obj)))
+            return
+        self._done.update((record_key(obj), commit_key(obj)))
+        self._commits.add((obj.get("checkpoint"), obj.get("committed")))
+        if obj.get("status") == SKIPPED:
+            self._skipped.add((obj.get("checkpoint"), obj.get("committed")))
 
     def _terminate_torn_line(self) -> None:
         """End a last line that a crashed writer left without its newline, so the next line stays whole."""
