@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 
 from common.checkpoint import checkpoints
+from common.distribute import Topology, lost_worker_errors, topology
 from common.errors import EXIT_WORKER_LOST, UsageError, WorkerLostError
 from common.run.spec import read_run
 from common.signals import StopRequest
@@ -27,7 +28,7 @@ from common.storage import open_storage
 from tests.helpers import Recorder, make_train_config
 from tests.helpers import run_trainer_cli as run_cli
 from trainer.actions import LoopOutput
-from trainer.distribute import Peers, Topology, distributed_batches, lost_worker_errors, topology
+from trainer.distribute import Peers, distributed_batches
 from trainer.launcher import _first_failure, free_ports, tf_config
 from trainer.loop import restore, train
 from trainer.step import TrainState, make_train_loop
