@@ -6,12 +6,18 @@ import dataclasses
 import math
 
 from common.checkpoint.tf1graph import GraphFlags
+from common.distribute import check_flags
 from common.errors import UsageError
 from common.storage.paths import Location, refuse_bucket, refuse_file
 from evaluator.core import WEIGHT_CHOICES
 from evaluator.foreign import ForeignFlags
 
 MAX_INTERVAL_SECS = 86400.0  # --rescan-secs, --poll-secs and silent_secs: longer than a day is a typo
+# The evaluation kinds each sharded strategy takes: a TF1 graph runs in a session of its own, on its
+# graph's devices; several processes agree on each checkpoint by its step, which only this project's
+# checkpoint names carry.
+SHARDED_KINDS = {"mirrored": ("native", "other-loop"), "multi-worker": ("native",)}
+_KIND_NAMES = {"native": "this project's runs", "other-loop": "--model", "tf1-graph": "--tf1-graph"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +39,8 @@ class EvalConfig:
     per_class: bool = False  # show per-class accuracy under the live table
     graph: GraphFlags | None = None  # --tf1-graph: a TF1 Saver workdir evaluated through its meta graph
     foreign: ForeignFlags | None = None  # --model: another TF2 loop's checkpoints, through key maps
+    strategy: str = "default"  # --strategy: default (one device), auto, mirrored (several devices) or multi-worker
+    devices: int = 0  # --devices N: mirrored over N logical CPU devices; 0 = every GPU (or the CPU)
 
     def __post_init__(self) -> None:
         choices = {"split": ("validation", "test"), "weights": tuple(WEIGHT_CHOICES), "policy": ("all", "latest")}
@@ -54,6 +62,10 @@ class EvalConfig:
             raise UsageError("--tf1-graph needs --dataset: the workdir has no run.json to say which")
         if self.patience and self.split != "validation":
             raise UsageError("--patience watches the validation split; drop --split test")
+        check_flags(self.strategy, self.devices)
+        if self.strategy in SHARDED_KINDS and self.kind not in SHARDED_KINDS[self.strategy]:
+            takes = " and ".join(_KIND_NAMES[k] for k in SHARDED_KINDS[self.strategy])
+            raise UsageError(f"--strategy {self.strategy} goes with {takes}, not {_KIND_NAMES[self.kind]}")
         if self.kind != "native":
             refuse_bucket(self.workdir, f"--{'tf1-graph' if self.graph is not None else 'model'} goes with a local "
                                         f"--workdir, not {self.workdir}")
