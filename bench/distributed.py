@@ -61,8 +61,9 @@ def _probe(saves: int, workdir: Path, strategy_name: str) -> dict[str, Any]:
     quiet_import_tensorflow()
     configure(Runtime())
     from bench.figures import spec_for
+    from common.distribute import make_strategy, topology
     from common.run.workdir import Workdir
-    from trainer.distribute import ScratchSaver, make_strategy, topology
+    from trainer.distribute import ScratchSaver
     from trainer.saver import CheckpointSaver
     from trainer.step import TrainState
 

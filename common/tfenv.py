@@ -175,7 +175,7 @@ def configure(runtime: Runtime) -> Setup:
     if runtime.inter_op_threads:
         tf.config.threading.set_inter_op_parallelism_threads(runtime.inter_op_threads)
     if runtime.nice:
-        _nice_tensorflow_threads(runtime.nice)
+        lower_priority(runtime.nice)
     return Setup(device="gpu" if gpus else "cpu", gpus=tuple(g.name for g in gpus),
                  intra_op_threads=tf.config.threading.get_intra_op_parallelism_threads(),
                  inter_op_threads=tf.config.threading.get_inter_op_parallelism_threads(),
@@ -196,8 +196,11 @@ def _split_cpu(count: int) -> None:
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
 
 
-def _nice_tensorflow_threads(nice: int) -> None:
+def lower_priority(nice: int) -> None:
     """Start TF's runtime now and raise the threads it creates (its op thread pools) to at least `nice`.
+
+    `configure` calls it last; a program that must make a multi-worker strategy first (TF refuses
+    one once its runtime has started) configures with `nice=0` and calls it after.
 
     Only those: Linux keeps niceness per thread, and a whole evaluator at nice 10 beside a trainer that
     fills every core noticed commits seconds late in a probe. The calling thread, and the watch loop's

@@ -15,10 +15,12 @@ from common.layout import BEST_LINK, EVAL_DIR
 from common.run.ledger import Ledger
 from common.run.workdir import Workdir
 from common.signals import StopRequest, stop_on_signals
+from common.tfenv import lower_priority
+from evaluator.cluster import Cluster
 from evaluator.config import EvalConfig, default_name
 from evaluator.display import Display, LiveTable, PlainLines, header_text, per_class_tables, render_table
 from evaluator.foreign import ForeignFlags
-from evaluator.loop import json_lines, run_once, run_watch
+from evaluator.loop import json_lines, run_once, run_watch, run_worker
 
 
 def config_from(args: argparse.Namespace, workdir: Workdir) -> EvalConfig:
@@ -26,7 +28,8 @@ def config_from(args: argparse.Namespace, workdir: Workdir) -> EvalConfig:
                       data_dir=args.data_dir, rescan_secs=args.rescan_secs, poll=args.poll,
                       poll_secs=_poll_secs(args, workdir), exit_when_done=args.exit_when_done, patience=args.patience,
                       min_delta=args.min_delta, per_class=args.per_class, graph=graph_flags(args),
-                      foreign=foreign_flags(args), name=args.name or default_name())
+                      foreign=foreign_flags(args), strategy=args.strategy, devices=args.devices,
+                      name=args.name or default_name())
 
 
 def _poll_secs(args: argparse.Namespace, workdir: Workdir) -> float:
@@ -52,8 +55,24 @@ def graph_flags(args: argparse.Namespace) -> GraphFlags | None:
 
 def run(args: argparse.Namespace, workdir: Workdir) -> None:
     cfg = config_from(args, workdir)
+    cluster = Cluster.make(cfg.strategy, cfg.devices)  # first: a multi-worker strategy must come before any op
+    if args.nice:
+        lower_priority(args.nice)
+    if cfg.strategy != "default":
+        print(f"evaluator: {cluster.topo.line()}", file=sys.stderr, flush=True)
+    if not cluster.topo.chief:
+        taken = run_worker(cfg, workdir, cluster, wait=not args.once)
+        print(f"evaluator: worker {cluster.topo.worker}: took part in {taken} evaluation(s); the chief is done",
+              file=sys.stderr)
+        return
+    with cluster.leading():
+        _lead(args, cfg, workdir, cluster)
+
+
+def _lead(args: argparse.Namespace, cfg: EvalConfig, workdir: Workdir, cluster: Cluster) -> None:
+    """What a lone evaluator, or the chief of several, does: evaluate, record and show."""
     if args.once:
-        session = run_once(cfg, workdir)
+        session = run_once(cfg, workdir, cluster=cluster)
         if args.json:
             sys.stdout.write(json_lines(session))
             for text in session.data_warnings:  # the header that shows them is not printed
@@ -72,7 +91,7 @@ def run(args: argparse.Namespace, workdir: Workdir) -> None:
     stop = StopRequest()
     try:
         with stop_on_signals(stop):
-            run_watch(cfg, display, stop, workdir)
+            run_watch(cfg, display, stop, workdir, cluster=cluster)
     finally:
         display.close()
     if stop:

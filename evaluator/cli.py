@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -20,7 +21,8 @@ from common.storage.paths import local_path, local_text, workdir_path
 DEFAULT_WORKDIR = Path("runs") / "fashion-mnist-cnn3x3"  # the trainer's default run (tests/trainer/test_train.py)
 DEFAULT_NICE = 10  # evaluations compute with the CPU the trainer leaves (bench B8 measures the pair)
 EPILOG = ("Exit codes: 0 done or stopped by a signal, 2 bad input or nothing to show, 4 no data, "
-          "5 its files in eval/ or an export could not be written.")
+          "5 its files in eval/ or an export could not be written, 6 another process of a multi-worker "
+          "evaluation was lost.")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -61,6 +63,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--nice", type=int, default=DEFAULT_NICE,
                    help=f"niceness of TensorFlow's compute threads, so that a trainer beside it keeps the CPU; "
                         f"the watch loop keeps the shell's priority (default {DEFAULT_NICE}; 0: unchanged)")
+    r.add_argument("--strategy", default="default", choices=["auto", "default", "mirrored", "multi-worker"],
+                   help="default (one device, the default), auto (mirrored when several GPUs are visible), mirrored "
+                        "(all GPUs, or --devices N logical CPUs) or multi-worker (evaluator processes from "
+                        "TF_CONFIG, each a shard of every checkpoint); every example counts once")
+    r.add_argument("--devices", type=int, default=0, metavar="N", help="mirrored over N logical CPU devices")
     return p
 
 
@@ -170,9 +177,12 @@ def main(argv: list[str] | None = None) -> int:
 
         runtime = Runtime()  # report and export: any GPU, with memory growth
         if command == "watch":
-            runtime = Runtime.from_flags(device=args.device, threads=args.threads, nice=args.nice)
+            runtime = Runtime.from_flags(device=args.device, threads=args.threads, nice=args.nice,
+                                         cpu_devices=args.devices)
         quiet_import_tensorflow()
-        configure(runtime)
+        # Lowering TF's priority starts its runtime, after which TF refuses a multi-worker strategy: the
+        # watch command lowers it once it has made its strategy (evaluator.app.run).
+        configure(dataclasses.replace(runtime, nice=0))
         from common.run.workdir import Workdir
         from evaluator import app
 

@@ -8,6 +8,7 @@ import os
 import socket
 
 from common.checkpoint.tf1graph import GraphFlags
+from common.distribute import check_flags
 from common.errors import UsageError
 from common.storage.paths import Location, refuse_bucket, refuse_file
 from evaluator.core import WEIGHT_CHOICES
@@ -15,6 +16,11 @@ from evaluator.foreign import ForeignFlags
 
 MAX_INTERVAL_SECS = 86400.0  # --rescan-secs, --poll-secs and silent_secs: longer than a day is a typo
 MAX_NAME = 100  # --name: shown in a table column
+# The evaluation kinds each sharded strategy takes: a TF1 graph runs in a session of its own, on its
+# graph's devices; several processes agree on each checkpoint by its step, which only this project's
+# checkpoint names carry.
+SHARDED_KINDS = {"mirrored": ("native", "other-loop"), "multi-worker": ("native",)}
+_KIND_NAMES = {"native": "this project's runs", "other-loop": "--model", "tf1-graph": "--tf1-graph"}
 
 
 def default_name() -> str:
@@ -41,6 +47,8 @@ class EvalConfig:
     per_class: bool = False  # show per-class accuracy under the live table
     graph: GraphFlags | None = None  # --tf1-graph: a TF1 Saver workdir evaluated through its meta graph
     foreign: ForeignFlags | None = None  # --model: another TF2 loop's checkpoints, through key maps
+    strategy: str = "default"  # --strategy: default (one device), auto, mirrored (several devices) or multi-worker
+    devices: int = 0  # --devices N: mirrored over N logical CPU devices; 0 = every GPU (or the CPU)
     name: str = dataclasses.field(default_factory=lambda: default_name())  # --name: in each row it evaluates
 
     def __post_init__(self) -> None:
@@ -65,6 +73,10 @@ class EvalConfig:
             raise UsageError("--tf1-graph needs --dataset: the workdir has no run.json to say which")
         if self.patience and self.split != "validation":
             raise UsageError("--patience watches the validation split; drop --split test")
+        check_flags(self.strategy, self.devices)
+        if self.strategy in SHARDED_KINDS and self.kind not in SHARDED_KINDS[self.strategy]:
+            takes = " and ".join(_KIND_NAMES[k] for k in SHARDED_KINDS[self.strategy])
+            raise UsageError(f"--strategy {self.strategy} goes with {takes}, not {_KIND_NAMES[self.kind]}")
         if self.kind != "native":
             refuse_bucket(self.workdir, f"--{'tf1-graph' if self.graph is not None else 'model'} goes with a local "
                                         f"--workdir, not {self.workdir}")

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 
 from common.checkpoint import checkpoints
 from common.checkpoint.checkpoints import CheckpointError
 from common.data import datasets
 from common.model.evaluation import Evaluation
 from common.run import loader
-from common.run.ledger import FINGERPRINT, Record
+from common.run.ledger import FAILED, FINGERPRINT, Record
 from common.run.protocol import LedgerRow
 from common.run.spec import RunSpec
 from common.run.workdir import Workdir
+from common.storage import Gone
+from evaluator.cluster import CANNOT_PIN, CANNOT_READ, NOT_THE_CHIEFS, Cluster, Order, PeerProblem, code, describe
 
 WEIGHT_CHOICES = {"ema": ("ema",), "raw": ("raw",), "both": ("ema", "raw")}
 
@@ -93,18 +97,71 @@ class SnapshotEvaluator:
 
 
 class CheckpointEvaluator(SnapshotEvaluator):
-    """Evaluate checkpoints of one of this project's runs: its model, built from run.json."""
+    """Evaluate checkpoints of one of this project's runs: its model, built from run.json.
+
+    Under a `cluster` of several processes (`--strategy multi-worker`) the chief's core tells the
+    workers each checkpoint it evaluates, and a worker's core takes part (`take_part`).
+    """
 
     def __init__(self, workdir: Workdir, spec: RunSpec, split: datasets.Split, *, split_name: str,
-                 weights: str) -> None:
+                 weights: str, cluster: Cluster | None = None) -> None:
         super().__init__(workdir, split, split_name=split_name, weights=weights)
         self.spec = spec
-        self.model = loader.build_model(spec)
-        self.evaluate_model = Evaluation(self.model, spec.prepare)
+        self.cluster = cluster or Cluster(tf.distribute.get_strategy())
+        self.cluster.same_data(self.data_fingerprint, len(split))
+        with self.cluster.strategy.scope():  # mirrored variables, which the restores fill on every replica
+            self.model = loader.build_model(spec)
+        self.evaluate_model = Evaluation(self.model, spec.prepare, strategy=self.cluster.strategy)
+
+    def evaluate_snapshot(self, private: Path, base: Record) -> list[LedgerRow]:
+        """See `SnapshotEvaluator.evaluate_snapshot`; a worker that cannot take part makes the records `failed`."""
+        step = checkpoints.step_of(private)
+        if self.cluster.together:
+            if step is None:
+                return self.failed(base, "error", f"{base['checkpoint']}: evaluators on several workers read "
+                                                  f"only checkpoints named {checkpoints.PREFIX}-<step>")
+            self.cluster.tell(step, base[FINGERPRINT])
+        try:
+            return super().evaluate_snapshot(private, base)
+        except PeerProblem as e:
+            return self.failed(base, FAILED, str(e))
 
     def _evaluate_weights(self, prefix: Path, kind: str) -> Record:
-        loader.restore(self.model, prefix, kind)
+        try:
+            loader.restore(self.model, prefix, kind)
+        except CheckpointError:
+            self.cluster.agree(CANNOT_READ)  # the workers skip it too
+            raise
+        others = self.cluster.agree(0)
+        if others:
+            raise PeerProblem(describe(others, prefix.name))
         step = checkpoints.read_step(prefix)
         metrics: dict[str, Any] = self.evaluate_model(self.split)
         return {"weights": kind, "step": step, **metrics}
 
+    def take_part(self, order: Order) -> None:
+        """A worker's side of the chief's `evaluate_snapshot`: pin the same checkpoint, restore it, evaluate along."""
+        assert order.step is not None
+        with contextlib.ExitStack() as pinned:
+            private: Path | None = None
+            try:
+                private = pinned.enter_context(self.workdir.pin(checkpoints.name_for(order.step)))
+            except (Gone, OSError):
+                problem = CANNOT_PIN
+            else:
+                same = code(checkpoints.file_fingerprint(private)) == order.fingerprint
+                problem = 0 if same else NOT_THE_CHIEFS
+            for kind in self.weights:
+                if private is not None and not problem:
+                    problem = self._restore(private, kind)
+                if self.cluster.agree(problem):
+                    return
+                self.evaluate_model(self.split)
+
+    def _restore(self, prefix: Path, kind: str) -> int:
+        """Restore weights `kind` of `prefix`: 0, or CANNOT_READ."""
+        try:
+            loader.restore(self.model, prefix, kind)
+        except CheckpointError:
+            return CANNOT_READ
+        return 0

@@ -138,12 +138,15 @@ class ForeignEvaluator(SnapshotEvaluator):
     """Evaluate another training loop's checkpoints with the flags' model, through the planned key mapping."""
 
     def __init__(self, workdir: Workdir, flags: ForeignFlags, info: datasets.DatasetInfo, split: datasets.Split, *,
-                 split_name: str, weights: str) -> None:
+                 split_name: str, weights: str, strategy: tf.distribute.Strategy | None = None) -> None:
         super().__init__(workdir, split, split_name=split_name, weights=weights)
         self.flags = flags
-        self.model = flags.build(info)
+        strategy = strategy or tf.distribute.get_strategy()
+        with strategy.scope():
+            self.model = flags.build(info)
         self.variables = {f"{checkpoints.MODEL_KEY}/{k}": v for k, v in self.model.named_variables().items()}
-        self.evaluate_model = Evaluation(self.model, lambda x: info.preprocessing.apply(x, info.input_spec))
+        self.evaluate_model = Evaluation(self.model, lambda x: info.preprocessing.apply(x, info.input_spec),
+                                         strategy=strategy)
         self.plan: KeyPlan | None = None
 
     def check(self, prefix: Path) -> KeyPlan:
@@ -169,16 +172,19 @@ def stored_step(prefix: Path) -> int | None:
     return checkpoints.saver_step(prefix)
 
 
-def prepare(workdir: Workdir, flags: ForeignFlags, *, split_name: str, weights: str,
-            data_dir: str | None, newest: Path | None) -> ForeignEvaluator:
+def prepare(workdir: Workdir, flags: ForeignFlags, *, split_name: str, weights: str, data_dir: str | None,
+            newest: Path | None, strategy: tf.distribute.Strategy | None = None) -> ForeignEvaluator:
     """The core for a `--model` workdir; the mapping is planned now on `newest`, if there is a checkpoint yet.
+
+    `strategy`: one process's devices to evaluate over (`--strategy mirrored`).
 
     Raises:
       UsageError: maps or variables that do not fit the checkpoint.
       DataNotFoundError, DataFormatError: the dataset.
     """
     data, info = flags.load(data_dir)
-    core = ForeignEvaluator(workdir, flags, info, data.split(split_name), split_name=split_name, weights=weights)
+    core = ForeignEvaluator(workdir, flags, info, data.split(split_name), split_name=split_name, weights=weights,
+                            strategy=strategy)
     if newest is not None:
         core.check(newest)
     return core

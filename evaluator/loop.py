@@ -18,7 +18,9 @@ from common.layout import DONE_FILE
 from common.run.ledger import SKIPPED, record_key
 from common.run.workdir import Workdir
 from common.signals import StopRequest
+from evaluator.cluster import Cluster
 from evaluator.config import EvalConfig, require_folder
+from evaluator.core import CheckpointEvaluator
 from evaluator.display import Display, log_line
 from evaluator.session import Candidate, Session
 from evaluator.tf1core import FLAG_ERRORS
@@ -27,10 +29,13 @@ from evaluator.wakeups import Wake, watching
 SETTLE_QUIET_SECS = 0.02  # a save writes the state file once; wait this long for more events
 SETTLE_MAX_SECS = 0.2
 CLAIM_RETRY_SECS = 0.25  # how often --once looks again at checkpoints other evaluators are evaluating
+WORKER_RETRY_SECS = 2.0  # a worker of a multi-worker evaluation looks again this often for a run to evaluate
 
 
-def run_once(cfg: EvalConfig, workdir: Workdir | None = None) -> Session:
+def run_once(cfg: EvalConfig, workdir: Workdir | None = None, *, cluster: Cluster | None = None) -> Session:
     """Evaluate everything pending (or the newest with --policy latest) and return the session.
+
+    `cluster`: the strategy and the other processes to evaluate with (made from `cfg` when not given).
 
     Raises:
       UsageError: no run.json, an unknown model, no checkpoint at all, or the workdir is a file.
@@ -38,7 +43,7 @@ def run_once(cfg: EvalConfig, workdir: Workdir | None = None) -> Session:
       WorkdirIOError: the evaluator's files in the workdir cannot be written.
     """
     require_folder(cfg.workdir)
-    session = Session(cfg, workdir)
+    session = Session(cfg, workdir, cluster=cluster)
     session.prepare()
     listed = session.listed()
     if not listed:
@@ -90,9 +95,10 @@ def json_lines(session: Session) -> str:
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
 
 
-def run_watch(cfg: EvalConfig, display: Display, stop: StopRequest, workdir: Workdir | None = None) -> None:
+def run_watch(cfg: EvalConfig, display: Display, stop: StopRequest, workdir: Workdir | None = None, *,
+              cluster: Cluster | None = None) -> None:
     """Evaluate every checkpoint the trainer commits until stopped (or done, with --exit-when-done)."""
-    session = Session(cfg, workdir)
+    session = Session(cfg, workdir, cluster=cluster)
     wake = Wake()
     stop.on_set.append(wake.set)
     while not stop and not session.workdir.storage.exists():
@@ -150,8 +156,10 @@ def _wait(session: Session, wake: Wake) -> bool:
     (which may have been a network error) is worth the rescan's requests, whose number grows with
     the checkpoints listed.
     """
+    session.cluster.keep_alive()
     # Checkpoints other evaluators hold are looked at again soon: a holder that dies leaves them to this one.
-    noticed = wake.wait(CLAIM_RETRY_SECS * 4 if session.elsewhere else session.cfg.rescan_secs)
+    wait = CLAIM_RETRY_SECS * 4 if session.elsewhere else session.cfg.rescan_secs
+    noticed = wake.wait(min(wait, session.cluster.longest_wait))
     if noticed:
         wake.settle(SETTLE_QUIET_SECS, SETTLE_MAX_SECS)
     retry = bool(session.deferred)
@@ -194,3 +202,36 @@ def _scan(session: Session) -> list[Candidate]:
         return []
     session.problem = ""
     return todo
+
+
+def run_worker(cfg: EvalConfig, workdir: Workdir, cluster: Cluster, *, wait: bool) -> int:
+    """A worker of a multi-worker evaluation: take part in each one the chief leads, until it is done.
+
+    It writes nothing into the workdir but its pinned copies. With `wait` (watch mode) it waits,
+    as the chief does, for a run.json and data to evaluate with. Returns how many checkpoints it took part in.
+    """
+    session = Session(cfg, workdir, cluster=cluster)
+    with contextlib.closing(session):
+        core = _worker_core(session, wait=wait)
+        taken = 0
+        while not (order := cluster.listen()).done:
+            if order.step is not None:
+                core.take_part(order)
+                taken += 1
+    return taken
+
+
+def _worker_core(session: Session, *, wait: bool) -> CheckpointEvaluator:
+    """The worker's evaluation core, made as the chief makes its own (retried while `wait` and not ready)."""
+    while True:
+        try:
+            core = session.prepare()
+        except FLAG_ERRORS:
+            raise
+        except (ProjectError, CheckpointError):
+            if not wait:
+                raise
+            time.sleep(min(session.cfg.rescan_secs, WORKER_RETRY_SECS))
+            continue
+        assert isinstance(core, CheckpointEvaluator)  # EvalConfig takes multi-worker for this project's runs only
+        return core

@@ -32,6 +32,7 @@ from common.run.workdir import Workdir
 from common.storage import Gone, Locked, Stat, Storage
 from evaluator import foreign, tf1core
 from evaluator.best import BestKeeper, clean_stale
+from evaluator.cluster import Cluster
 from evaluator.config import EvalConfig
 from evaluator.core import WEIGHT_CHOICES, CheckpointEvaluator, SnapshotEvaluator
 from evaluator.early_stop import check_patience
@@ -58,7 +59,7 @@ def _native(session: Session) -> SnapshotEvaluator:
     session.data_warnings = list(loaded.warnings)
     session.spec = spec
     return CheckpointEvaluator(workdir, spec, loaded.data.split(cfg.split), split_name=cfg.split,
-                               weights=cfg.weights)
+                               weights=cfg.weights, cluster=session.cluster)
 
 
 def _tf1_graph(session: Session) -> SnapshotEvaluator:
@@ -75,7 +76,7 @@ def _other_loop(session: Session) -> SnapshotEvaluator:
     assert cfg.foreign is not None
     newest = tf1core.check_kind(session.workdir, tf1=False)
     return foreign.prepare(session.workdir, cfg.foreign, split_name=cfg.split, weights=cfg.weights,
-                           data_dir=cfg.data_dir, newest=newest)
+                           data_dir=cfg.data_dir, newest=newest, strategy=session.cluster.strategy)
 
 
 # The kinds of evaluation core, by the name `EvalConfig.kind` gives.
@@ -105,9 +106,11 @@ class Candidate:
 class Session:
     """State shared by one evaluator run: its config, ledger and (once ready) evaluation core."""
 
-    def __init__(self, cfg: EvalConfig, workdir: Workdir | None = None) -> None:
+    def __init__(self, cfg: EvalConfig, workdir: Workdir | None = None, *, cluster: Cluster | None = None) -> None:
+        """`cluster`: the strategy to evaluate under, made from `cfg` when not given (the CLI makes it first)."""
         self.cfg = cfg
         self.workdir = workdir if workdir is not None else Workdir.open(cfg.workdir)
+        self.cluster = cluster or Cluster.make(cfg.strategy, cfg.devices)
         self.ledger = Ledger(self.workdir.storage)
         self.weights = WEIGHT_CHOICES[cfg.weights]
         self.core: SnapshotEvaluator | None = None
@@ -246,6 +249,8 @@ class Session:
                 # The ledger first: a failed append must not leave best.json naming an unrecorded checkpoint.
                 added = self._append(records)
                 self.best.offer(private, self._signed(records)[0])
+                if records[0].status == FAILED:  # another evaluator process could not take part
+                    self.deferred.add(cand)
                 return self._after(added)
         if records[0].status == FAILED:
             self.deferred.add(cand)

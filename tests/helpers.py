@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -177,6 +178,16 @@ def run_evaluator_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tu
     code = cli.main(args)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+@functools.cache
+def mirrored() -> Any:
+    """A MirroredStrategy over the tests' two logical CPUs (conftest), one for the whole session: two
+    strategies over the same devices in one process share collective keys, and the second then fails
+    with a shape mismatch in a collective instance."""
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
 
 def mnist_model(name: str, *, seed: int = 0) -> Any:

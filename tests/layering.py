@@ -18,10 +18,11 @@ PACKAGES = ("common", *PROGRAMS)
 
 # The order of `common`'s layers, lowest first: a module may import its own layer and the ones below,
 # never one above; each program sits above all of `common`, and neither imports the other.
-# `common.layout` holds file names and keys and imports nothing of the project.
+# `common.layout` holds file names and keys and imports nothing of the project; `common.distribute` (the
+# tf.distribute strategy both programs build from their flags) imports only `common.errors`.
 LAYERS = (
-    ("common", "common.errors", "common.layout", "common.reference", "common.signals", "common.tfenv",
-     "common.cluster"),
+    ("common", "common.distribute", "common.errors", "common.layout", "common.reference", "common.signals",
+     "common.tfenv", "common.cluster"),
     ("common.storage",),
     ("common.data",),
     ("common.model",),

@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         runtime = Runtime.from_flags(threads=args.threads, cpu_devices=args.devices)
         quiet_import_tensorflow()
         configure(runtime)
-        from trainer.distribute import make_strategy
+        from common.distribute import make_strategy
         from trainer.loop import train
 
         cfg = build_config(args)

@@ -21,6 +21,7 @@ import tensorflow as tf
 from common.checkpoint import checkpoints
 from common.checkpoint.checkpoints import CheckpointError, State
 from common.data import datasets
+from common.distribute import Topology, lost_worker_errors, topology
 from common.errors import BucketUnusable, DivergedError, UsageError
 from common.layout import DONE_FILE, TB_DIR
 from common.model.evaluation import Evaluation
@@ -36,7 +37,7 @@ from trainer import distribute, warmstart
 from trainer import saver as saver_lib
 from trainer.actions import Action, CheckStopRequest, LoopOutput, SaveCheckpoints, make_actions
 from trainer.config import TrainConfig
-from trainer.distribute import Peers, Topology
+from trainer.distribute import Peers
 from trainer.inputs import steps_per_epoch
 from trainer.lock import WorkdirLock
 from trainer.progress import Heartbeat, Reporter, Tee, TensorBoardLog, log_line, make_reporter
@@ -247,7 +248,7 @@ def restore_or_initialise(cfg: TrainConfig, checked: Checked, reporter: Reporter
     Every worker of a multi-worker run restores the same checkpoint; only the chief writes the workdir.
     """
     strategy = strategy or tf.distribute.get_strategy()
-    topo = distribute.topology(strategy)
+    topo = topology(strategy)
     spec = checked.existing or dataclasses.replace(
         cfg.spec, created=time.time(), data_source=checked.loaded.source, data_fingerprint=checked.loaded.fingerprint,
         strategy=topo.strategy, replicas=topo.replicas, workers=topo.workers)
@@ -517,7 +518,7 @@ def train(cfg: TrainConfig, *, reporter: Reporter | None = None, stop: StopReque
       UsageError, DataNotFoundError, CheckpointError, DivergedError, WorkdirIOError, WorkerLostError: see README.
     """
     strategy = strategy or tf.distribute.get_strategy()
-    topo = distribute.topology(strategy)
+    topo = topology(strategy)
     checked = check_inputs(cfg, topo)
     reporter = reporter or make_reporter(cfg.progress, cfg.log_every)
     stop = stop if stop is not None else StopRequest()  # an unset StopRequest is falsy: `or` would drop it
@@ -525,7 +526,7 @@ def train(cfg: TrainConfig, *, reporter: Reporter | None = None, stop: StopReque
     if topo.chief:
         cfg.wd.storage.create()  # a local folder and its parents; a bucket's prefix needs none
     lock = WorkdirLock(cfg.wd.storage) if topo.chief else contextlib.nullcontext()
-    with lock, stop_on_signals(peers.requests if peers else stop), distribute.lost_worker_errors(topo):
+    with lock, stop_on_signals(peers.requests if peers else stop), lost_worker_errors(topo):
         started = restore_or_initialise(cfg, checked, reporter, strategy, peers)
         ran = run_training(cfg, started, checked.loaded.data, reporter, stop, chief=topo.chief, peers=peers)
         return finish(cfg, started, ran, checked.loaded.data, reporter, stop, chief=topo.chief)

@@ -10,8 +10,11 @@ import pytest
 
 from common.run.ledger import Ledger
 from common.storage import open_storage
+from evaluator.cluster import Cluster
+from evaluator.config import EvalConfig
 from evaluator.foreign import ForeignFlags
-from tests.helpers import Watched, listing, run_evaluator_cli, watch_reference_loop
+from evaluator.loop import run_once
+from tests.helpers import Watched, listing, mirrored, run_evaluator_cli, watch_reference_loop
 
 STEPS, SAVE_EVERY = 60, 10  # 6 saves; the manager's max_to_keep=2 deletes the 4 oldest
 MAPS = ("net/*=model/*", "averages/*=model/*")
@@ -111,3 +114,20 @@ def test_our_own_runs_need_no_map(trained: Path, tiny_data: Path, tmp_path: Path
     assert code == 0, err
     assert "restored from ema/fc1/kernel" in err and "renamed" not in err
     assert {json.loads(line)["status"] for line in out.splitlines()} == {"ok"}
+
+
+def test_mirrored_over_two_devices_gives_one_devices_figures(watched: Watched, tmp_path: Path) -> None:
+    rows = {}
+    for name, cluster in (("one", None), ("two", Cluster(mirrored()))):
+        workdir = Path(shutil.copytree(watched.workdir, tmp_path / name))
+        shutil.rmtree(workdir / "eval")
+        cfg = EvalConfig(workdir=workdir, data_dir=str(watched.data), weights="both", foreign=PLAIN,
+                         strategy="mirrored" if cluster else "default", devices=2 if cluster else 0)
+        run_once(cfg, cluster=cluster)
+        rows[name] = {(r["checkpoint"], r["weights"]): r for r in Ledger(open_storage(workdir)).read()}
+    assert sorted(rows["one"]) == sorted(rows["two"]) and len(rows["one"]) >= 4
+    for key, one in rows["one"].items():
+        two = rows["two"][key]
+        assert (two["status"], two["accuracy"], two["confusion"], two["count"]) == \
+            (one["status"], one["accuracy"], one["confusion"], one["count"])
+        assert two["loss"] == pytest.approx(one["loss"], abs=1e-6)

@@ -7,7 +7,6 @@ machine with two GPUs: the global batch is cut in two, and the gradients are sum
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import re
 import signal
@@ -21,14 +20,15 @@ import tensorflow as tf
 
 from common.checkpoint import checkpoints
 from common.cluster import tf_config
+from common.distribute import Topology, lost_worker_errors, topology
 from common.errors import EXIT_WORKER_LOST, UsageError, WorkerLostError
 from common.run.spec import read_run
 from common.signals import StopRequest
 from common.storage import open_storage
-from tests.helpers import Recorder, make_train_config
+from tests.helpers import Recorder, make_train_config, mirrored
 from tests.helpers import run_trainer_cli as run_cli
 from trainer.actions import LoopOutput
-from trainer.distribute import Peers, Topology, distributed_batches, lost_worker_errors, topology
+from trainer.distribute import Peers, distributed_batches
 from trainer.launcher import _first_failure, free_ports
 from trainer.loop import restore, train
 from trainer.step import TrainState, make_train_loop
@@ -37,13 +37,6 @@ from trainer.warmstart import InitSpec
 # After 50 mlp steps from one seed, two replicas (mirrored, or two workers) and one device differed
 # by at most 7.8e-8 in any weight, shadow or Adam slot: the gradient is summed in another order.
 TOLERANCE = 1e-6
-
-
-@functools.cache
-def mirrored() -> tf.distribute.MirroredStrategy:
-    """One strategy for the whole session: two strategies over the same devices in one process share
-    collective keys, and the second then fails with a shape mismatch in a collective instance."""
-    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
 
 def tensors(prefix: str | Path) -> dict[str, np.ndarray]:
