@@ -202,7 +202,7 @@ def take_evaluator_task(args: argparse.Namespace) -> None:
     chief has finished before this task started; its index names it in the rows (--name).
     """
     task = read_task(os.environ.get("TF_CONFIG"))
-    if task is None or task.type != EVALUATOR:
+    if task is None or task.type != EVALUATOR or args.strategy == "multi-worker":  # that one refuses it
         return
     del os.environ["TF_CONFIG"]
     args.exit_when_done = args.exit_when_done or not args.once

@@ -42,6 +42,9 @@ from evaluator.status import header, result_warnings
 from evaluator.tensorboard import TensorBoardSink
 
 MAX_NOTES = 5  # one-off warnings kept in the header
+# In a bucket, an idle evaluator's registration costs two requests per renewal, every third of this. One
+# left by a dead evaluator of another host only makes the trainer keep --keep-pending checkpoints longer.
+REGISTRATION_TTL_SECS = 600.0
 
 
 def _native(session: Session) -> SnapshotEvaluator:
@@ -175,7 +178,7 @@ class Session:
         Raises:
           WorkdirIOError: the registration cannot be written (read-only workdir, full disk).
         """
-        return lease(self.workdir.storage, EVALUATOR_LEASE)
+        return lease(self.workdir.storage, EVALUATOR_LEASE, ttl=REGISTRATION_TTL_SECS)
 
     def pending(self, listed: list[Candidate]) -> list[Candidate]:
         """What is still to evaluate under the policy: checkpoints on disk first, in commit order.

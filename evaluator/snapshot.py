@@ -18,15 +18,17 @@ __all__ = ["Gone", "lease"]
 
 
 @contextlib.contextmanager
-def lease(storage: Storage, checkpoint: str) -> Iterator[None]:
+def lease(storage: Storage, checkpoint: str, *, ttl: float | None = None) -> Iterator[None]:
     """Tell the trainer's retention that this process is reading `checkpoint` (see `Storage.leased`).
+
+    `ttl`: in a bucket, how long the lease outlives a holder on another host that died (see `Storage.lease`).
 
     Raises:
       WorkdirIOError: the lease cannot be written (read-only workdir, full disk).
     """
     with contextlib.ExitStack() as held:
         try:
-            held.enter_context(storage.lease(checkpoint))
+            held.enter_context(storage.lease(checkpoint, ttl=ttl))
         except OSError as e:
             raise WorkdirIOError(f"cannot write the lease on {checkpoint} in {storage.root}: "
                                  f"{e.strerror or e}") from e

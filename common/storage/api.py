@@ -156,8 +156,12 @@ class Storage(Protocol):
         """
         ...
 
-    def lease(self, name: str) -> contextlib.AbstractContextManager[None]:
-        """Hold a lease on checkpoint `name` (see `leased`) while the block runs. Raises OSError."""
+    def lease(self, name: str, *, ttl: float | None = None) -> contextlib.AbstractContextManager[None]:
+        """Hold a lease on checkpoint `name` (see `leased`) while the block runs. Raises OSError.
+
+        `ttl`: an object store's time to live (renewed every third of it) instead of its default; a
+        local lease lives as long as its process.
+        """
         ...
 
     def leased(self) -> set[str]:

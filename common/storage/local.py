@@ -229,7 +229,7 @@ class LocalStorage:
             os.close(fd)  # the holder before us discarded this file: lock the name's new file instead
 
     @contextlib.contextmanager
-    def lease(self, name: str) -> Iterator[None]:
+    def lease(self, name: str, *, ttl: float | None = None) -> Iterator[None]:
         path = lease_path(self.path, name, os.getpid())
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -430,9 +430,9 @@ class ObjectStorage:
         return False
 
     @contextlib.contextmanager
-    def lease(self, name: str) -> Iterator[None]:
+    def lease(self, name: str, *, ttl: float | None = None) -> Iterator[None]:
         key = f"{EVAL_DIR}/{LEASE_DIR}/{name}@{os.getpid()}-{secrets.token_hex(3)}"
-        holder = Holder.mine("", self.lease_ttl)
+        holder = Holder.mine("", self.lease_ttl if ttl is None else ttl)
         self.write(key, holder.encode())
         try:
             with Renewer(self, key, holder):

@@ -21,6 +21,7 @@ import pytest
 import tensorflow as tf
 
 from common.checkpoint import checkpoints
+from common.cluster import tf_config
 from common.run.ledger import FAILED, Ledger
 from common.storage import open_storage
 from evaluator.cluster import CANNOT_PIN, NOT_THE_CHIEFS, Cluster, Order, code
@@ -29,7 +30,7 @@ from evaluator.core import CheckpointEvaluator
 from evaluator.loop import run_once
 from evaluator.session import Session
 from tests.helpers import REPO, mirrored, run_evaluator_cli
-from trainer.launcher import free_ports, tf_config
+from trainer.launcher import free_ports
 
 FLAGS = ["--once", "--json", "--weights", "both"]
 EXACT = ("status", "step", "accuracy", "per_class_accuracy", "confusion", "count", "examples")
@@ -65,8 +66,9 @@ def sharded(trained_runs: Callable[..., Path], tiny_data: Path, tmp_path_factory
     root = tmp_path_factory.mktemp("sharded")
     three, two = (Path(shutil.copytree(trained_runs(), root / name)) for name in ("three", "two"))
     addresses = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    configs = [tf_config({"worker": addresses}, "worker", i) for i in range(2)]
     procs = {"three": (three, start(three, tiny_data, ["--strategy", "mirrored", "--devices", "3"])),
-             **{role: (two, start(two, tiny_data, ["--strategy", "multi-worker"], tf_config(addresses, i)))
+             **{role: (two, start(two, tiny_data, ["--strategy", "multi-worker"], configs[i]))
                 for i, role in enumerate(("chief", "worker"))}}
     return {name: (workdir, finish(proc)) for name, (workdir, proc) in procs.items()}
 

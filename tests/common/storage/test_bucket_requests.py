@@ -114,8 +114,9 @@ def test_an_idle_evaluator_makes_one_request_per_poll_whatever_the_checkpoints(
         loop.run_once(cfg)  # everything evaluated: the watch below has nothing to do
         per_poll[steps] = _idle_requests_per_poll(cfg, cloud, monkeypatch)
     assert len(Ledger(open_storage(BucketPath(workdir))).read()) == 8
-    # One HEAD of the state file per poll (one more may be in flight at either end of the window).
-    assert all(1.0 <= v <= 1.0 + 1 / 10 for v in per_poll.values()), per_poll
+    # One HEAD of the state file per poll (one more may be in flight at either end of the window, and the
+    # evaluator's registration is renewed, a GET and a PUT, every 200 s: that may fall in the window too).
+    assert all(1.0 <= v <= 1.0 + 3 / 10 for v in per_poll.values()), per_poll
 
 
 def test_timed_refreshes_of_a_bucket_workdir_do_not_rescan_it(
