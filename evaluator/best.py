@@ -76,7 +76,7 @@ def best_lock(storage: Storage) -> Iterator[None]:
     Without it, two evaluators could both read the same best, both find theirs better and let the
     lower one win, or one could delete, as stale, the folder the other has just made the best.
     """
-    with storage.lock(f"{EVAL_DIR}/{BEST_LOCK}", wait=True, note=f"pid {os.getpid()}"):
+    with storage.lock(f"{EVAL_DIR}/{BEST_LOCK}", wait=True):  # no note: nothing to write while the disk is full
         yield
 
 
@@ -111,6 +111,14 @@ def promote(workdir: Workdir, private_prefix: Path, row: LedgerRow, *, warn: War
     return entry
 
 
+def better_than_best(workdir: Workdir, records: list[Record], *, weights: str) -> list[LedgerRow]:
+    """The ledger's validation results of `weights` that beat eval/best, best first (ties: the earlier step)."""
+    best = workdir.best()
+    ranked = [row for row in map(LedgerRow, records) if row.split == "validation" and row.weights == weights
+              and row.index_fingerprint and improves(row, best)]
+    return sorted(ranked, key=lambda row: (-float(row.accuracy or 0.0), row.step if row.step is not None else 0))
+
+
 def catch_up(workdir: Workdir, records: list[Record], *, weights: str, warn: Warn = _to_stderr) -> BestEntry | None:
     """Promote the ledger's best validation result if eval/best lags behind it; return the new entry or None.
 
@@ -121,11 +129,7 @@ def catch_up(workdir: Workdir, records: list[Record], *, weights: str, warn: War
     Raises:
       OSError: the promotion failed again; the old best is left as it was.
     """
-    best = workdir.best()
-    ranked = [row for row in map(LedgerRow, records) if row.split == "validation" and row.weights == weights
-              and row.index_fingerprint and improves(row, best)]
-    ranked.sort(key=lambda row: (-float(row.accuracy or 0.0), row.step if row.step is not None else 0))
-    for row in ranked:
+    for row in better_than_best(workdir, records, weights=weights):
         name = Path(row.checkpoint).name
         if not workdir.inside(row.checkpoint) or workdir.fingerprint(name) != row.index_fingerprint:
             continue
@@ -167,14 +171,20 @@ class BestKeeper:
             self.problem = ""
 
     def sync(self, records: list[Record]) -> None:
-        """Retry a promotion that failed or was cut short: make the ledger's best result eval/best."""
+        """Retry a promotion that failed or was cut short: make the ledger's best result eval/best.
+
+        The lock is taken only when the ledger holds a better result (read again under it): an idle
+        scan costs no lock, which in a bucket is several requests.
+        """
         try:
-            with best_lock(self.workdir.storage):
-                catch_up(self.workdir, records, weights=self.weights, warn=self.warn)
+            if better_than_best(self.workdir, records, weights=self.weights):
+                with best_lock(self.workdir.storage):
+                    catch_up(self.workdir, records, weights=self.weights, warn=self.warn)
         except OSError as e:
             self.problem = f"could not update eval/best ({e.strerror or e}); retried at the next scan"
         else:
-            self.problem = ""
+            best = self.workdir.best()
+            self.problem = "" if best is None or best.weights in (None, self.weights) else self.problem
 
 def _remove_previous(storage: Storage, previous: str, warn: Warn) -> None:
     """Delete the folder the `best` pointer named before, if it is one of ours."""

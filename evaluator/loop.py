@@ -63,6 +63,7 @@ def run_once(cfg: EvalConfig, workdir: Workdir | None = None, *, cluster: Cluste
                 break
             # Other evaluators are on the rest: wait for their rows, or for a claim its holder's death frees.
             _say_waiting(session, waiting)
+            session.cluster.keep_alive()  # the workers of a multi-worker evaluation wait in a collective
             time.sleep(CLAIM_RETRY_SECS)
         session.sync_best()
     return session

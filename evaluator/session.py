@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Set
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +130,7 @@ class Session:
         self.deferred: set[Candidate] = set()  # failed in this scan cycle: retried in the next one
         self.elsewhere: dict[Candidate, str] = {}  # pending, claimed by another evaluator (its name) at the last try
         self.mine: set[tuple[Any, ...]] = set()  # record keys of the rows this session evaluated itself
+        self.last_listed: list[Candidate] = []  # the checkpoints the state file listed at the last scan
         self._fingerprints: dict[str, tuple[str, str | None]] = {}  # name -> (Stat.token, fingerprint)
         if local is None:
             self.note("TensorBoard logs are not written for a bucket workdir")
@@ -156,7 +157,8 @@ class Session:
         now = time.time()
         for cand in found:
             self.first_seen.setdefault(cand, now)
-        return sorted(found, key=lambda c: (c.committed, c.step or 0))
+        self.last_listed = sorted(found, key=lambda c: (c.committed, c.step or 0))
+        return self.last_listed
 
     def _index_stat(self, name: str) -> Stat | None:
         """The Stat of checkpoint `name`'s `.index` (one request in a bucket), or None when it is not there."""
@@ -172,13 +174,20 @@ class Session:
             cached = self._fingerprints[name] = (stat.token, self.workdir.fingerprint(name))
         return cached[1]
 
-    def register(self) -> contextlib.AbstractContextManager[None]:
-        """Say that an evaluator watches the workdir, while the block runs (the trainer's --keep-pending reads it).
+    @contextlib.contextmanager
+    def register(self) -> Iterator[None]:
+        """Say that an evaluator evaluates every commit, while the block runs (the trainer's --keep-pending reads it).
 
-        Raises:
-          WorkdirIOError: the registration cannot be written (read-only workdir, full disk).
+        Not with --policy latest, which evaluates only the newest. A registration that cannot be
+        written (read-only workdir, full disk) is a note: reading a workdir needs none.
         """
-        return lease(self.workdir.storage, EVALUATOR_LEASE, ttl=REGISTRATION_TTL_SECS)
+        with contextlib.ExitStack() as held:
+            if self.cfg.policy == "all":
+                try:
+                    held.enter_context(lease(self.workdir.storage, EVALUATOR_LEASE, ttl=REGISTRATION_TTL_SECS))
+                except WorkdirIOError as e:
+                    self.note(f"{e}: the trainer's --keep-pending does not see this evaluator")
+            yield
 
     def pending(self, listed: list[Candidate]) -> list[Candidate]:
         """What is still to evaluate under the policy: checkpoints on disk first, in commit order.
@@ -186,14 +195,15 @@ class Session:
         Listed names without files (deleted, or junk in an edited state file) come last and are
         recorded in one batch (`record_unread`), so they never hold up a real checkpoint.
         """
-        todo = [c for c in listed if c not in self.deferred and not self._recorded(c)]
+        done = self.ledger.keys()  # read once: in a bucket each read is a request
+        todo = [c for c in listed if c not in self.deferred and not self._recorded(c, done)]
         if self.cfg.policy == "latest":
             todo = [c for c in todo if listed and c == listed[-1]]
         return sorted(todo, key=lambda c: not c.on_disk)
 
-    def _recorded(self, cand: Candidate) -> bool:
-        """Whether the ledger holds every asked evaluation of `cand`."""
-        done = self.ledger.keys()
+    def _recorded(self, cand: Candidate, done: Set[tuple[Any, ...]] | None = None) -> bool:
+        """Whether the ledger (`done`: its keys, read again when not given) holds every asked evaluation of `cand`."""
+        done = self.ledger.keys() if done is None else done
         name = Path(cand.name).name
         return all(any(k in done for k in candidate_keys(name, fingerprint=cand.fingerprint, committed=cand.committed,
                                                          split=self.cfg.split, weights=w))
@@ -266,7 +276,7 @@ class Session:
     def _append(self, rows: list[LedgerRow]) -> list[LedgerRow]:
         """Append `rows`, signed, to the ledger; remember them as this session's own work."""
         added = self.ledger.append(self._signed(rows))
-        self.mine.update(record_key(r.fields) for r in added)
+        self.mine.update(record_key(r.fields) for r in added if r.status != FAILED)
         return added
 
     def record_unread(self, cands: list[Candidate]) -> list[LedgerRow]:
@@ -282,13 +292,25 @@ class Session:
         """Hand what was added to TensorBoard, then check patience (which reads the ledger again)."""
         self.tensorboard.write(added)
         if self.cfg.patience:
-            reason = check_patience(self.workdir.storage, self.rows(), patience=self.cfg.patience,
+            reason = check_patience(self.workdir.storage, self._settled_rows(), patience=self.cfg.patience,
                                     min_delta=self.cfg.min_delta)
             self.stop_requested = reason or self.stop_requested
             if reason and (self.cfg.graph is not None or self.cfg.foreign is not None):
                 self.note("stop_request.json is written, but a trainer other than this project's does not read "
                           "it: stop that trainer yourself")
         return added
+
+    def _settled_rows(self) -> list[Row]:
+        """The rows up to the first listed checkpoint not recorded yet (another evaluator may still be on it).
+
+        Several evaluators finish out of commit order; patience counts a checkpoint only once every
+        earlier one is in, so a later result never counts before an earlier one that might improve.
+        """
+        done = self.ledger.keys()
+        open_steps = [c.step for c in self.last_listed if c.on_disk and c.step is not None
+                      and c not in self.deferred and not self._recorded(c, done)]
+        rows = self.rows()
+        return rows if not open_steps else [r for r in rows if r.step is not None and r.step < min(open_steps)]
 
     def sync_best(self) -> None:
         """Retry a promotion that failed or was cut short (validation only: best is a validation result)."""

@@ -124,23 +124,30 @@ class CheckpointSaver:
         """The newest `keep_pending` of `entries` older than the newest `keep` that no evaluator has recorded yet."""
         if not self.keep_pending or not self.keep:
             return frozenset()
-        unrecorded = [p for p, ts in entries[:-self.keep] if not self.ledger.has_result(Path(p).name, ts)]
+        try:
+            unrecorded = [p for p, ts in entries[:-self.keep] if not self.ledger.has_result(Path(p).name, ts)]
+        except OSError as e:  # the evaluators' file: a save never fails for it
+            self.warn(f"cannot read the evaluators' ledger ({e.strerror or e}): --keep-pending keeps nothing more "
+                      "at this save")
+            return frozenset()
         return frozenset(unrecorded[-self.keep_pending:])
 
     def _record_skipped(self, dropped: list[tuple[str, float]]) -> None:
         """Give each deleted checkpoint that no evaluator recorded a `skipped` row (a failed write is a warning)."""
         why = (f"deleted by the trainer's retention (--keep {self.keep}, --keep-pending {self.keep_pending}) "
                "before an evaluator read it")
-        # Leased now, after the delete: an evaluator leased it before, so it pinned the files in time and reads them.
-        reading = self.storage.leased()
-        rows = [LedgerRow({"checkpoint": Path(p).name, "step": checkpoints.saver_step(p), "status": SKIPPED,
-                           "reason": why, "committed": ts, "finished": time.time()})
-                for p, ts in dropped if Path(p).name not in reading and not self.ledger.has_result(Path(p).name, ts)]
-        if rows:
-            try:
+        try:
+            # Leased now, after the delete: an evaluator leased it before, so it pinned the files in time.
+            reading = self.storage.leased()
+            rows = [LedgerRow({"checkpoint": Path(p).name, "step": checkpoints.saver_step(p), "status": SKIPPED,
+                               "reason": why, "committed": ts, "finished": time.time()})
+                    for p, ts in dropped
+                    if Path(p).name not in reading and not self.ledger.has_result(Path(p).name, ts)]
+            if rows:
                 self.ledger.append(rows)
-            except WorkdirIOError as e:
-                self.warn(f"{e}: {len(rows)} skipped checkpoint(s) are not recorded")
+        except (OSError, WorkdirIOError) as e:
+            self.warn(f"the skipped checkpoint(s) {', '.join(Path(p).name for p, _ in dropped)} are not recorded in "
+                      f"the evaluators' ledger: {e}")
 
     def protected(self, leased: set[str] | None = None) -> frozenset[str]:
         """Checkpoints retention must not delete: the evaluator's best and those being read (`leased`)."""

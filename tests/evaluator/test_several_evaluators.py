@@ -25,7 +25,7 @@ from tests.cloud import Servers
 from tests.helpers import REPO
 
 SLOW_MODEL = "tests.byo_models:slow_eval"
-CHECKPOINTS = [f"model-{s}" for s in range(10, 70, 10)]
+CHECKPOINTS = [f"model-{s}" for s in range(10, 50, 10)]
 
 
 def _location(workdir: str) -> Path | BucketPath:
@@ -63,7 +63,7 @@ def claimed_by(storage: Storage, name: str) -> str | None:
 
 def train_beside(workdir: str, data: Path) -> subprocess.Popen[str]:
     """A trainer committing CHECKPOINTS, one every 10 steps, of a model that is slow to evaluate where asked."""
-    return start("trainer.cli", ["--workdir", workdir, "--data-dir", str(data), "--model", SLOW_MODEL, "--steps", "60",
+    return start("trainer.cli", ["--workdir", workdir, "--data-dir", str(data), "--model", SLOW_MODEL, "--steps", "40",
                                  "--save-every", "10", "--steps-per-loop", "10", "--keep", "0", "--progress", "plain"])
 
 
