@@ -18,6 +18,7 @@ import pytest
 
 from common.layout import CLAIMS_DIR, EVAL_DIR
 from common.run.ledger import Ledger
+from common.run.locate import BEST, locate
 from common.run.workdir import Workdir
 from common.storage import Storage, open_storage
 from common.storage.paths import BucketPath
@@ -81,15 +82,24 @@ def check_shared(storage: Storage, expected: list[str], evaluators: set[str]) ->
     best = Workdir(storage).best()
     top = max(rows, key=lambda r: (r["accuracy"], -r["step"]))
     assert best is not None and (best.checkpoint, best.accuracy) == (top["checkpoint"], top["accuracy"])
+    located = locate(Workdir(storage), BEST)  # its folder is whole: every file read and checked
+    assert located.key.endswith(top["checkpoint"])
     assert storage.names(f"{EVAL_DIR}/{CLAIMS_DIR}") == []
     return rows
 
 
-def share_and_take_over(workdir: str, data: Path, names: tuple[str, ...]) -> None:
-    """A slow evaluator and the evaluators `names` watch a trainer; the slow one is killed in the middle of an
-    evaluation and its checkpoint is taken over; every checkpoint is evaluated once, by the others."""
+def share_and_take_over(workdir: str, data: Path, names: tuple[str, ...], *, beside: bool = True) -> None:
+    """A slow evaluator and the evaluators `names` watch a trainer (or a finished run, without `beside`); the slow
+    one is killed in the middle of an evaluation and its checkpoint is taken over; every checkpoint is evaluated
+    once, by the others."""
     storage = open_storage(_location(workdir))
-    trainer = train_beside(workdir, data)
+    if not beside:  # trained in this process: one TensorFlow start less
+        from tests.helpers import Recorder, make_train_config
+        from trainer.loop import train
+
+        train(make_train_config(data, _location(workdir), model=SLOW_MODEL, steps=40, save_every=10, keep=0),
+              reporter=Recorder())
+    trainer = train_beside(workdir, data) if beside else None
     slow = evaluator(workdir, data, "slow", "--exit-when-done", SLOW_EVAL_SECS="600")
     try:
         held = wait_for(lambda: claimed_by(storage, "slow"), "the slow evaluator's first claim")
@@ -98,13 +108,15 @@ def share_and_take_over(workdir: str, data: Path, names: tuple[str, ...]) -> Non
                  "a row of the other evaluators")
         assert claimed_by(storage, "slow") == held  # still in the middle of its evaluation
         slow.send_signal(signal.SIGKILL)
-        finish(trainer)
+        if trainer is not None:
+            finish(trainer)
         outs = [finish(p)[0] for p in others]
     finally:
         for proc in (trainer, slow):
-            if proc.poll() is None:
+            if proc is not None and proc.poll() is None:
                 proc.kill()
-            proc.communicate()
+            if proc is not None:
+                proc.communicate()
     rows = check_shared(storage, CHECKPOINTS, set(names))
     assert held in {r["checkpoint"] for r in rows}
     # Each live table shows every row, and names who evaluated it.
@@ -122,7 +134,8 @@ def test_evaluators_share_a_local_workdir_and_take_over_a_killed_ones_claim(tmp_
 @pytest.mark.parametrize("scheme", ["s3", "gs"])
 def test_evaluators_share_a_bucket_workdir_and_take_over_a_killed_ones_claim(scheme: str, cloud: Servers,
                                                                              tiny_data: Path) -> None:
-    share_and_take_over(f"{scheme}://{cloud.new_bucket(scheme)}/run", tiny_data, ("b",))  # two evaluators
+    # Two evaluators, on a finished run (the local test has the trainer beside: a TensorFlow start less here).
+    share_and_take_over(f"{scheme}://{cloud.new_bucket(scheme)}/run", tiny_data, ("b",), beside=False)
 
 
 def test_two_once_evaluators_started_together_list_each_checkpoint_once(trained_runs: Callable[..., Path],

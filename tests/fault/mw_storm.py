@@ -2,7 +2,7 @@
 and again, often inside a save, with an evaluator watching; each relaunch must resume from exactly the
 chief's last committed checkpoint.
 
-Used by `tests/fault/test_kill_storm_multiworker.py` (3 kills) and `make soak` (50 kills, then a worker
+Used by `tests/fault/test_kill_storm_multiworker.py` (2 kills) and `make soak` (50 kills, then a worker
 that hangs instead of dying):
 
     python -m tests.fault.mw_storm --kills 50

@@ -1,6 +1,6 @@
 """Kill storm: SIGKILL a real trainer again and again, many times inside a save, with an evaluator watching.
 
-Used by `tests/fault/test_kill_storm.py` (6 kills) and `make soak` (300 kills):
+Used by `tests/fault/test_kill_storm.py` (5 kills) and `make soak` (300 kills):
 
     python -m tests.fault.storm --kills 300
 """

@@ -6,15 +6,15 @@ from tests.fault.storm import run_storm
 
 
 def test_kill_storm(tiny_data: Path, tmp_path: Path) -> None:
-    """6 SIGKILLs of a real trainer, most inside a save, with a real evaluator watching throughout.
+    """5 SIGKILLs of a real trainer, most inside a save, with a real evaluator watching throughout.
 
     Each relaunch imports TensorFlow (about 5 s of CPU on two cores), so `make test` runs this short
     form; `make soak` runs 300 kills (`python -m tests.fault.storm --kills 300`).
     """
-    stats = run_storm(6, tiny_data, tmp_path / "run", seed=1)  # seed 1 aims 4 of the 6 kills at a save
+    stats = run_storm(5, tiny_data, tmp_path / "run", seed=1)  # seed 1 aims 4 of the 5 kills at a save
     print(stats.line())
     assert stats.problems == []
-    assert stats.kills == 6 and stats.resumes_verified == 5
+    assert stats.kills == 5 and stats.resumes_verified == 4
     assert stats.in_save >= 2, "the storm should hit the save window several times"
     assert stats.broken_reads == 0
     assert stats.evaluations > 0
