@@ -32,7 +32,7 @@ from common.run.protocol import BestEntry, LedgerRow
 from common.run.workdir import Workdir
 from common.storage import Gone, Storage
 from common.storage.fileio import atomic_write_bytes
-from common.storage.paths import OutsideError
+from common.storage.paths import OutsideError, absolute
 
 Warn = Callable[[str], None]
 _FOLDER_PREFIX = f"{BEST_LINK}-"
@@ -95,7 +95,7 @@ def promote(workdir: Workdir, private_prefix: Path, row: LedgerRow, *, warn: War
     name = private_prefix.name
     entry = BestEntry(checkpoint=name, step=row.step, accuracy=row.accuracy, loss=row.loss, split=row.split,
                       weights=row.weights, committed=row.committed,
-                      source=str(workdir.resolve(name)), time=time.time())
+                      source=absolute(workdir.resolve(name)), time=time.time())
     adopt_copied_best(workdir, warn=warn)
     state = State(latest=name, paths=[name], timestamps=[row.committed or 0.0])
     atomic_write_bytes(folder / STATE_FILE, checkpoints.state_bytes(state))

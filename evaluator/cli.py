@@ -27,7 +27,8 @@ EPILOG = ("Exit codes: 0 done or stopped by a signal, 2 bad input or nothing to 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="evaluator", epilog=EPILOG + " Subcommands: 'evaluator best --help', 'evaluator report --help'.",
+        prog="evaluator", epilog=EPILOG + " Subcommands: 'evaluator best --help', 'evaluator report --help', "
+                                          "'evaluator export --help'.",
         description="Evaluate every checkpoint a trainer commits into a workdir (EMA weights by default).")
     _workdir(p)
     p.add_argument("--once", action="store_true", help="evaluate what is pending, print the table and exit")

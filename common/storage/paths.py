@@ -34,8 +34,19 @@ def require_local(flag: str, value: str | os.PathLike[str] | None) -> None:
       UsageError: `value` is a `scheme://` URL.
     """
     if value is not None and is_url(value):
-        raise UsageError(f"{flag} {os.fspath(value)!r}: URLs such as s3:// or gs:// are not supported yet; "
-                         "give a local folder")
+        raise UsageError(f"{flag} {os.fspath(value)!r}: this flag takes a local path, not a URL")
+
+
+def require_bucket_scheme(flag: str, value: str) -> None:
+    """Refuse a URL that is neither s3:// nor gs://, naming the schemes a workdir takes.
+
+    Raises:
+      UsageError: `value` is a `scheme://` URL of another scheme.
+    """
+    if is_url(value) and not is_bucket(value):
+        scheme = value.partition("://")[0]
+        raise UsageError(f"{flag} {value!r}: {scheme}:// is not a storage this program reads; give a local path, "
+                         "s3://bucket/prefix or gs://bucket/prefix")
 
 
 class BucketPath:
@@ -156,6 +167,7 @@ def workdir_path(flag: str) -> Callable[[str], Location]:
     local = local_path(flag)
 
     def convert(value: str) -> Location:
+        require_bucket_scheme(flag, value)
         return BucketPath(value) if is_bucket(value) else local(value)
 
     convert.__name__ = "path"
@@ -165,7 +177,13 @@ def workdir_path(flag: str) -> Callable[[str], Location]:
 def workdir_text(flag: str) -> Callable[[str], str]:
     """Like `workdir_path`, for flags whose value the program keeps as a string."""
     local = local_text(flag)
-    return lambda value: value if is_bucket(value) else local(value)
+
+    def convert(value: str) -> str:
+        require_bucket_scheme(flag, value)
+        return value if is_bucket(value) else local(value)
+
+    convert.__name__ = "path"
+    return convert
 
 
 def local_text(flag: str) -> Callable[[str], str]:

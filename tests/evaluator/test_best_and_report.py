@@ -32,12 +32,15 @@ def config(workdir: Path, tiny_data: Path, **kw: Any) -> EvalConfig:
     return EvalConfig(workdir=workdir, data_dir=str(tiny_data), **kw)
 
 
-def test_best_is_kept_with_its_files_and_json(workdir: Path, tiny_data: Path) -> None:
-    run_once(config(workdir, tiny_data))
+def test_best_is_kept_with_its_files_and_json(workdir: Path, tiny_data: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(workdir.parent)  # the workdir given relative to where the evaluator runs
+    run_once(config(Path(workdir.name), tiny_data))
     records = [r for r in Ledger(open_storage(workdir)).read() if r["status"] == "ok"]
     top = max(records, key=lambda r: (r["accuracy"], -r["step"]))
     entry = read_best(open_storage(workdir))
     assert entry is not None and (entry["step"], entry["accuracy"]) == (top["step"], top["accuracy"])
+    assert entry["source"] == str(workdir.resolve() / entry["checkpoint"])  # the same from any working directory
     best_dir = workdir / EVAL_DIR / "best"
     assert (best_dir / "best.json").read_text() == (workdir / EVAL_DIR / "best.json").read_text()
     assert checkpoints.read_step(best_dir / entry["checkpoint"]) == entry["step"]

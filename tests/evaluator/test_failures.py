@@ -489,3 +489,16 @@ def test_table_shows_only_the_newest_gone_rows() -> None:
     text = console.export_text()
     assert "50 earlier gone or skipped rows not shown" in text and "model-1000000" in text
     assert "model-49 " not in text and f"model-{MAX_GONE_ROWS + 49} " in text
+
+
+def test_help_names_every_exit_code_and_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    from evaluator import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the epilog
+    assert done.value.code == 0
+    for code in ("0 done", "2 bad input", "4 no data", "5 its files", "6 another process"):
+        assert code in out, code
+    for command in cli.SUBCOMMANDS:
+        assert command == "watch" or f"'evaluator {command} --help'" in out, command

@@ -283,3 +283,16 @@ def test_a_lock_that_cannot_be_written_is_one_line_and_exit_5(tmp_path: Path, ti
     code, _, err = run_cli(["--workdir", str(workdir), "--data-dir", str(tiny_data), "--model", "softmax",
                             "--steps", "20", "--save-every", "10"], capsys)
     assert code == 0, err
+
+
+@pytest.mark.parametrize(("program", "flags"), [("trainer", ["--workdir", "foo://b/run"]),
+                                                ("evaluator", ["--workdir", "foo://b/run", "--once"]),
+                                                ("trainer", ["--init-from", "http://host/run"])])
+def test_an_unknown_scheme_is_refused_naming_the_ones_taken(program: str, flags: list[str], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.helpers import run_evaluator_cli, run_trainer_cli
+
+    run = run_trainer_cli if program == "trainer" else run_evaluator_cli
+    code, _, err = run(flags, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "is not a storage this program reads; give a local path, s3://bucket/prefix or gs://bucket/prefix" in err

@@ -115,7 +115,7 @@ def test_a_bucket_url_is_refused_not_made_a_local_folder(argv: list[str], tmp_pa
                            "sys.exit(main(sys.argv[1:]))", *rest],
                           capture_output=True, text=True, cwd=tmp_path, env=os.environ | {"PYTHONPATH": str(REPO)})
     assert done.returncode == 2, done.stderr
-    assert done.stderr.count("\n") == 1 and "URLs such as s3:// or gs:// are not supported yet" in done.stderr
+    assert done.stderr.count("\n") == 1 and "this flag takes a local path, not a URL" in done.stderr
     assert list(tmp_path.iterdir()) == []  # no ./s3:/bucket/run, nothing else either
 
 
