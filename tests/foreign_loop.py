@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--save-every", type=int, default=10)
     p.add_argument("--keras", action="store_true")
+    p.add_argument("--pace", type=Path, help="a ledger: before each save, wait (up to 30 s) until it names the "
+                                             "checkpoint that save deletes, so that a watching evaluator keeps up")
     args = p.parse_args()
     train, val = np.load(args.train), np.load(args.validation)
     net, names, shadows, apply, parts = keras_loop() if args.keras else plain_loop()
@@ -121,6 +124,8 @@ def main() -> None:
                 shadows[key].assign(DECAY * shadows[key] + (1 - DECAY) * var)
             step.assign_add(1)
             if int(step) % args.save_every == 0:
+                if args.pace is not None and int(step) > 2 * args.save_every:
+                    _wait_for_row(args.pace, f"ckpt-{int(step) - 2 * args.save_every}")
                 path = manager.save(checkpoint_number=int(step))
                 raw = {k: v.numpy() for k, v in names.items()}
                 ema = {k: v.numpy() for k, v in shadows.items()}
@@ -128,6 +133,15 @@ def main() -> None:
                                        "ema": accuracy(ema, val["images"], val["labels"]),
                                        "raw": accuracy(raw, val["images"], val["labels"])}) + "\n")
                 refs.flush()
+
+
+def _wait_for_row(ledger: Path, name: str, timeout: float = 30.0) -> None:
+    """Wait until `ledger` has a row of checkpoint `name` (or the time is up: the test then says what is missing)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ledger.exists() and f'"checkpoint": "{name}"' in ledger.read_text("utf-8", "replace"):
+            return
+        time.sleep(0.05)
 
 
 if __name__ == "__main__":

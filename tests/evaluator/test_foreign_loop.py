@@ -44,7 +44,8 @@ def watched_keras(tmp_path_factory: pytest.TempPathFactory) -> Watched:
 def watch_loop(root: Path, *, keras: bool) -> Watched:
     """The foreign loop run in a subprocess while the evaluator's watch loop (--weights both) runs here."""
     args = [str(root / "run"), str(root / "validation.npz"), str(root / "train.npz"), str(root / "refs.jsonl"),
-            "--steps", str(STEPS), "--save-every", str(SAVE_EVERY), *(["--keras"] if keras else [])]
+            "--steps", str(STEPS), "--save-every", str(SAVE_EVERY), *(["--keras"] if keras else []),
+            "--pace", str(root / "run" / "eval" / "results.jsonl")]  # every checkpoint read before it is deleted
     return watch_reference_loop(root, "tests.foreign_loop", args, last=f"ckpt-{STEPS}",
                                 foreign=KERAS if keras else PLAIN)
 
