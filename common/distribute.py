@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Iterator
 
 import tensorflow as tf
 
+from common.cluster import read_task
 from common.errors import UsageError, WorkerLostError
 
 STRATEGIES = ("auto", "default", "mirrored", "multi-worker")
@@ -117,12 +117,10 @@ def check_tf_config(text: str | None, *, program: str = "trainer") -> None:
     source, roles = _TF_CONFIG_HINTS[program]
     if not text:
         raise UsageError(f"--strategy multi-worker needs TF_CONFIG (cluster and task); {source}")
-    try:
-        config = json.loads(text)
-        kind, index = config["task"]["type"], int(config["task"]["index"])
-        addresses = config["cluster"][kind] if kind in ("chief", "worker") else []
-    except (ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"TF_CONFIG ({text[:200]!r}) is not a JSON object with cluster and task: {e}") from e
+    task = read_task(text)
+    assert task is not None  # `text` is not empty
+    kind, index = task.type, task.index
+    addresses = task.cluster.get(kind, [])
     if kind not in ("chief", "worker"):
         raise UsageError(f"TF_CONFIG: task type {kind!r}: {roles}")
     if not 0 <= index < len(addresses):

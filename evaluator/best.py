@@ -150,6 +150,7 @@ class BestKeeper:
         self.weights = weights  # whose results rank checkpoints (the primary weights)
         self.warn = warn
         self.problem = ""  # why the newest improvement is not eval/best yet
+        self.mismatch = ""  # eval/best ranks other weights than this evaluator (found by `offer`)
 
     def offer(self, private: Path, main: LedgerRow) -> None:
         """Promote the evaluated files to eval/best when they beat the best validation accuracy."""
@@ -158,9 +159,11 @@ class BestKeeper:
         try:
             with best_lock(self.workdir.storage):
                 best = self.workdir.best()
-                if best is not None and not like_weights(main, best):
-                    self.problem = (f"eval/best ranks {best.weights} weights and this evaluator {main.weights}: "
-                                    f"left it alone (remove {self.workdir.describe(_BEST)} to rank {main.weights})")
+                self.mismatch = "" if best is None or like_weights(main, best) else (
+                    f"eval/best ranks {best.weights} weights and this evaluator {main.weights}: left it alone "
+                    f"(remove {self.workdir.describe(_BEST)} to rank {main.weights})")
+                if self.mismatch:
+                    self.problem = self.mismatch
                     return
                 if improves(main, best):
                     promote(self.workdir, private, main, warn=self.warn)
@@ -183,8 +186,7 @@ class BestKeeper:
         except OSError as e:
             self.problem = f"could not update eval/best ({e.strerror or e}); retried at the next scan"
         else:
-            best = self.workdir.best()
-            self.problem = "" if best is None or best.weights in (None, self.weights) else self.problem
+            self.problem = self.mismatch  # kept while eval/best ranks other weights, without reading it again
 
 def _remove_previous(storage: Storage, previous: str, warn: Warn) -> None:
     """Delete the folder the `best` pointer named before, if it is one of ours."""
