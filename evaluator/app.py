@@ -12,19 +12,24 @@ from common.checkpoint.keymap import parse_map
 from common.checkpoint.tf1graph import GraphFlags
 from common.errors import UsageError
 from common.layout import BEST_LINK, EVAL_DIR
+from common.model.metrics import top_k_name
 from common.run.ledger import Ledger
 from common.run.workdir import Workdir
 from common.signals import StopRequest, stop_on_signals
 from common.tfenv import lower_priority
+from evaluator.best import ranked
 from evaluator.cluster import Cluster
 from evaluator.config import EvalConfig, default_name
-from evaluator.display import Display, LiveTable, PlainLines, header_text, per_class_tables, render_table
+from evaluator.display import Display, Layout, LiveTable, PlainLines, header_text, per_class_tables, render_table
 from evaluator.foreign import ForeignFlags
 from evaluator.loop import json_lines, run_once, run_watch, run_worker
+from evaluator.sets import Selection, parse_eval_data, show_value
 
 
 def config_from(args: argparse.Namespace, workdir: Workdir) -> EvalConfig:
-    return EvalConfig(workdir=args.workdir, split=args.split, weights=args.weights, policy=args.policy,
+    return EvalConfig(workdir=args.workdir, splits=tuple(args.split or ("validation",)),
+                      eval_data=parse_eval_data(args.eval_data), select=args.select, top_k=args.top_k,
+                      metrics=tuple(args.metric), backfill=args.backfill, weights=args.weights, policy=args.policy,
                       data_dir=args.data_dir, rescan_secs=args.rescan_secs, poll=args.poll,
                       poll_secs=_poll_secs(args, workdir), exit_when_done=args.exit_when_done, patience=args.patience,
                       min_delta=args.min_delta, per_class=args.per_class, graph=graph_flags(args),
@@ -80,12 +85,12 @@ def _lead(args: argparse.Namespace, cfg: EvalConfig, workdir: Workdir, cluster: 
         else:
             console = Console() if sys.stdout.isatty() else Console(width=160)
             status = session.status(0)
-            console.print(Group(header_text(status), render_table(session.rows(), both=cfg.weights == "both"),
+            console.print(Group(header_text(status), render_table(session.rows(), layout_of(cfg)),
                                 *per_class_tables(session.rows(), status)))
         return
     display: Display
     if args.progress == "rich" or (args.progress == "auto" and sys.stdout.isatty()):
-        display = LiveTable(both=cfg.weights == "both")
+        display = LiveTable(layout_of(cfg))
     else:
         display = PlainLines()
     stop = StopRequest()
@@ -98,16 +103,45 @@ def _lead(args: argparse.Namespace, cfg: EvalConfig, workdir: Workdir, cluster: 
         display.message(f"evaluator stopped by {stop.reason}")
 
 
+def layout_of(cfg: EvalConfig) -> Layout:
+    """The table's columns for these flags: a group per set, and the metrics they compute."""
+    metrics = ((top_k_name(cfg.top_k),) if cfg.top_k else ()) + tuple(r.partition(":")[2] for r in cfg.metrics)
+    return Layout(sets=cfg.set_names, both=cfg.weights == "both", metrics=metrics,
+                  decides=cfg.selection.metric if cfg.selection is not None else "accuracy")
+
+
 def show_best(args: argparse.Namespace, workdir: Workdir) -> None:
+    if args.select:
+        _show_ranked(args, workdir, Selection.parse(args.select))
+        return
     best = workdir.best()
     if best is None:
         raise UsageError(f"{args.workdir}: no best checkpoint yet (the evaluator keeps it from validation results)")
     if args.json:
         print(json.dumps(best.to_json(), sort_keys=True))
         return
-    print(f"best: {best.checkpoint} (step {best.step}) {best.split} accuracy "
-          f"{100 * (best.accuracy or 0.0):.2f}% loss {best.loss or 0.0:.4f} ({best.weights} weights), kept in "
-          f"{workdir.describe(f'{EVAL_DIR}/{BEST_LINK}')}")
+    metric = best.metric or "accuracy"
+    value = show_value(metric, best.value if best.value is not None else best.accuracy)
+    print(f"best: {best.checkpoint} (step {best.step}) {best.split} {metric} {value} "
+          f"(accuracy {show_value('accuracy', best.accuracy)}, loss {best.loss or 0.0:.4f}; {best.weights} weights), "
+          f"kept in {workdir.describe(f'{EVAL_DIR}/{BEST_LINK}')}")
+
+
+def _show_ranked(args: argparse.Namespace, workdir: Workdir, selection: Selection) -> None:
+    """`best --select`: the ledger's best result on a set and metric, which eval/best need not keep."""
+    records = Ledger(workdir.storage).read()
+    top = ranked(records, selection, weights=args.weights)
+    if not top:
+        sets = sorted({str(r.get("split")) for r in records if r.get("status") == "ok"})
+        raise UsageError(f"{args.workdir}: the ledger holds no {args.weights} result of {selection.set} "
+                         f"{selection.metric} (its sets: {', '.join(sets) or 'none'})")
+    row = top[0]
+    if args.json:
+        print(json.dumps(row.to_json(), sort_keys=True))
+        return
+    print(f"best on {selection.describe()}: {row.checkpoint} (step {row.step}) {selection.metric} "
+          f"{show_value(selection.metric, selection.value(row.fields))} ({args.weights} weights; "
+          f"{len(top)} result(s) ranked, from {Ledger(workdir.storage).where})")
 
 
 def report(args: argparse.Namespace, workdir: Workdir) -> None:

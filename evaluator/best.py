@@ -33,6 +33,7 @@ from common.run.workdir import Workdir
 from common.storage import Gone, Storage
 from common.storage.fileio import atomic_write_bytes
 from common.storage.paths import OutsideError, absolute
+from evaluator.sets import DEFAULT_SELECTION, Selection
 
 Warn = Callable[[str], None]
 _FOLDER_PREFIX = f"{BEST_LINK}-"
@@ -44,29 +45,49 @@ def _to_stderr(message: str) -> None:
     print(f"evaluator: warning: {message}", file=sys.stderr)
 
 
-def improves(row: LedgerRow, best: BestEntry | Mapping[str, Any] | None) -> bool:
-    """Whether an ok row beats the current best: a higher accuracy, or the same at an earlier step.
+def improves(row: LedgerRow, best: BestEntry | Mapping[str, Any] | None,
+             selection: Selection = DEFAULT_SELECTION) -> bool:
+    """Whether an ok row beats the current best on `selection`'s metric, or equals it at an earlier step.
 
     Ties go to the earlier step whatever the order of evaluation, which several evaluators do not
     keep. `best` is the typed entry, or best.json's object as `common.storage.read_best` returns it.
-    Only like weights compare: a raw result never replaces an EMA best, nor the other way round.
+    Only like results compare (`comparable`): a raw result never replaces an EMA best, nor a test
+    result a validation best.
     """
-    if row.status != "ok" or row.accuracy is None:
+    score = selection.score(row.fields) if row.status == "ok" else None
+    if score is None:
         return False
     if best is None:
         return True
-    entry = best if isinstance(best, BestEntry) else BestEntry(checkpoint="", accuracy=best.get("accuracy"),
-                                                               weights=best.get("weights"), step=best.get("step"))
-    if not like_weights(row, entry):
+    entry = best if isinstance(best, BestEntry) else BestEntry.from_json({"checkpoint": "", **best})
+    if entry is None or why_incomparable(row, entry, selection):
         return False
-    accuracy = float(-1.0 if entry.accuracy is None else entry.accuracy)
+    held = best_score(entry)
+    if held is None:
+        return True
     earlier = row.step is not None and entry.step is not None and row.step < entry.step
-    return float(row.accuracy) > accuracy or (float(row.accuracy) == accuracy and earlier)
+    return score > held or (score == held and earlier)
 
 
-def like_weights(row: LedgerRow, best: BestEntry) -> bool:
-    """Whether `row` may be ranked against `best` (entries older than the field hold any weights)."""
-    return best.weights is None or best.weights == row.weights
+def why_incomparable(row: LedgerRow, best: BestEntry, selection: Selection) -> str:
+    """Why `row`, ranked by `selection`, may not be ranked against `best`; "" when it may.
+
+    Entries written before a field was recorded hold any weights, and validation accuracy.
+    """
+    held = Selection(best.split or "validation", best.metric or "accuracy", best.mode or "max")
+    if best.weights is not None and best.weights != row.weights:
+        return f"eval/best ranks {best.weights} weights and this evaluator {row.weights}"
+    if held != selection:
+        return f"eval/best ranks {held.describe()} and this evaluator {selection.describe()}"
+    return ""
+
+
+def best_score(best: BestEntry) -> float | None:
+    """The best's value of its metric, turned so that higher is better (old entries: their accuracy)."""
+    value = best.value if best.value is not None else best.accuracy
+    if value is None:
+        return None
+    return float(value) if (best.mode or "max") == "max" else -float(value)
 
 
 @contextlib.contextmanager
@@ -80,7 +101,8 @@ def best_lock(storage: Storage) -> Iterator[None]:
         yield
 
 
-def promote(workdir: Workdir, private_prefix: Path, row: LedgerRow, *, warn: Warn = _to_stderr) -> BestEntry:
+def promote(workdir: Workdir, private_prefix: Path, row: LedgerRow, *, selection: Selection = DEFAULT_SELECTION,
+            warn: Warn = _to_stderr) -> BestEntry:
     """Make the pinned folder holding `private_prefix` the new best; return its best.json entry.
 
     The folder becomes `eval/best-<step>-<id>/` (`Storage.adopt`), then the `best` pointer is
@@ -95,7 +117,8 @@ def promote(workdir: Workdir, private_prefix: Path, row: LedgerRow, *, warn: War
     name = private_prefix.name
     entry = BestEntry(checkpoint=name, step=row.step, accuracy=row.accuracy, loss=row.loss, split=row.split,
                       weights=row.weights, committed=row.committed,
-                      source=absolute(workdir.resolve(name)), time=time.time())
+                      source=absolute(workdir.resolve(name)), time=time.time(), metric=selection.metric,
+                      mode=selection.mode, value=selection.value(row.fields))
     adopt_copied_best(workdir, warn=warn)
     state = State(latest=name, paths=[name], timestamps=[row.committed or 0.0])
     atomic_write_bytes(folder / STATE_FILE, checkpoints.state_bytes(state))
@@ -111,16 +134,25 @@ def promote(workdir: Workdir, private_prefix: Path, row: LedgerRow, *, warn: War
     return entry
 
 
-def better_than_best(workdir: Workdir, records: list[Record], *, weights: str) -> list[LedgerRow]:
-    """The ledger's validation results of `weights` that beat eval/best, best first (ties: the earlier step)."""
+def ranked(records: list[Record], selection: Selection, *, weights: str) -> list[LedgerRow]:
+    """The ok results of `selection`'s set and `weights`, best first (ties: the earlier step)."""
+    rows = [row for row in map(LedgerRow, records) if row.split == selection.set and row.weights == weights
+            and row.status == "ok" and selection.score(row.fields) is not None]
+    return sorted(rows, key=lambda row: (-(selection.score(row.fields) or 0.0), row.step if row.step is not None
+                                         else 0))
+
+
+def better_than_best(workdir: Workdir, records: list[Record], *, weights: str,
+                     selection: Selection = DEFAULT_SELECTION) -> list[LedgerRow]:
+    """The ledger's results that beat eval/best on `selection`, best first (ties: the earlier step)."""
     best = workdir.best()
-    ranked = [row for row in map(LedgerRow, records) if row.split == "validation" and row.weights == weights
-              and row.index_fingerprint and improves(row, best)]
-    return sorted(ranked, key=lambda row: (-float(row.accuracy or 0.0), row.step if row.step is not None else 0))
+    return [row for row in ranked(records, selection, weights=weights)
+            if row.index_fingerprint and improves(row, best, selection)]
 
 
-def catch_up(workdir: Workdir, records: list[Record], *, weights: str, warn: Warn = _to_stderr) -> BestEntry | None:
-    """Promote the ledger's best validation result if eval/best lags behind it; return the new entry or None.
+def catch_up(workdir: Workdir, records: list[Record], *, weights: str, selection: Selection = DEFAULT_SELECTION,
+             warn: Warn = _to_stderr) -> BestEntry | None:
+    """Promote the ledger's best result if eval/best lags behind it; return the new entry or None.
 
     The ledger is written before a promotion, so a promotion that failed (full disk) or was cut
     short (a crash) leaves the ledger ahead. Only a checkpoint still in the workdir with the
@@ -129,14 +161,14 @@ def catch_up(workdir: Workdir, records: list[Record], *, weights: str, warn: War
     Raises:
       OSError: the promotion failed again; the old best is left as it was.
     """
-    for row in better_than_best(workdir, records, weights=weights):
+    for row in better_than_best(workdir, records, weights=weights, selection=selection):
         name = Path(row.checkpoint).name
         if not workdir.inside(row.checkpoint) or workdir.fingerprint(name) != row.index_fingerprint:
             continue
         try:
             with workdir.pin(name) as private:
                 if checkpoints.file_fingerprint(private) == row.index_fingerprint:
-                    return promote(workdir, private, row, warn=warn)
+                    return promote(workdir, private, row, selection=selection, warn=warn)
         except Gone:
             continue
     return None
@@ -145,28 +177,30 @@ def catch_up(workdir: Workdir, records: list[Record], *, weights: str, warn: War
 class BestKeeper:
     """Keeps eval/best up to date through one evaluator run, and says why when it lags behind."""
 
-    def __init__(self, workdir: Workdir, *, weights: str, warn: Warn = _to_stderr) -> None:
+    def __init__(self, workdir: Workdir, *, weights: str, selection: Selection = DEFAULT_SELECTION,
+                 warn: Warn = _to_stderr) -> None:
         self.workdir = workdir
         self.weights = weights  # whose results rank checkpoints (the primary weights)
+        self.selection = selection  # the set and metric that rank them
         self.warn = warn
         self.problem = ""  # why the newest improvement is not eval/best yet
-        self.mismatch = ""  # eval/best ranks other weights than this evaluator (found by `offer`)
+        self.mismatch = ""  # eval/best ranks other results than this evaluator (found by `offer`)
 
     def offer(self, private: Path, main: LedgerRow) -> None:
-        """Promote the evaluated files to eval/best when they beat the best validation accuracy."""
-        if main.split != "validation":
+        """Promote the evaluated files to eval/best when `main` (the selected set's result) beats the best."""
+        if main.split != self.selection.set:
             return
         try:
             with best_lock(self.workdir.storage):
                 best = self.workdir.best()
-                self.mismatch = "" if best is None or like_weights(main, best) else (
-                    f"eval/best ranks {best.weights} weights and this evaluator {main.weights}: left it alone "
-                    f"(remove {self.workdir.describe(_BEST)} to rank {main.weights})")
+                why = "" if best is None else why_incomparable(main, best, self.selection)
+                self.mismatch = f"{why}: left it alone (remove {self.workdir.describe(_BEST)} to rank anew)" if why \
+                    else ""
                 if self.mismatch:
                     self.problem = self.mismatch
                     return
-                if improves(main, best):
-                    promote(self.workdir, private, main, warn=self.warn)
+                if improves(main, best, self.selection):
+                    promote(self.workdir, private, main, selection=self.selection, warn=self.warn)
         except OSError as e:
             self.problem = (f"could not make {main.checkpoint} the best checkpoint "
                             f"({e.strerror or e}); retried at the next scan")
@@ -180,13 +214,14 @@ class BestKeeper:
         scan costs no lock, which in a bucket is several requests.
         """
         try:
-            if better_than_best(self.workdir, records, weights=self.weights):
+            if better_than_best(self.workdir, records, weights=self.weights, selection=self.selection):
                 with best_lock(self.workdir.storage):
-                    catch_up(self.workdir, records, weights=self.weights, warn=self.warn)
+                    catch_up(self.workdir, records, weights=self.weights, selection=self.selection, warn=self.warn)
         except OSError as e:
             self.problem = f"could not update eval/best ({e.strerror or e}); retried at the next scan"
         else:
-            self.problem = self.mismatch  # kept while eval/best ranks other weights, without reading it again
+            self.problem = self.mismatch  # kept while eval/best ranks other results, without reading it again
+
 
 def _remove_previous(storage: Storage, previous: str, warn: Warn) -> None:
     """Delete the folder the `best` pointer named before, if it is one of ours."""

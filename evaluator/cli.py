@@ -36,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="all", choices=["all", "latest"],
                    help="all: every checkpoint, oldest first (default); latest: only the newest")
     p.add_argument("--weights", default="ema", choices=["ema", "raw", "both"], help="weights to evaluate (default ema)")
-    p.add_argument("--split", default="validation", choices=["validation", "test"], help="default validation")
+    _sets(p)
     p.add_argument("--data-dir", type=local_text("--data-dir"),
                    help="folder holding the four IDX files (default: the usual places)")
     p.add_argument("--rescan-secs", type=float, default=10.0, help="rescan without events this often (default 10)")
@@ -48,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=0,
                    help="ask the trainer to stop after K evaluations without improvement (default 0, off)")
     p.add_argument("--min-delta", type=float, default=0.0,
-                   help="an improvement must beat the best validation accuracy by more than this (default 0)")
+                   help="an improvement must beat the best by more than this, in the selected metric's units "
+                        "(default 0)")
     p.add_argument("--per-class", action="store_true", help="also show per-class accuracy")
     p.add_argument("--name", help="this evaluator's name in the rows it evaluates, when several share the "
                                   "workdir (default HOST:PID)")
@@ -70,6 +71,25 @@ def parser() -> argparse.ArgumentParser:
                         "TF_CONFIG, each a shard of every checkpoint); every example counts once")
     r.add_argument("--devices", type=int, default=0, metavar="N", help="mirrored over N logical CPU devices")
     return p
+
+
+def _sets(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation sets and metrics (docs/evaluator.md)")
+    g.add_argument("--split", action="append", choices=["validation", "test"],
+                   help="a split of the run's data to evaluate on, repeatable (default validation)")
+    g.add_argument("--eval-data", action="append", default=[], metavar="NAME=REF",
+                   help="one more set: folder:PATH, npz:PATH or pkg.mod:fn, prepared as the run's images "
+                        "(repeatable)")
+    g.add_argument("--select", default="", metavar="SET[:METRIC[:max|min]]",
+                   help="the result that decides eval/best, --patience and the trainer's retention of the best "
+                        "(default validation, accuracy); the other sets are reported only")
+    g.add_argument("--top-k", type=int, default=0, metavar="K", help="also top-K accuracy (default 0: off)")
+    g.add_argument("--metric", action="append", default=[], metavar="PKG.MOD:FN",
+                   help="a metric of one's own, fn(labels, logits) per batch: one value per example or the "
+                        "batch's mean (repeatable)")
+    g.add_argument("--backfill", action="store_true",
+                   help="also evaluate the sets added since on checkpoints evaluated before (default: only new "
+                        "checkpoints get them)")
 
 
 def _workdir(p: argparse.ArgumentParser) -> None:
@@ -124,7 +144,11 @@ def _check_foreign_flags(args: argparse.Namespace) -> None:
 def best_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evaluator best", description="Print the best checkpoint so far.", epilog=EPILOG)
     _workdir(p)
-    p.add_argument("--json", action="store_true", help="print eval/best.json as it is")
+    p.add_argument("--json", action="store_true", help="print eval/best.json as it is (with --select: the ledger row)")
+    p.add_argument("--select", metavar="SET[:METRIC[:max|min]]",
+                   help="the best of the ledger's results on another set or metric (default: eval/best.json)")
+    p.add_argument("--weights", default="ema", choices=["ema", "raw"],
+                   help="with --select: whose results (default ema)")
     return p
 
 

@@ -13,6 +13,7 @@ from common.errors import UsageError
 from common.storage.paths import Location, refuse_bucket, refuse_file
 from evaluator.core import WEIGHT_CHOICES
 from evaluator.foreign import ForeignFlags
+from evaluator.sets import DEFAULT_SET, Selection, check_names, check_selection
 
 MAX_INTERVAL_SECS = 86400.0  # --rescan-secs, --poll-secs and silent_secs: longer than a day is a typo
 MAX_NAME = 100  # --name: shown in a table column
@@ -33,7 +34,12 @@ class EvalConfig:
     """Everything one `evaluator` invocation needs."""
 
     workdir: Location  # the trainer's workdir: a local folder or a bucket
-    split: str = "validation"  # validation or test
+    splits: tuple[str, ...] = (DEFAULT_SET,)  # --split, repeatable: the run's splits to evaluate on
+    eval_data: tuple[tuple[str, str], ...] = ()  # --eval-data NAME=REF: more sets, from dataset references
+    select: str = ""  # --select SET[:METRIC[:max|min]]: the result that decides; "" = validation's accuracy
+    top_k: int = 0  # --top-k K: also top-K accuracy on every set; 0 = off
+    metrics: tuple[str, ...] = ()  # --metric pkg.mod:fn, repeatable: users' metrics (common.model.metrics)
+    backfill: bool = False  # evaluate sets an earlier evaluator left out on checkpoints it recorded
     weights: str = "ema"  # ema, raw or both
     policy: str = "all"  # all: every pending checkpoint, oldest first; latest: only the newest
     data_dir: str | None = None  # folder with the IDX files; None = the usual places
@@ -50,9 +56,24 @@ class EvalConfig:
     strategy: str = "default"  # --strategy: default (one device), auto, mirrored (several devices) or multi-worker
     devices: int = 0  # --devices N: mirrored over N logical CPU devices; 0 = every GPU (or the CPU)
     name: str = dataclasses.field(default_factory=lambda: default_name())  # --name: in each row it evaluates
+    # `select` parsed; None when nothing decides (no --select, and validation is not evaluated): then
+    # eval/best is left alone, as by an evaluator of the test split alone.
+    selection: Selection | None = dataclasses.field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        choices = {"split": ("validation", "test"), "weights": tuple(WEIGHT_CHOICES), "policy": ("all", "latest")}
+        names = check_names(self.splits, self.eval_data)
+        if not names:
+            raise UsageError("name at least one set to evaluate (--split or --eval-data)")
+        chosen = Selection.parse(self.select) if self.select else Selection() if DEFAULT_SET in names else None
+        object.__setattr__(self, "selection", chosen)
+        if self.top_k < 0:
+            raise UsageError(f"--top-k ({self.top_k}) must be 0 (off) or a positive integer")
+        if chosen is not None:
+            check_selection(chosen, names, top_k=self.top_k, metrics=tuple(r.partition(":")[2] for r in self.metrics))
+        elif self.patience:
+            raise UsageError("--patience watches the selected set (--select; validation by default), which is not "
+                             "evaluated: add --split validation or --select SET")
+        choices = {"weights": tuple(WEIGHT_CHOICES), "policy": ("all", "latest")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UsageError(f"--{name} ({getattr(self, name)!r}) must be one of: {', '.join(allowed)}")
@@ -71,8 +92,12 @@ class EvalConfig:
             raise UsageError("--tf1-graph and --model exclude each other")
         if self.graph is not None and self.graph.dataset is None:
             raise UsageError("--tf1-graph needs --dataset: the workdir has no run.json to say which")
-        if self.patience and self.split != "validation":
-            raise UsageError("--patience watches the validation split; drop --split test")
+        if self.graph is not None and (self.eval_data or self.top_k or self.metrics):
+            raise UsageError("--eval-data, --top-k and --metric go with this project's runs and --model, "
+                             "not --tf1-graph")
+        if self.foreign is not None and self.eval_data:
+            raise UsageError("--eval-data goes with this project's runs (run.json says how to prepare the images), "
+                             "not --model")
         check_flags(self.strategy, self.devices)
         if self.strategy in SHARDED_KINDS and self.kind not in SHARDED_KINDS[self.strategy]:
             takes = " and ".join(_KIND_NAMES[k] for k in SHARDED_KINDS[self.strategy])
@@ -80,6 +105,11 @@ class EvalConfig:
         if self.kind != "native":
             refuse_bucket(self.workdir, f"--{'tf1-graph' if self.graph is not None else 'model'} goes with a local "
                                         f"--workdir, not {self.workdir}")
+
+    @property
+    def set_names(self) -> tuple[str, ...]:
+        """Every evaluation set, in the order the flags name them: the splits, then --eval-data's sets."""
+        return (*self.splits, *(name for name, _ in self.eval_data))
 
     @property
     def kind(self) -> str:

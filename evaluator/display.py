@@ -5,6 +5,7 @@ Displays consume rows and status dicts; they never compute anything the ledger d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -15,7 +16,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from evaluator.rows import Row
+from evaluator.rows import Row, SetResult
 
 # Checkpoints deleted before they could be read have no numbers: past this many, the table shows
 # only the newest (a state file listing 10,000 missing names would otherwise print 10,000 empty rows).
@@ -45,14 +46,57 @@ def _without_old_gone(rows: list[Row]) -> tuple[list[Row], int]:
     return [row for i, row in enumerate(rows) if i not in hidden], len(hidden)
 
 
-def render_table(rows: list[Row], *, both: bool, limit: int | None = None) -> Table:
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What the table shows: a column group per set, raw weights beside EMA, extra metrics' columns."""
+
+    sets: tuple[str, ...] = ("validation",)
+    both: bool = False  # --weights both: raw accuracy and the EMA-raw difference too
+    metrics: tuple[str, ...] = ()  # top-k accuracy and users' metrics, in the order computed
+    decides: str = "accuracy"  # the metric whose change Δprev shows
+
+    def set_columns(self) -> list[str]:
+        """The columns of one set's group, without the set's name."""
+        names = ["acc% ema", "acc% raw", "ema-raw"] if self.both else ["acc%"]
+        return [*names, "loss", *(_short_metric(m) for m in self.metrics)]
+
+    def columns(self) -> list[str]:
+        """Every column, each set's group headed by its name when there are several sets."""
+        groups = [self.set_columns()] if len(self.sets) == 1 else \
+            [[f"{name}\n{column}" for column in self.set_columns()] for name in self.sets]
+        return ["step", "checkpoint", *(c for g in groups for c in g),
+                "Δprev", "best", "eval s", "lag s", "evaluator", "status"]
+
+    def set_cells(self, result: SetResult | None) -> list[str]:
+        if result is None or result.status != "ok":
+            return [""] * len(self.set_columns())
+        cells = [_pct(result.accuracy)]
+        if self.both:
+            diff = None if result.accuracy is None or result.raw_accuracy is None else \
+                result.accuracy - result.raw_accuracy
+            cells += [_pct(result.raw_accuracy), _pct(diff, signed=True)]
+        cells.append("" if result.loss is None else f"{result.loss:.4f}")
+        return cells + [_metric_cell(m, result.metrics.get(m)) for m in self.metrics]
+
+
+def _short_metric(metric: str) -> str:
+    """A metric's column title: `top5%` for top-5 accuracy, else its name."""
+    return f"{metric.removesuffix('_accuracy')}%" if metric.endswith("_accuracy") else metric
+
+
+def _metric_cell(metric: str, value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return ""
+    if metric.endswith("accuracy"):
+        return _pct(value, signed=signed)
+    return f"{value:+.4f}" if signed else f"{value:.4f}"
+
+
+def render_table(rows: list[Row], layout: Layout = Layout(), *, limit: int | None = None) -> Table:
     """The results table; only the last `limit` rows when given, and only the newest `gone` rows."""
     table = Table(expand=False, header_style="bold")
     rows, hidden_gone = _without_old_gone(rows)
-    names = ["step", "checkpoint", "acc% ema" if both else "acc%"]
-    names += ["acc% raw", "ema-raw"] if both else []
-    names += ["loss", "Δprev", "best", "eval s", "lag s", "evaluator", "status"]
-    for name in names:
+    for name in layout.columns():
         table.add_column(name, justify="left" if name in ("checkpoint", "status") else "right",
                          no_wrap=name != "status")
     shown = rows if limit is None or len(rows) <= limit else rows[-limit:]
@@ -64,13 +108,12 @@ def render_table(rows: list[Row], *, both: bool, limit: int | None = None) -> Ta
     if captions:
         table.caption = "; ".join(captions)
     for row in shown:
-        cells = [str(row.step if row.step is not None else "?"), row.checkpoint, _pct(row.accuracy)]
-        if both:
-            diff = None if row.accuracy is None or row.raw_accuracy is None else row.accuracy - row.raw_accuracy
-            cells += [_pct(row.raw_accuracy), _pct(diff, signed=True)]
+        cells = [str(row.step if row.step is not None else "?"), row.checkpoint]
+        for name in layout.sets:
+            cells += layout.set_cells(row.sets.get(name))
         status = row.status if row.status == "ok" else f"{row.status}: {row.reason}"
-        cells += ["" if row.loss is None else f"{row.loss:.4f}", _pct(row.delta, signed=True),
-                  "★" if row.best else "", _secs(row.eval_secs), _secs(row.lag_secs), _who(row), status]
+        cells += [_metric_cell(layout.decides, row.delta, signed=True), "★" if row.best else "",
+                  _secs(row.eval_secs), _secs(row.lag_secs), _who(row), status]
         table.add_row(*cells, style=None if row.status == "ok" else "yellow")
     return table
 
@@ -95,19 +138,25 @@ def header_text(status: dict[str, Any]) -> Text:
 
 
 def per_class_tables(rows: list[Row], status: dict[str, Any]) -> list[Table]:
-    """With --per-class: accuracy per class of the newest and of the best checkpoint."""
+    """With --per-class: accuracy per class of the newest and of the best checkpoint, a table per set."""
     names = status.get("class_names") or []
-    ok = [r for r in rows if r.per_class]
-    if not status.get("per_class") or not names or not ok:
+    if not status.get("per_class") or not names:
         return []
-    latest, best = ok[-1], next((r for r in ok if r.best), ok[-1])
-    table = Table(title="per-class accuracy %", header_style="bold")
-    table.add_column("class")
-    table.add_column(f"latest ({latest.checkpoint})", justify="right")
-    table.add_column(f"best ({best.checkpoint})", justify="right")
-    for i, name in enumerate(names):
-        table.add_row(name, _pct(_at(latest.per_class, i)), _pct(_at(best.per_class, i)))
-    return [table]
+    tables = []
+    for set_name in dict.fromkeys(s for r in rows for s in r.sets):
+        ok = [r for r in rows if set_name in r.sets and r.sets[set_name].per_class]
+        if not ok:
+            continue
+        latest, best = ok[-1], next((r for r in ok if r.best), ok[-1])
+        table = Table(title=f"per-class accuracy % ({set_name})", header_style="bold")
+        table.add_column("class")
+        table.add_column(f"latest ({latest.checkpoint})", justify="right")
+        table.add_column(f"best ({best.checkpoint})", justify="right")
+        for i, name in enumerate(names):
+            table.add_row(name, _pct(_at(latest.sets[set_name].per_class, i)),
+                          _pct(_at(best.sets[set_name].per_class, i)))
+        tables.append(table)
+    return tables
 
 
 def _at(values: list[float | None], i: int) -> float | None:
@@ -117,16 +166,16 @@ def _at(values: list[float | None], i: int) -> float | None:
 class LiveTable:
     """A Rich Live view that redraws the header and the table on every update."""
 
-    def __init__(self, *, both: bool, console: Console | None = None) -> None:
+    def __init__(self, layout: Layout = Layout(), *, console: Console | None = None) -> None:
         self.console = console or Console()
-        self.both = both
+        self.layout = layout
         self.live = Live(Text("starting"), console=self.console, refresh_per_second=4, transient=False)
         self.live.start()
 
     def update(self, rows: list[Row], status: dict[str, Any]) -> None:
         extra = per_class_tables(rows, status)
-        limit = max(5, self.console.size.height - 10 - (14 if extra else 0))
-        self.live.update(Group(header_text(status), render_table(rows, both=self.both, limit=limit), *extra))
+        limit = max(5, self.console.size.height - 10 - 14 * len(extra))
+        self.live.update(Group(header_text(status), render_table(rows, self.layout, limit=limit), *extra))
 
     def message(self, text: str) -> None:
         self.live.console.print(text, markup=False, highlight=False)
@@ -139,6 +188,17 @@ def log_line(event: str, **fields: Any) -> str:
     """The evaluator's one greppable plain format: `<time> evaluator <event> key=value ...`."""
     parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items() if v is not None]
     return " ".join([time.strftime("%Y-%m-%dT%H:%M:%S"), "evaluator", event, *parts])
+
+
+def _other_sets(row: Row) -> dict[str, Any]:
+    """With several sets: the headline's set, and `<set>_accuracy` and `<set>_loss` of every other set."""
+    if len(row.sets) < 2:
+        return {}
+    fields: dict[str, Any] = {"set": row.headline}
+    for name, result in row.sets.items():
+        if name != row.headline:
+            fields |= {f"{name}_accuracy": result.accuracy, f"{name}_loss": result.loss}
+    return fields
 
 
 class PlainLines:
@@ -158,6 +218,7 @@ class PlainLines:
             self._print(log_line(
                 "result", step=row.step, checkpoint=row.checkpoint, status=row.status,
                 accuracy=row.accuracy, raw_accuracy=row.raw_accuracy, loss=row.loss, delta=row.delta,
+                **_other_sets(row),
                 best="yes" if row.best else None, eval_secs=row.eval_secs, lag_secs=row.lag_secs,
                 evaluator=json.dumps(row.evaluator) if row.evaluator else None, here="yes" if row.here else None,
                 reason=json.dumps(row.reason) if row.reason else None))

@@ -14,26 +14,29 @@ from common.layout import STOP_REQUEST_FILE
 from common.run.protocol import EarlyStopRequest
 from common.storage import Storage
 from evaluator.rows import Row
+from evaluator.sets import Selection, show_value
 
 
 def without_improvement(rows: list[Row], *, min_delta: float) -> tuple[int, Row | None]:
     """Evaluations in a row, up to the last, that did not beat the best before them by more than `min_delta`.
 
+    Rows are ranked by their `score` (the deciding metric, turned so that higher is better).
     Returns the count and the best row (the one that last improved).
     """
     best: Row | None = None
     count = 0
     for row in rows:
-        if row.accuracy is None:
+        if row.score is None:
             continue
-        if best is None or row.accuracy > (best.accuracy or 0.0) + min_delta:
+        if best is None or best.score is None or row.score > best.score + min_delta:
             best, count = row, 0
         else:
             count += 1
     return count, best
 
 
-def check_patience(storage: Storage, rows: list[Row], *, patience: int, min_delta: float) -> str:
+def check_patience(storage: Storage, rows: list[Row], *, selection: Selection, patience: int,
+                   min_delta: float) -> str:
     """Ask the trainer to stop if patience ran out; return the request's reason, or "" if not asked.
 
     Raises:
@@ -42,9 +45,10 @@ def check_patience(storage: Storage, rows: list[Row], *, patience: int, min_delt
     count, best = without_improvement(rows, min_delta=min_delta)
     if count < patience or best is None:
         return ""
-    last = [r for r in rows if r.accuracy is not None][-1]
-    reason = (f"no improvement of more than {min_delta:g} in {count} evaluations "
-              f"(best {100 * (best.accuracy or 0):.2f}% at step {best.step}, last step {last.step})")
+    last = [r for r in rows if r.score is not None][-1]
+    reason = (f"no improvement of more than {min_delta:g} in {count} evaluations (best {selection.set} "
+              f"{selection.metric} {show_value(selection.metric, best.value)} at step {best.step}, "
+              f"last step {last.step})")
     request_stop(storage, last.step, reason)
     return reason
 

@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import sys
 from pathlib import Path
-from typing import Any
 
 import tensorflow as tf
 
@@ -27,9 +26,11 @@ from common.errors import UsageError
 from common.model import models, usermodel
 from common.model import registry as model_registry
 from common.model.evaluation import Evaluation
+from common.model.metrics import UserMetric
 from common.run.ledger import Record
 from common.run.workdir import Workdir
 from evaluator.core import SnapshotEvaluator
+from evaluator.sets import EvalSet
 
 STEP_KEYS = ("global_step", "step")  # a loop's step variable, under the names TF's guides use
 
@@ -137,16 +138,17 @@ def _check(kind: str, flag: str, assign: dict[str, str], targets: dict[str, tf.V
 class ForeignEvaluator(SnapshotEvaluator):
     """Evaluate another training loop's checkpoints with the flags' model, through the planned key mapping."""
 
-    def __init__(self, workdir: Workdir, flags: ForeignFlags, info: datasets.DatasetInfo, split: datasets.Split, *,
-                 split_name: str, weights: str, strategy: tf.distribute.Strategy | None = None) -> None:
-        super().__init__(workdir, split, split_name=split_name, weights=weights)
+    def __init__(self, workdir: Workdir, flags: ForeignFlags, info: datasets.DatasetInfo, sets: tuple[EvalSet, ...],
+                 *, weights: str, strategy: tf.distribute.Strategy | None = None, top_k: int = 0,
+                 metrics: tuple[UserMetric, ...] = ()) -> None:
+        super().__init__(workdir, sets, weights=weights)
         self.flags = flags
         strategy = strategy or tf.distribute.get_strategy()
         with strategy.scope():
             self.model = flags.build(info)
         self.variables = {f"{checkpoints.MODEL_KEY}/{k}": v for k, v in self.model.named_variables().items()}
         self.evaluate_model = Evaluation(self.model, lambda x: info.preprocessing.apply(x, info.input_spec),
-                                         strategy=strategy)
+                                         strategy=strategy, top_k=top_k, metrics=metrics)
         self.plan: KeyPlan | None = None
 
     def check(self, prefix: Path) -> KeyPlan:
@@ -156,11 +158,13 @@ class ForeignEvaluator(SnapshotEvaluator):
             print("\n".join(self.plan.table()), file=sys.stderr, flush=True)
         return self.plan
 
-    def _evaluate_weights(self, prefix: Path, kind: str) -> Record:
+    def _restore_weights(self, prefix: Path, kind: str) -> int | None:
         sources = self.check(prefix).sources[kind]
         checkpoints.restore_variables(prefix, {saved: self.variables[key] for key, saved in sources.items()})
-        metrics: dict[str, Any] = self.evaluate_model(self.split)
-        return {"weights": kind, "step": stored_step(prefix), **metrics}
+        return stored_step(prefix)
+
+    def _measure(self, eval_set: EvalSet) -> Record:
+        return self.evaluate_model(eval_set.split)
 
 
 def stored_step(prefix: Path) -> int | None:
@@ -172,8 +176,9 @@ def stored_step(prefix: Path) -> int | None:
     return checkpoints.saver_step(prefix)
 
 
-def prepare(workdir: Workdir, flags: ForeignFlags, *, split_name: str, weights: str, data_dir: str | None,
-            newest: Path | None, strategy: tf.distribute.Strategy | None = None) -> ForeignEvaluator:
+def prepare(workdir: Workdir, flags: ForeignFlags, *, splits: tuple[str, ...], weights: str, data_dir: str | None,
+            newest: Path | None, strategy: tf.distribute.Strategy | None = None, top_k: int = 0,
+            metrics: tuple[UserMetric, ...] = ()) -> ForeignEvaluator:
     """The core for a `--model` workdir; the mapping is planned now on `newest`, if there is a checkpoint yet.
 
     `strategy`: one process's devices to evaluate over (`--strategy mirrored`).
@@ -183,8 +188,9 @@ def prepare(workdir: Workdir, flags: ForeignFlags, *, split_name: str, weights: 
       DataNotFoundError, DataFormatError: the dataset.
     """
     data, info = flags.load(data_dir)
-    core = ForeignEvaluator(workdir, flags, info, data.split(split_name), split_name=split_name, weights=weights,
-                            strategy=strategy)
+    sets = tuple(EvalSet(name, data.split(name)) for name in splits)
+    core = ForeignEvaluator(workdir, flags, info, sets, weights=weights, strategy=strategy, top_k=top_k,
+                            metrics=metrics)
     if newest is not None:
         core.check(newest)
     return core

@@ -86,12 +86,12 @@ def _say_waiting(session: Session, said: set[str]) -> None:
 
 
 def json_lines(session: Session) -> str:
-    """The ledger's records for this split and these weights, one JSON object per line.
+    """The ledger's records for these sets and weights, one JSON object per line.
 
     Each says whether this run evaluated it (`evaluated_here`) or read it from the ledger.
     """
     records = [r | {"evaluated_here": record_key(r) in session.mine} for r in session.ledger.read()
-               if (r.get("split") == session.cfg.split and r.get("weights") in session.weights)
+               if (r.get("split") in session.cfg.set_names and r.get("weights") in session.weights)
                or r.get("status") == SKIPPED]
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
 

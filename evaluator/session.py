@@ -25,6 +25,7 @@ from common.checkpoint import checkpoints
 from common.errors import UsageError, WorkdirIOError
 from common.layout import CLAIMS_DIR, EVAL_DIR, EVALUATOR_LEASE, TB_DIR
 from common.model import registry
+from common.model.metrics import UserMetric, load_metrics
 from common.run.ledger import FAILED, FINGERPRINT, Ledger, candidate_keys, record_key
 from common.run.protocol import LedgerRow
 from common.run.spec import RunSpec, read_run
@@ -37,6 +38,7 @@ from evaluator.config import EvalConfig
 from evaluator.core import WEIGHT_CHOICES, CheckpointEvaluator, SnapshotEvaluator
 from evaluator.early_stop import check_patience
 from evaluator.rows import Row, build_rows
+from evaluator.sets import EvalSet, Selection, load_named_set
 from evaluator.snapshot import lease
 from evaluator.status import header, result_warnings
 from evaluator.tensorboard import TensorBoardSink
@@ -48,7 +50,7 @@ REGISTRATION_TTL_SECS = 600.0
 
 
 def _native(session: Session) -> SnapshotEvaluator:
-    """This project's runs: the model run.json names, the data it was trained on."""
+    """This project's runs: the model run.json names, the data it was trained on, and --eval-data's sets."""
     cfg, workdir = session.cfg, session.workdir
     spec = read_run(workdir.storage)
     if spec is None:
@@ -57,19 +59,36 @@ def _native(session: Session) -> SnapshotEvaluator:
     if not registry.is_known(spec.model):
         raise UsageError(f"{workdir}/run.json: unknown model {spec.model!r}")
     loaded = spec.load_data(cfg.data_dir)
-    for text in loaded.warnings:
+    warnings = list(loaded.warnings)
+    sets = [EvalSet(name, loaded.data.split(name)) for name in cfg.splits]
+    for name, reference in cfg.eval_data:
+        named, skipped = load_named_set(name, reference, spec)
+        sets.append(named)
+        warnings += skipped
+    for text in warnings:
         session.note(text)
-    session.data_warnings = list(loaded.warnings)
+    session.data_warnings = warnings
     session.spec = spec
-    return CheckpointEvaluator(workdir, spec, loaded.data.split(cfg.split), split_name=cfg.split,
-                               weights=cfg.weights, cluster=session.cluster)
+    metrics = _metrics(cfg, sets[0], spec.num_classes)
+    return CheckpointEvaluator(workdir, spec, tuple(sets), weights=cfg.weights, cluster=session.cluster,
+                               top_k=cfg.top_k, metrics=metrics)
+
+
+def _metrics(cfg: EvalConfig, first: EvalSet, num_classes: int) -> tuple[UserMetric, ...]:
+    """--metric's functions, each checked against its contract on a few labels; --top-k checked against the classes."""
+    if cfg.top_k >= num_classes:
+        raise UsageError(f"--top-k ({cfg.top_k}) must be below the model's {num_classes} classes")
+    metrics = load_metrics(cfg.metrics)
+    for metric in metrics:
+        metric.check(first.split.labels, num_classes)
+    return metrics
 
 
 def _tf1_graph(session: Session) -> SnapshotEvaluator:
     """A TF1 `tf.train.Saver` run, evaluated through its own meta graph (--tf1-graph)."""
     cfg = session.cfg
     assert cfg.graph is not None
-    return tf1core.prepare(session.workdir, cfg.graph, split_name=cfg.split, weights=cfg.weights,
+    return tf1core.prepare(session.workdir, cfg.graph, splits=cfg.splits, weights=cfg.weights,
                            data_dir=cfg.data_dir)
 
 
@@ -78,8 +97,11 @@ def _other_loop(session: Session) -> SnapshotEvaluator:
     cfg = session.cfg
     assert cfg.foreign is not None
     newest = tf1core.check_kind(session.workdir, tf1=False)
-    return foreign.prepare(session.workdir, cfg.foreign, split_name=cfg.split, weights=cfg.weights,
-                           data_dir=cfg.data_dir, newest=newest, strategy=session.cluster.strategy)
+    core = foreign.prepare(session.workdir, cfg.foreign, splits=cfg.splits, weights=cfg.weights,
+                           data_dir=cfg.data_dir, newest=newest, strategy=session.cluster.strategy,
+                           top_k=cfg.top_k, metrics=load_metrics(cfg.metrics))
+    _metrics(cfg, core.sets[0], core.model.num_classes)
+    return core
 
 
 # The kinds of evaluation core, by the name `EvalConfig.kind` gives.
@@ -126,7 +148,8 @@ class Session:
         self.notes: list[str] = []  # one-off warnings (refused deletes, lost events), newest last
         self.unsent: list[str] = []  # notes the watch loop has not printed yet
         self.data_warnings: list[str] = []  # about where the data came from (RunSpec.load_data)
-        self.best = BestKeeper(self.workdir, weights=self.weights[0], warn=self.note)
+        self.best = BestKeeper(self.workdir, weights=self.weights[0], selection=cfg.selection or Selection(),
+                               warn=self.note)
         self.deferred: set[Candidate] = set()  # failed in this scan cycle: retried in the next one
         self.elsewhere: dict[Candidate, str] = {}  # pending, claimed by another evaluator (its name) at the last try
         self.mine: set[tuple[Any, ...]] = set()  # record keys of the rows this session evaluated itself
@@ -196,18 +219,26 @@ class Session:
         recorded in one batch (`record_unread`), so they never hold up a real checkpoint.
         """
         done = self.ledger.keys()  # read once: in a bucket each read is a request
-        todo = [c for c in listed if c not in self.deferred and not self._recorded(c, done)]
+        todo = [c for c in listed if c not in self.deferred and self.needed(c, done)]
         if self.cfg.policy == "latest":
             todo = [c for c in todo if listed and c == listed[-1]]
         return sorted(todo, key=lambda c: not c.on_disk)
 
-    def _recorded(self, cand: Candidate, done: Set[tuple[Any, ...]] | None = None) -> bool:
-        """Whether the ledger (`done`: its keys, read again when not given) holds every asked evaluation of `cand`."""
+    def needed(self, cand: Candidate, done: Set[tuple[Any, ...]] | None = None) -> tuple[str, ...]:
+        """The sets `cand` is still to be evaluated on (`done`: the ledger's keys, read again when not given).
+
+        A checkpoint the ledger holds results of for the deciding set gets the sets an earlier
+        evaluator left out only with --backfill: new sets are added for new checkpoints.
+        """
         done = self.ledger.keys() if done is None else done
         name = Path(cand.name).name
-        return all(any(k in done for k in candidate_keys(name, fingerprint=cand.fingerprint, committed=cand.committed,
-                                                         split=self.cfg.split, weights=w))
-                   for w in self.weights)
+        missing = tuple(s for s in self.cfg.set_names if not all(
+            any(k in done for k in candidate_keys(name, fingerprint=cand.fingerprint, committed=cand.committed,
+                                                  split=s, weights=w)) for w in self.weights))
+        decides = self.cfg.selection.set if self.cfg.selection is not None else None
+        if not missing or self.cfg.backfill or decides in missing:
+            return missing
+        return missing if decides is None and len(missing) == len(self.cfg.set_names) else ()
 
     @contextlib.contextmanager
     def claim(self, cand: Candidate) -> Iterator[bool]:
@@ -228,7 +259,7 @@ class Session:
                 yield False
                 return
             self.elsewhere.pop(cand, None)
-            yield not self._recorded(cand)
+            yield bool(self.needed(cand))
 
     def evaluate(self, cand: Candidate) -> list[LedgerRow]:
         """Evaluate one checkpoint (claimed: see `claim`) and record it; return the records added to the ledger.
@@ -243,31 +274,42 @@ class Session:
         """
         core = self.prepare()
         name = Path(cand.name).name
+        sets = self.needed(cand)
         base = core.begin(cand.name, committed=cand.committed, fingerprint=cand.fingerprint,
                           detected=self.first_seen.get(cand, time.time()))
         if not self.workdir.inside(cand.name):
             return self._after(self._append(core.unread(cand.name, committed=cand.committed,
-                                                        detected=base["detected"])))
+                                                        detected=base["detected"], sets=sets)))
         core.before_pin(cand.name)
         with lease(self.workdir.storage, name), contextlib.ExitStack() as pinned:
             try:
                 private = pinned.enter_context(self.workdir.pin(name))
             except Gone as e:
-                records = core.failed(base | {FINGERPRINT: None}, "gone", str(e))
+                records = core.failed(base | {FINGERPRINT: None}, "gone", str(e), sets)
             except OSError as e:
-                records = core.failed(base, FAILED, f"cannot snapshot {name}: {e.strerror or e}")
+                records = core.failed(base, FAILED, f"cannot snapshot {name}: {e.strerror or e}", sets)
             else:
                 base[FINGERPRINT] = checkpoints.file_fingerprint(private)
-                records = core.evaluate_snapshot(private, base)
+                records = core.evaluate_snapshot(private, base, sets)
                 # The ledger first: a failed append must not leave best.json naming an unrecorded checkpoint.
                 added = self._append(records)
-                self.best.offer(private, self._signed(records)[0])
+                deciding = self._deciding(records)
+                if deciding is not None:
+                    self.best.offer(private, deciding)
                 if records[0].status == FAILED:  # another evaluator process could not take part
                     self.deferred.add(cand)
                 return self._after(added)
         if records[0].status == FAILED:
             self.deferred.add(cand)
         return self._after(self._append(records))
+
+    def _deciding(self, records: list[LedgerRow]) -> LedgerRow | None:
+        """The record that ranks the checkpoint for eval/best: the selected set's, of the primary weights."""
+        selection = self.cfg.selection
+        if selection is None:
+            return None
+        return next((r for r in self._signed(records) if r.split == selection.set and r.weights == self.weights[0]),
+                    None)
 
     def _signed(self, rows: list[LedgerRow]) -> list[LedgerRow]:
         """`rows`, each naming this evaluator."""
@@ -284,7 +326,8 @@ class Session:
         if not cands:
             return []
         core = self.prepare()
-        records = [r for c in cands for r in core.unread(c.name, committed=c.committed,
+        done = self.ledger.keys()
+        records = [r for c in cands for r in core.unread(c.name, committed=c.committed, sets=self.needed(c, done),
                                                          detected=self.first_seen.get(c, time.time()))]
         return self._after(self._append(records))
 
@@ -292,7 +335,9 @@ class Session:
         """Hand what was added to TensorBoard, then check patience (which reads the ledger again)."""
         self.tensorboard.write(added)
         if self.cfg.patience:
-            reason = check_patience(self.workdir.storage, self._settled_rows(), patience=self.cfg.patience,
+            assert self.cfg.selection is not None  # EvalConfig refuses --patience without one
+            reason = check_patience(self.workdir.storage, self._settled_rows(), selection=self.cfg.selection,
+                                    patience=self.cfg.patience,
                                     min_delta=self.cfg.min_delta)
             self.stop_requested = reason or self.stop_requested
             if reason and (self.cfg.graph is not None or self.cfg.foreign is not None):
@@ -308,13 +353,13 @@ class Session:
         """
         done = self.ledger.keys()
         open_steps = [c.step for c in self.last_listed if c.on_disk and c.step is not None
-                      and c not in self.deferred and not self._recorded(c, done)]
+                      and c not in self.deferred and self.needed(c, done)]
         rows = self.rows()
         return rows if not open_steps else [r for r in rows if r.step is not None and r.step < min(open_steps)]
 
     def sync_best(self) -> None:
-        """Retry a promotion that failed or was cut short (validation only: best is a validation result)."""
-        if self.cfg.split == "validation":
+        """Retry a promotion that failed or was cut short (when a set decides: see `EvalConfig.selection`)."""
+        if self.cfg.selection is not None:
             self.best.sync(self.ledger.read())
 
     def note(self, message: str) -> None:
@@ -339,7 +384,8 @@ class Session:
             self.core.close()
 
     def rows(self) -> list[Row]:
-        return build_rows(self.ledger.read(), split=self.cfg.split, weights=self.weights, mine=self.mine)
+        return build_rows(self.ledger.read(), sets=self.cfg.set_names, selection=self.cfg.selection,
+                          weights=self.weights, mine=self.mine)
 
     def status(self, backlog: int) -> dict[str, Any]:
         """The header: workdir, run, trainer status, backlog and warnings."""

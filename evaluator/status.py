@@ -11,6 +11,7 @@ from common.run.spec import RunSpec
 from common.storage import Storage
 from evaluator.config import EvalConfig
 from evaluator.rows import Row
+from evaluator.sets import Selection
 
 
 def trainer_status(storage: Storage, silent_secs: float) -> tuple[str, str]:
@@ -33,23 +34,33 @@ def header(cfg: EvalConfig, storage: Storage, spec: RunSpec | None, backlog: int
     """The header's fields; the current `problem` and a silent trainer are warned of before `warnings`."""
     trainer, silent = trainer_status(storage, cfg.silent_secs)
     run, names = "", list(spec.class_names) if spec else []
+    evaluated = f"{sets_line(cfg)}  weights={cfg.weights}"
     if spec is not None:
-        run = f"{spec.dataset}/{spec.model}  split={cfg.split}  weights={cfg.weights}"
+        run = f"{spec.dataset}/{spec.model}  {evaluated}"
     elif cfg.graph is not None:
-        run = (f"{cfg.graph.dataset}/TF1 graph {cfg.graph.input} -> {cfg.graph.output}  split={cfg.split}  "
-               f"weights={cfg.weights}")
+        run = f"{cfg.graph.dataset}/TF1 graph {cfg.graph.input} -> {cfg.graph.output}  {evaluated}"
         names = list(cfg.graph.class_names())
         if trainer == "not seen yet":  # a foreign trainer writes no heartbeat
             trainer = "not this project's (a TF1 Saver run: no heartbeat to show)"
     elif cfg.foreign is not None:
-        run = (f"{cfg.foreign.dataset}/{cfg.foreign.model} (another training loop's checkpoints)  "
-               f"split={cfg.split}  weights={cfg.weights}")
+        run = f"{cfg.foreign.dataset}/{cfg.foreign.model} (another training loop's checkpoints)  {evaluated}"
         names = list(cfg.foreign.info.class_names)
         if trainer == "not seen yet":
             trainer = "not this project's (another training loop: no heartbeat to show)"
     return {"workdir": str(cfg.workdir), "run": run, "trainer": trainer, "backlog": backlog,
             "warnings": [w for w in (problem, silent) if w] + warnings,
             "class_names": names, "per_class": cfg.per_class}
+
+
+def sets_line(cfg: EvalConfig) -> str:
+    """The header's word on the sets: which are evaluated, which one decides and which are reported only."""
+    if len(cfg.set_names) == 1 and cfg.selection in (None, Selection()):
+        return f"split={cfg.set_names[0]}"
+    if cfg.selection is None:
+        return f"sets={','.join(cfg.set_names)} (reported only: no --select, and validation is not evaluated)"
+    others = [n for n in cfg.set_names if n != cfg.selection.set]
+    reported = f"; reported only: {', '.join(others)}" if others else ""
+    return f"sets={','.join(cfg.set_names)} (best, patience and retention by {cfg.selection.describe()}{reported})"
 
 
 def result_warnings(rows: list[Row], ledger: Ledger, *, best_problem: str) -> list[str]:

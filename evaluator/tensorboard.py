@@ -10,7 +10,10 @@ from common.run.protocol import LedgerRow
 
 
 class TensorBoardSink:
-    """Write `<split>/accuracy/<weights>` and `<split>/loss/<weights>` for each ok record."""
+    """Write `<set>/<metric>/<weights>` for each ok record: accuracy, loss, top-k accuracy and users' metrics.
+
+    One tag per evaluation set (`validation/accuracy/ema`, `test/accuracy/ema`, `shifted/loss/ema`).
+    """
 
     def __init__(self, logdir: Path | None) -> None:
         """`logdir` None (a bucket workdir, which TF cannot write to here) writes nothing."""
@@ -25,8 +28,11 @@ class TensorBoardSink:
             self._writer = tf.summary.create_file_writer(str(self.logdir))
         with self._writer.as_default():
             for r in ok:
-                for metric, value in (("accuracy", r.accuracy), ("loss", r.loss)):
-                    tf.summary.scalar(f"{r.split}/{metric}/{r.weights}", value, step=int(r.step or 0))
+                extra = r.fields.get("metrics")
+                scalars = {"accuracy": r.accuracy, "loss": r.loss, **(extra if isinstance(extra, dict) else {})}
+                for metric, value in scalars.items():
+                    if value is not None:
+                        tf.summary.scalar(f"{r.split}/{metric}/{r.weights}", value, step=int(r.step or 0))
         self._writer.flush()
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ from common.errors import UsageError
 from common.run.ledger import Record
 from common.run.workdir import Workdir
 from evaluator.core import SnapshotEvaluator
+from evaluator.sets import EvalSet
 
 # A Saver writes the state file first and the `.meta` right after it: wait this long for the `.meta`
 # of a checkpoint that is listed already, before calling it missing.
@@ -67,9 +68,8 @@ def check_kind(workdir: Workdir, *, tf1: bool) -> Path | None:
 class GraphEvaluator(SnapshotEvaluator):
     """Evaluate TF1 Saver checkpoints through their meta graph, with EMA and/or raw weights."""
 
-    def __init__(self, workdir: Workdir, flags: GraphFlags, split: datasets.Split, *, split_name: str,
-                 weights: str) -> None:
-        super().__init__(workdir, split, split_name=split_name, weights=weights)
+    def __init__(self, workdir: Workdir, flags: GraphFlags, sets: tuple[EvalSet, ...], *, weights: str) -> None:
+        super().__init__(workdir, sets, weights=weights)
         self.flags = flags
         self.class_names = flags.class_names()
         self._graph: SaverGraph | None = None
@@ -89,14 +89,18 @@ class GraphEvaluator(SnapshotEvaluator):
         if self.workdir.inside(name):
             _await_meta(Path(self.workdir.resolve(name)))
 
-    def _evaluate_weights(self, prefix: Path, kind: str) -> Record:
+    def _restore_weights(self, prefix: Path, kind: str) -> int | None:
         try:
             graph = self._graph_of(prefix)
         except GraphFlagError as e:  # this checkpoint's graph differs from the one the flags were checked on
             raise CheckpointError(str(e)) from None
         step = read_saver_step(prefix)
         graph.restore(prefix, kind)
-        return {"weights": kind, "step": step, **graph.metrics(self.split)}
+        return step
+
+    def _measure(self, eval_set: EvalSet) -> Record:
+        assert self._graph is not None  # _restore_weights imported it
+        return dict(self._graph.metrics(eval_set.split))
 
     def _graph_of(self, prefix: Path) -> SaverGraph:
         """The imported graph of `prefix`'s `.meta`, reused while the file's bytes stay the same."""
@@ -128,7 +132,7 @@ def _await_meta(prefix: Path) -> None:
         time.sleep(META_POLL_SECS)
 
 
-def prepare(workdir: Workdir, flags: GraphFlags, *, split_name: str, weights: str,
+def prepare(workdir: Workdir, flags: GraphFlags, *, splits: tuple[str, ...], weights: str,
             data_dir: str | None) -> GraphEvaluator:
     """The core for a --tf1-graph workdir, its flags checked on the newest checkpoint's graph.
 
@@ -146,7 +150,7 @@ def prepare(workdir: Workdir, flags: GraphFlags, *, split_name: str, weights: st
     if flags.dataset is None:
         raise UsageError("--tf1-graph needs --dataset: the workdir has no run.json to say which")
     data = datasets.load(flags.dataset, data_dir)
-    core = GraphEvaluator(workdir, flags, data.split(split_name), split_name=split_name, weights=weights)
+    core = GraphEvaluator(workdir, flags, tuple(EvalSet(name, data.split(name)) for name in splits), weights=weights)
     if prefix is not None:
         _await_meta(prefix)
         core.check(prefix)

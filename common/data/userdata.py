@@ -100,6 +100,33 @@ def load(name: str, spec: InputSpec) -> tuple[Dataset, list[str]]:
     return _load_arrays(name), []
 
 
+def load_eval_split(name: str, spec: InputSpec) -> tuple[Split, tuple[str, ...], InputSpec, list[str]]:
+    """One evaluation set from a reference (the evaluator's --eval-data), images decoded as `spec` says.
+
+    A `folder:` reference gives its `test/` folder when it has one, else every image of its class
+    folders; an `npz:` file or a function gives its test split. Returns the split, its class names
+    (`0`, `1`, ... for arrays that name none), the images' spec and warnings about skipped files.
+
+    Raises:
+      DataNotFoundError, DataFormatError: as `load`, and a folder with split folders but no `test/`.
+    """
+    if not name.startswith(FOLDER):
+        data = _load_arrays(name)
+        return data.test, data.info.class_names, data.info.input_spec, []
+    root = Path(name[len(FOLDER):])
+    if not root.is_dir():
+        raise DataNotFoundError(f"{name}: no such folder")
+    folder = root / "test" if (root / "test").is_dir() else root
+    if folder == root and any((root / s).is_dir() for s in SPLIT_FOLDERS):
+        raise DataFormatError(f"{name}: has split folders but no test/; name a folder of class subfolders")
+    class_names = _class_names(folder)
+    warnings: list[str] = []
+    split = _decode_split(folder, class_names, spec, warnings)
+    if len(split) == 0:
+        raise DataFormatError(f"{name}: no readable image in {folder}")
+    return split, class_names, spec, warnings
+
+
 def _info(name: str, class_names: tuple[str, ...], spec: InputSpec, prep: Preprocessing) -> DatasetInfo:
     return DatasetInfo(name=name, class_names=class_names, system_dirs=(), keras_cache_dir=None, keras_npz=None,
                        input_spec=spec, preprocessing=prep)

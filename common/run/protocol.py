@@ -191,12 +191,17 @@ class TrainingDone:
 
 
 _BEST_SCHEMA: Schema = {"step": _INT, "checkpoint": _STR, "accuracy": _NUM, "loss": _NUM, "split": _STR,
-                        "weights": _STR, "committed": _NUM, "source": _STR, "time": _NUM}
+                        "weights": _STR, "committed": _NUM, "source": _STR, "time": _NUM, "metric": _STR,
+                        "mode": _STR, "value": _NUM}
 
 
 @dataclasses.dataclass(frozen=True)
 class BestEntry:
-    """`eval/best.json`: the checkpoint kept in `eval/best/` and the validation result that made it the best."""
+    """`eval/best.json`: the checkpoint kept in `eval/best/` and the result that made it the best.
+
+    That is the `metric` of set `split`, `mode` max or min; entries written before those fields
+    were recorded ranked validation accuracy, higher being better.
+    """
 
     checkpoint: str  # its name, inside eval/best/; an entry without one is unreadable
     step: int | None = None
@@ -207,6 +212,9 @@ class BestEntry:
     committed: float | None = None  # the state file's time for it
     source: str | None = None  # where it was in the workdir
     time: float | None = None  # when it became the best
+    metric: str | None = None  # the metric that ranked it (None: accuracy)
+    mode: str | None = None  # max or min: which way is better (None: max)
+    value: float | None = None  # its value of `metric` (None: `accuracy`)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     @classmethod

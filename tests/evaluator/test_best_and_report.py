@@ -90,12 +90,17 @@ def _fake_snapshot(workdir: Path, name: str) -> Path:
 
 
 def test_patience_counting() -> None:
-    rows = [Row(step=s, checkpoint=f"model-{s}", status="ok", accuracy=a)
+    rows = [Row(step=s, checkpoint=f"model-{s}", status="ok", accuracy=a, value=a, score=a)
             for s, a in [(1, 0.5), (2, 0.6), (3, 0.6), (4, 0.605), (5, 0.59)]]
     count, best = without_improvement(rows, min_delta=0.0)
     assert (count, best.step if best else None) == (1, 4)
     count, best = without_improvement(rows, min_delta=0.01)
     assert (count, best.step if best else None) == (3, 2)
+    # A metric where lower is better (--select validation:loss) ranks by its negative.
+    by_loss = [Row(step=s, checkpoint=f"model-{s}", status="ok", value=v, score=-v) for s, v in [(1, 0.5), (2, 0.4),
+                                                                                               (3, 0.45)]]
+    count, best = without_improvement(by_loss, min_delta=0.0)
+    assert (count, best.step if best else None) == (1, 2)
 
 
 def test_retention_never_deletes_best(tiny_data: Path, tmp_path: Path) -> None:

@@ -485,7 +485,7 @@ def test_table_shows_only_the_newest_gone_rows() -> None:
     rows = [Row(step=i, checkpoint=f"model-{i}", status="gone", reason="gone") for i in range(MAX_GONE_ROWS + 50)]
     rows.append(Row(step=10**6, checkpoint="model-1000000", status="ok", accuracy=0.5))
     console = Console(width=200, record=True)
-    console.print(render_table(rows, both=False))
+    console.print(render_table(rows))
     text = console.export_text()
     assert "50 earlier gone or skipped rows not shown" in text and "model-1000000" in text
     assert "model-49 " not in text and f"model-{MAX_GONE_ROWS + 49} " in text

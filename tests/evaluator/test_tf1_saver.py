@@ -25,6 +25,7 @@ from common.signals import StopRequest
 from common.storage import open_storage
 from evaluator.config import EvalConfig
 from evaluator.loop import run_once, run_watch
+from evaluator.sets import EvalSet
 from evaluator.tf1core import GraphEvaluator
 from tests import tf1_tutorial
 from tests.evaluator.serving.test_export_predict import clean_probabilities
@@ -96,7 +97,7 @@ def test_snapshot_holds_while_the_saver_deletes(watched: Watched, tmp_path: Path
 
     monkeypatch.setattr(SaverGraph, "restore", delete_then_restore)
     opened = Workdir.open(workdir)
-    core = GraphEvaluator(opened, GRAPH, watched.validation, split_name="validation", weights="ema")
+    core = GraphEvaluator(opened, GRAPH, (EvalSet("validation", watched.validation),), weights="ema")
     try:  # as the session does: pin, then evaluate the private copy
         base = core.begin(str(workdir / name), committed=0.0, detected=0.0, fingerprint=None)
         with opened.pin(name) as private:

@@ -74,7 +74,7 @@ def test_once_records_everything_then_nothing_again(workdir: Path, tiny_data: Pa
 
 
 def test_ema_accuracy_is_that_of_the_shadows(workdir: Path, tiny_data: Path) -> None:
-    run_once(eval_config(workdir, tiny_data, weights="both", split="test"))
+    run_once(eval_config(workdir, tiny_data, weights="both", splits=("test",)))
     records = [r for r in Ledger(open_storage(workdir)).read() if r["checkpoint"] == "model-60"]
     by_kind = {r["weights"]: r for r in records}
     model = mnist_model("softmax")
@@ -85,7 +85,7 @@ def test_ema_accuracy_is_that_of_the_shadows(workdir: Path, tiny_data: Path) -> 
     assert by_kind["ema"]["accuracy"] == expected["accuracy"]
     assert by_kind["ema"]["loss"] == pytest.approx(expected["loss"])
     assert by_kind["raw"]["loss"] != by_kind["ema"]["loss"]
-    rows = Session(eval_config(workdir, tiny_data, weights="both", split="test")).rows()
+    rows = Session(eval_config(workdir, tiny_data, weights="both", splits=("test",))).rows()
     assert rows[-1].raw_accuracy == by_kind["raw"]["accuracy"]
 
 

@@ -50,7 +50,7 @@ def test_keep_pending_spares_only_unevaluated_checkpoints_and_nothing_without_an
     from evaluator.loop import run_once
 
     # model-40 evaluated (on the test split, so that it does not become the best, which retention keeps)
-    run_once(EvalConfig(workdir=cfg.workdir, data_dir=str(tiny_data), split="test"))
+    run_once(EvalConfig(workdir=cfg.workdir, data_dir=str(tiny_data), splits=("test",)))
     with storage.lease(EVALUATOR_LEASE):
         train(make_config(steps=60, save_every=10, keep=1, keep_pending=5), reporter=Recorder())
     # 50 is pending and kept beside the newest; 40 was evaluated: retention deletes it, with no skipped row.
