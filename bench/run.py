@@ -1,4 +1,4 @@
-"""`make bench`: figures B1-B14 side by side in one run; a Rich table, bench/results.json and bench/RESULTS.md.
+"""`make bench`: figures B1-B17 side by side in one run; a Rich table, bench/results.json and bench/RESULTS.md.
 
     python -m bench.run [--quick | --plan gpu] [--only B1,B8] [--device {auto,cpu,gpu}] [--data-dir DIR] [--out DIR]
 
@@ -25,7 +25,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 # B9 comes with B1, from the same process; B11-B13 (bucket workdirs) are measured together.
-ALL_FIGURES = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B10", "B11", "B14")
+ALL_FIGURES = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B10", "B11", "B14", "B17")
 VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
 
 # Sizes of each measurement. full: `make bench` (about 15 minutes on 2 cores). quick: about two minutes,
@@ -36,12 +36,14 @@ PLANS: dict[str, dict[str, Any]] = {
              "b3_every": 100, "eval_repeats": 5, "b5_target": 0.91, "b5_steps": 15000, "b5_every": 500,
              "b5_epochs": 15, "b6_count": 100, "b7_repeats": 5, "b8_args": [], "matmul_size": 2048,
              "matmul_repeats": 5, "b10_steps": 600, "b10_saves": 30, "cloud_samples": 10, "cloud_poll_secs": 2.0,
-             "b14_checkpoints": 24, "b14_pause": 1.0, "b14_repeats": 2},
+             "b14_checkpoints": 24, "b14_pause": 1.0, "b14_repeats": 2, "b17_steps": 600, "b17_repeats": 3,
+             "b17_folder_images": 2000},
     "quick": {"train_steps": 60, "repeats": 1, "experiment_repeats": 0, "b2_steps": 150, "b3_steps": 80,
               "b3_every": 20, "eval_repeats": 2, "b5_target": 0.3, "b5_steps": 150, "b5_every": 50, "b5_epochs": 3,
               "b6_count": 3, "b7_repeats": 1, "b8_args": ["--steps", "60", "--save-every", "20"],
               "matmul_size": 1024, "matmul_repeats": 5, "b10_steps": 60, "b10_saves": 3, "cloud_samples": 3,
-              "cloud_poll_secs": 0.5, "b14_checkpoints": 4, "b14_pause": 0.2, "b14_repeats": 1},
+              "cloud_poll_secs": 0.5, "b14_checkpoints": 4, "b14_pause": 0.2, "b14_repeats": 1, "b17_steps": 60,
+              "b17_repeats": 1, "b17_folder_images": 100},
     # On a GPU, oneDNN (a CPU library) does not change B1, so its second process is left out.
     "gpu": {"figures": ("B1", "B4", "B8"), "train_steps": 1000, "repeats": 2, "experiment_repeats": 0,
             "b1_as_shipped": False, "eval_repeats": 5, "b8_args": [], "matmul_size": 8192, "matmul_repeats": 5},
@@ -356,9 +358,31 @@ def b14(ctx: Context) -> dict[str, Any]:
                     > (value(rates["1"]) or 0), "problems": got["problems"], "onednn": ctx.onednn}}
 
 
+def b17(ctx: Context) -> dict[str, Any]:
+    """What each extra evaluation set costs per checkpoint, against one set (bench/sets.py)."""
+    from bench import sets
+
+    got = sets.measure(steps=ctx.plan["b17_steps"], repeats=ctx.plan["b17_repeats"],
+                       folder_images=ctx.plan["b17_folder_images"], data_dir=ctx.data_dir)
+    secs = {name: summary(v, missing="no checkpoint after the first") for name, v in got["secs"].items()}
+    extra = {name: _minus(secs[name], secs["one"]) for name in ("two", "three")}
+    return {"B17": {"name": f"seconds per checkpoint with 1 / 2 / 3 evaluation sets (validation; + test; + a folder "
+                            f"of {got['folder_images']} PNGs), one pin each", "ours": secs["two"], "one": secs["one"],
+                    "three": secs["three"], "test_alone": secs["test_alone"], "extra_test": extra["two"],
+                    "extra_folder": _minus(secs["three"], secs["two"]), "ratio": ratio(secs["two"], secs["one"]),
+                    "ratio_three": ratio(secs["three"], secs["one"]), "problems": got["problems"],
+                    "target": "reported; one pin per checkpoint", "met": not got["problems"], "onednn": ctx.onednn}}
+
+
+def _minus(a: Any, b: Any) -> Any:
+    """The difference of two medians, or not measured."""
+    x, y = value(a), value(b)
+    return not_measured("one side was not measured") if x is None or y is None else x - y
+
+
 FIGURES: dict[str, Callable[[Context], dict[str, Any]]] = {
     "B1": b1, "B2": b2, "B3": b3, "B4": b4, "B5": b5, "B6": b6_b7, "B7": b6_b7, "B8": b8, "B10": b10,
-    "B11": b11_b13, "B12": b11_b13, "B13": b11_b13, "B14": b14}
+    "B11": b11_b13, "B12": b11_b13, "B13": b11_b13, "B14": b14, "B17": b17}
 
 
 def problems(results: dict[str, Any]) -> list[str]:
@@ -483,15 +507,18 @@ _CELLS: dict[str, Callable[[dict[str, Any], str], Cells]] = {
     "B13": lambda fig, fmt: (_ours(fig), fig["local"], "local folder "),
     "B14": lambda fig, fmt: (f"4: {_text(_ours(fig), fmt)}", fig["one"],
                              f"2: {_text(fig['two'], fmt)} ({_text(fig['ratio_two'], '{:.2f}')}x); 1: "),
+    "B17": lambda fig, fmt: (f"2: {_text(_ours(fig), fmt)}", fig["one"],
+                             f"3: {_text(fig['three'], fmt)}; test alone {_text(fig['test_alone'], fmt)}; 1: "),
 }
 _ONE_DECIMAL = ("B3", "B5", "B7", "B8", "B9", "B11", "B12", "B13", "B14")
+_TWO_DECIMALS = ("B17",)
 
 
 def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
     """(id, figure, oneDNN, ours, compared with, ratio, target/met) for display."""
     table: list[tuple[str, ...]] = []
     for key, fig in results.items():
-        fmt = "{:,.1f}" if key in _ONE_DECIMAL else "{:,.0f}"
+        fmt = "{:,.2f}" if key in _TWO_DECIMALS else "{:,.1f}" if key in _ONE_DECIMAL else "{:,.0f}"
         cells = _CELLS.get(key) or (_b1_cells if "keras_fit_default" in fig else None)
         ours, theirs, extra = cells(fig, fmt) if cells else (_ours(fig), None, "")
         note = f" ({fig['note']})" if fig.get("note") else ""

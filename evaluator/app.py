@@ -25,6 +25,8 @@ from evaluator.foreign import ForeignFlags
 from evaluator.loop import json_lines, run_once, run_watch, run_worker
 from evaluator.sets import Selection, parse_eval_data, show_value
 
+WIDE = 400  # --once's table width when not on a terminal (several sets make many columns)
+
 
 def config_from(args: argparse.Namespace, workdir: Workdir) -> EvalConfig:
     return EvalConfig(workdir=args.workdir, splits=tuple(args.split or ("validation",)),
@@ -83,7 +85,8 @@ def _lead(args: argparse.Namespace, cfg: EvalConfig, workdir: Workdir, cluster: 
             for text in session.data_warnings:  # the header that shows them is not printed
                 print(f"evaluator: warning: {text}", file=sys.stderr)
         else:
-            console = Console() if sys.stdout.isatty() else Console(width=160)
+            # Into a file or a pipe, every column of every set keeps its width: nothing wraps a line there.
+            console = Console() if sys.stdout.isatty() else Console(width=WIDE)
             status = session.status(0)
             console.print(Group(header_text(status), render_table(session.rows(), layout_of(cfg)),
                                 *per_class_tables(session.rows(), status)))

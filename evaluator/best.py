@@ -184,7 +184,15 @@ class BestKeeper:
         self.selection = selection  # the set and metric that rank them
         self.warn = warn
         self.problem = ""  # why the newest improvement is not eval/best yet
-        self.mismatch = ""  # eval/best ranks other results than this evaluator (found by `offer`)
+        self.mismatch = ""  # eval/best ranks other results than this evaluator (found by `offer` or `sync`)
+        self._checked = False  # whether `sync` has compared eval/best's ranking with this evaluator's
+
+    def _check_like(self, best: BestEntry | None, weights: str | None = None) -> None:
+        """Set `mismatch` to why eval/best's results do not rank against this evaluator's ("" when they do)."""
+        row = LedgerRow({"weights": weights or self.weights})
+        why = "" if best is None else why_incomparable(row, best, self.selection)
+        self.mismatch = f"{why}: left it alone (remove {self.workdir.describe(_BEST)} to rank anew)" if why else ""
+        self.problem = self.mismatch or self.problem
 
     def offer(self, private: Path, main: LedgerRow) -> None:
         """Promote the evaluated files to eval/best when `main` (the selected set's result) beats the best."""
@@ -193,9 +201,7 @@ class BestKeeper:
         try:
             with best_lock(self.workdir.storage):
                 best = self.workdir.best()
-                why = "" if best is None else why_incomparable(main, best, self.selection)
-                self.mismatch = f"{why}: left it alone (remove {self.workdir.describe(_BEST)} to rank anew)" if why \
-                    else ""
+                self._check_like(best, main.weights)
                 if self.mismatch:
                     self.problem = self.mismatch
                     return
@@ -214,6 +220,9 @@ class BestKeeper:
         scan costs no lock, which in a bucket is several requests.
         """
         try:
+            if not self._checked:  # once per run: an evaluator that ranks other results never touches eval/best
+                self._checked = True
+                self._check_like(self.workdir.best())
             if better_than_best(self.workdir, records, weights=self.weights, selection=self.selection):
                 with best_lock(self.workdir.storage):
                     catch_up(self.workdir, records, weights=self.weights, selection=self.selection, warn=self.warn)

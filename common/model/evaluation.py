@@ -87,7 +87,7 @@ class Evaluation:
             return (tf.reduce_sum(tf.where(mask, losses, tf.zeros_like(losses))), confusion, top,
                     logits if gather else tf.zeros([0]))
 
-        @tf.function
+        @tf.function(reduce_retracing=True)  # one trace serves every set's batch shapes, not one per shape
         def batch_sums(per_replica: Any) -> tuple[tf.Tensor, ...]:
             loss, confusion, top, logits = self.strategy.run(replica_sums, args=per_replica)
             sums = tuple(self.strategy.reduce(_SUM, v, axis=None) for v in (loss, confusion, top))

@@ -109,12 +109,13 @@ def test_quick_bench_produces_every_figure(tiny_data: Path, tmp_path: Path) -> N
               "B3": ("ours",), "B4": ("ours", "keras_evaluate", "ratio"), "B6": ("first_mb", "last_mb"),
               "B7": ("ours",), "B8": ("alone_s", "pair_s", "ratio", "lag_s"), "B9": ("ours", "matmul_peak", "ratio"),
               "B10": ("ours", "one_process", "ratio", "save_ms_two", "save_ms_one"),
-              "B14": ("ours", "one", "two", "ratio")}
+              "B14": ("ours", "one", "two", "ratio"), "B17": ("ours", "one", "three", "test_alone", "ratio")}
     for key, fields in always.items():
         for field in fields:
             _finite(figures_[key][field], f"{key}.{field}")
     assert figures_["B3"]["ours_evaluated"] == figures_["B3"]["checkpoints"]
     assert figures_["B14"]["problems"] == []  # every checkpoint evaluated once, by 1, 2 and 4 evaluators
+    assert figures_["B17"]["problems"] == []  # one pin per checkpoint, whatever the number of sets
     assert figures_["B6"]["evaluated"] == run.PLANS["quick"]["b6_count"]
     assert figures_["B8"]["missing"] == [] and figures_["B8"]["evaluated"] == figures_["B8"]["checkpoints"] == 3
     assert figures_["B9"]["flops"]["per_image"] == 20_178_432  # the tutorial CNN, counted in bench/flops.py
