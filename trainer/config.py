@@ -12,6 +12,9 @@ from common.run.workdir import Workdir
 from common.storage.paths import Location
 from trainer.warmstart import InitSpec
 
+# Said when --save-mode async is asked of a job whose saves are collective (the CLI and the loop check).
+ASYNC_COLLECTIVE = ("--save-mode async: a multi-worker save is collective (every worker writes its part on its "
+                    "training thread); use --save-mode sync, the default there")
 DEFAULT_STEPS = Recipe().steps  # a model's own recipe may say otherwise (trainer.cli.build_config)
 
 
@@ -31,6 +34,7 @@ class TrainConfig:
     steps_per_loop: int = 20  # steps per tf.function call; bounds how fast a signal is seen
     log_every: int = 100  # steps between plain log lines (when output is not a terminal)
     progress: str = "auto"  # "auto", "rich" or "plain"
+    save_mode: str | None = None  # "sync", "async", or None: async unless the strategy needs sync saves
     init: InitSpec | None = None  # --init-from and its options: used at the first start only
     opened: Workdir | None = dataclasses.field(default=None, compare=False, repr=False)  # `workdir`, if opened
 
@@ -45,6 +49,8 @@ class TrainConfig:
             raise UsageError(f"--keep-pending ({self.keep_pending}) must be 0 (off) or a positive integer")
         if self.keep_every_hours < 0:
             raise UsageError(f"--keep-every-hours ({self.keep_every_hours}) must be 0 (off) or positive")
+        if self.save_mode not in (None, "sync", "async"):
+            raise UsageError(f"--save-mode ({self.save_mode!r}) must be sync or async")
         if self.progress not in ("auto", "rich", "plain"):
             raise UsageError(f"--progress ({self.progress!r}) must be auto, rich or plain")
 
