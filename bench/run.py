@@ -37,7 +37,7 @@ PLANS: dict[str, dict[str, Any]] = {
              "b5_epochs": 15, "b6_count": 100, "b7_repeats": 5, "b8_args": [], "matmul_size": 2048,
              "matmul_repeats": 5, "b10_steps": 600, "b10_saves": 30, "cloud_samples": 10, "cloud_poll_secs": 2.0,
              "b14_checkpoints": 24, "b14_pause": 1.0, "b14_repeats": 2, "b15_steps": 100, "b15_every": 25,
-             "b15_repeats": 1, "b15_bucket": True},
+             "b15_repeats": 2, "b15_bucket": True},
     "quick": {"train_steps": 60, "repeats": 1, "experiment_repeats": 0, "b2_steps": 150, "b3_steps": 80,
               "b3_every": 20, "eval_repeats": 2, "b5_target": 0.3, "b5_steps": 150, "b5_every": 50, "b5_epochs": 3,
               "b6_count": 3, "b7_repeats": 1, "b8_args": ["--steps", "60", "--save-every", "20"],
