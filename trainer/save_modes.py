@@ -20,6 +20,8 @@ import threading
 import time
 from collections.abc import Callable
 
+import tensorflow as tf
+
 from common.checkpoint import checkpoints
 from common.distribute import Topology
 from common.errors import UsageError, WorkdirIOError
@@ -114,6 +116,9 @@ class AsyncSaves:
             taken = snapshot.take(self.saver.checkpoint)
         except snapshot.SnapshotError as e:
             raise WorkdirIOError(f"saving step {step}: {e}") from e
+        except tf.errors.OpError as e:  # e.g. no host memory left for the copy
+            raise WorkdirIOError(f"saving step {step}: the variables could not be copied for a background save "
+                                 f"({str(e).splitlines()[0]}); the previous checkpoints are intact") from e
         self._pending = (step, time.perf_counter() - began, waited)
         self._writer = threading.Thread(target=self._write, args=(step, taken), name=f"checkpoint-writer-{step}")
         self._writer.start()
