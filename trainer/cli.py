@@ -229,9 +229,8 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.workers and args.strategy not in (None, "multi-worker"):
         raise UsageError(f"--workers runs a multi-worker job; drop --strategy {args.strategy}")
     if args.workers and args.save_mode == "async":
-        from trainer.config import ASYNC_COLLECTIVE
-
-        raise UsageError(ASYNC_COLLECTIVE)
+        raise UsageError("--save-mode async: the saves of --workers are collective (every worker writes its part on "
+                         "its training thread); use --save-mode sync, the default there")
     if args.workers and args.devices:
         raise UsageError("--devices goes with --strategy mirrored, not --workers")
     workdir = args.workdir or default_workdir(args.dataset or RUN_DEFAULTS["dataset"],

@@ -12,9 +12,6 @@ from common.run.workdir import Workdir
 from common.storage.paths import Location
 from trainer.warmstart import InitSpec
 
-# Said when --save-mode async is asked of a job whose saves are collective (the CLI and the loop check).
-ASYNC_COLLECTIVE = ("--save-mode async: a multi-worker save is collective (every worker writes its part on its "
-                    "training thread); use --save-mode sync, the default there")
 DEFAULT_STEPS = Recipe().steps  # a model's own recipe may say otherwise (trainer.cli.build_config)
 
 

@@ -27,7 +27,6 @@ from common.distribute import Topology
 from common.errors import UsageError, WorkdirIOError
 from common.storage.paths import Location
 from trainer import snapshot
-from trainer.config import ASYNC_COLLECTIVE
 from trainer.progress import log_line
 from trainer.saver import CheckpointSaver
 
@@ -63,7 +62,8 @@ def choose(requested: str | None, topo: Topology) -> tuple[str, str | None]:
     """
     if topo.strategy == "multi-worker":
         if requested == ASYNC:
-            raise UsageError(ASYNC_COLLECTIVE)
+            raise UsageError("--save-mode async: a multi-worker save is collective (every worker writes its part "
+                             "on its training thread); use --save-mode sync, the default there")
         why = None if requested == SYNC else ("saves are sync: a multi-worker save is collective (every worker "
                                               "writes its part), so it cannot run in the background")
         return SYNC, why

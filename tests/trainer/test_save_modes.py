@@ -96,7 +96,7 @@ def test_collective_saves_are_sync_said_or_refused() -> None:
 
 def test_save_async_with_workers_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_trainer_cli(["--workers", "2", "--save-mode", "async", "--steps", "1"], capsys)
-    assert code == 2 and err.count("\n") == 1 and "--save-mode async: a multi-worker save is collective" in err
+    assert code == 2 and err.count("\n") == 1 and "--save-mode async: the saves of --workers are collective" in err
 
 
 def _tensors(prefix: Path) -> dict[str, np.ndarray]:
