@@ -25,7 +25,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 # B9 comes with B1, from the same process; B11-B13 (bucket workdirs) are measured together.
-ALL_FIGURES = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B10", "B11", "B14", "B17")
+ALL_FIGURES = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B10", "B11", "B14", "B15", "B17")
 VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
 
 # Sizes of each measurement. full: `make bench` (about 15 minutes on 2 cores). quick: about two minutes,
@@ -36,14 +36,15 @@ PLANS: dict[str, dict[str, Any]] = {
              "b3_every": 100, "eval_repeats": 5, "b5_target": 0.91, "b5_steps": 15000, "b5_every": 500,
              "b5_epochs": 15, "b6_count": 100, "b7_repeats": 5, "b8_args": [], "matmul_size": 2048,
              "matmul_repeats": 5, "b10_steps": 600, "b10_saves": 30, "cloud_samples": 10, "cloud_poll_secs": 2.0,
-             "b14_checkpoints": 24, "b14_pause": 1.0, "b14_repeats": 2, "b17_steps": 600, "b17_repeats": 3,
-             "b17_folder_images": 2000},
+             "b14_checkpoints": 24, "b14_pause": 1.0, "b14_repeats": 2, "b15_steps": 100, "b15_every": 25,
+             "b15_repeats": 2, "b15_bucket": True, "b17_steps": 600, "b17_repeats": 3, "b17_folder_images": 2000},
     "quick": {"train_steps": 60, "repeats": 1, "experiment_repeats": 0, "b2_steps": 150, "b3_steps": 80,
               "b3_every": 20, "eval_repeats": 2, "b5_target": 0.3, "b5_steps": 150, "b5_every": 50, "b5_epochs": 3,
               "b6_count": 3, "b7_repeats": 1, "b8_args": ["--steps", "60", "--save-every", "20"],
               "matmul_size": 1024, "matmul_repeats": 5, "b10_steps": 60, "b10_saves": 3, "cloud_samples": 3,
-              "cloud_poll_secs": 0.5, "b14_checkpoints": 4, "b14_pause": 0.2, "b14_repeats": 1, "b17_steps": 60,
-              "b17_repeats": 1, "b17_folder_images": 100},
+              "cloud_poll_secs": 0.5, "b14_checkpoints": 4, "b14_pause": 0.2, "b14_repeats": 1, "b15_steps": 20,
+              "b15_every": 10, "b15_repeats": 1, "b15_bucket": False, "b17_steps": 60, "b17_repeats": 1,
+              "b17_folder_images": 100},
     # On a GPU, oneDNN (a CPU library) does not change B1, so its second process is left out.
     "gpu": {"figures": ("B1", "B4", "B8"), "train_steps": 1000, "repeats": 2, "experiment_repeats": 0,
             "b1_as_shipped": False, "eval_repeats": 5, "b8_args": [], "matmul_size": 8192, "matmul_repeats": 5},
@@ -358,6 +359,34 @@ def b14(ctx: Context) -> dict[str, Any]:
                     > (value(rates["1"]) or 0), "problems": got["problems"], "onednn": ctx.onednn}}
 
 
+def b15(ctx: Context) -> dict[str, Any]:
+    """Training-thread blocking per save, async against sync, a 25M-parameter user model (bench/saves.py)."""
+    from bench import saves
+
+    got = saves.measure(steps=ctx.plan["b15_steps"], save_every=ctx.plan["b15_every"],
+                        repeats=ctx.plan["b15_repeats"], bucket=ctx.plan["b15_bucket"])
+    size = (f"{got['parameters'] / 1e6:.1f}M-parameter MLP (bench.saves:wide_mlp), a save every "
+            f"{got['save_every']} steps")
+    return {key: _b15_row(got[place], f"training-thread blocking per save (s), async / sync, {where}, {size}",
+                          ctx.onednn)
+            for key, place, where in (("B15", "local", "local folder"), ("B15_s3", "s3_emulator", "S3 emulator"))}
+
+
+def _b15_row(got: dict[str, Any], name: str, onednn: Any) -> dict[str, Any]:
+    if not measured(got):
+        return {"name": name, "ours": got, "onednn": onednn}
+    mode = {m: {k: summary(got[m][k], missing="no save after the first") for k in got[m]} for m in ("sync", "async")}
+    snapshot = summary([b - w for b, w in zip(got["async"]["blocked_s"], got["async"]["waited_s"], strict=True)],
+                       missing="no save after the first")
+    share = ratio(mode["async"]["blocked_s"], mode["sync"]["blocked_s"])
+    fraction = value(share)
+    return {"name": name, "ours": mode["async"]["blocked_s"], "sync": mode["sync"]["blocked_s"], "ratio": share,
+            "async_waited_s": mode["async"]["waited_s"], "async_snapshot_s": snapshot,
+            "async_write_s": mode["async"]["write_s"], "sync_write_s": mode["sync"]["write_s"],
+            "wall_s": {m: mode[m]["wall_s"] for m in mode}, "target": "ratio <= 0.10",
+            "met": None if fraction is None else fraction <= 0.10, "onednn": onednn}
+
+
 def b17(ctx: Context) -> dict[str, Any]:
     """What each extra evaluation set costs per checkpoint, against one set (bench/sets.py)."""
     from bench import sets
@@ -382,7 +411,7 @@ def _minus(a: Any, b: Any) -> Any:
 
 FIGURES: dict[str, Callable[[Context], dict[str, Any]]] = {
     "B1": b1, "B2": b2, "B3": b3, "B4": b4, "B5": b5, "B6": b6_b7, "B7": b6_b7, "B8": b8, "B10": b10,
-    "B11": b11_b13, "B12": b11_b13, "B13": b11_b13, "B14": b14, "B17": b17}
+    "B11": b11_b13, "B12": b11_b13, "B13": b11_b13, "B14": b14, "B15": b15, "B17": b17}
 
 
 def problems(results: dict[str, Any]) -> list[str]:
@@ -489,6 +518,16 @@ def _b10_cells(fig: dict[str, Any], fmt: str) -> Cells:
         f"{_text(value(fig['save_ms_one']), '{:,.1f}')} ms; one process ")
 
 
+def _b15_cells(fig: dict[str, Any]) -> Cells:
+    if "sync" not in fig:
+        return _ours(fig), None, ""
+    fmt = "{:,.3f}"
+    return _ours(fig), fig["sync"], (
+        f"async: snapshot {_text(fig['async_snapshot_s'], fmt)}, wait for the previous save "
+        f"{_text(fig['async_waited_s'], fmt)}, writer {_text(fig['async_write_s'], '{:,.2f}')}; run wall "
+        f"{_text(fig['wall_s']['async'], '{:,.0f}')} s against {_text(fig['wall_s']['sync'], '{:,.0f}')} s; sync ")
+
+
 # How each figure fills the "this project" and "compared with" cells. B1 and its variants compare with
 # Keras fit when they measured it; any other figure shows its own value and nothing to compare with.
 _CELLS: dict[str, Callable[[dict[str, Any], str], Cells]] = {
@@ -505,6 +544,8 @@ _CELLS: dict[str, Callable[[dict[str, Any], str], Cells]] = {
     "B10": _b10_cells,
     "B12": lambda fig, fmt: (_ours(fig), fig["theirs"], ""),
     "B13": lambda fig, fmt: (_ours(fig), fig["local"], "local folder "),
+    "B15": lambda fig, fmt: _b15_cells(fig),
+    "B15_s3": lambda fig, fmt: _b15_cells(fig),
     "B14": lambda fig, fmt: (f"4: {_text(_ours(fig), fmt)}", fig["one"],
                              f"2: {_text(fig['two'], fmt)} ({_text(fig['ratio_two'], '{:.2f}')}x); 1: "),
     "B17": lambda fig, fmt: (f"2: {_text(_ours(fig), fmt)}", fig["one"],
@@ -512,13 +553,15 @@ _CELLS: dict[str, Callable[[dict[str, Any], str], Cells]] = {
 }
 _ONE_DECIMAL = ("B3", "B5", "B7", "B8", "B9", "B11", "B12", "B13", "B14")
 _TWO_DECIMALS = ("B17",)
+_THREE_DECIMALS = ("B15", "B15_s3")  # seconds of a save
 
 
 def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
     """(id, figure, oneDNN, ours, compared with, ratio, target/met) for display."""
     table: list[tuple[str, ...]] = []
     for key, fig in results.items():
-        fmt = "{:,.2f}" if key in _TWO_DECIMALS else "{:,.1f}" if key in _ONE_DECIMAL else "{:,.0f}"
+        fmt = ("{:,.3f}" if key in _THREE_DECIMALS else "{:,.2f}" if key in _TWO_DECIMALS
+               else "{:,.1f}" if key in _ONE_DECIMAL else "{:,.0f}")
         cells = _CELLS.get(key) or (_b1_cells if "keras_fit_default" in fig else None)
         ours, theirs, extra = cells(fig, fmt) if cells else (_ours(fig), None, "")
         note = f" ({fig['note']})" if fig.get("note") else ""

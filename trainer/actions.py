@@ -44,14 +44,19 @@ class Action(Protocol):
 class SaveCheckpoints:
     """Commit a checkpoint when a multiple of `every` is reached, at the last step, and on a stop."""
 
-    def __init__(self, save: Callable[[int], str], *, every: int, last_step: int, stop: StopRequest) -> None:
-        self.save = save  # commits a checkpoint for a step and returns its prefix
+    def __init__(self, save: Callable[[int], str], *, every: int, last_step: int, stop: StopRequest,
+                 poll: Callable[[], None] | None = None) -> None:
+        self.save = save  # commits a checkpoint for a step (or starts its background save) and returns its prefix
+        self.poll = poll  # reports a finished background save and raises its failure
         self.every = every
         self.last_step = last_step
         self.stop = stop
-        self.last_saved: str | None = None  # the prefix of the last checkpoint this run committed
+        self.last_saved: str | None = None  # the prefix of the last checkpoint this run saved (async: committed
+        # once the pending save is, which the end of training waits for)
 
     def __call__(self, out: LoopOutput) -> None:
+        if self.poll is not None:
+            self.poll()
         crossed = out.step // self.every > out.first_step // self.every
         if crossed or out.step >= self.last_step or self.stop:
             self.last_saved = self.save(out.step)

@@ -53,6 +53,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-pending", type=int, default=0, metavar="N",
                    help="while an evaluator watches, also keep up to N checkpoints it has not evaluated yet "
                         "(each costs one checkpoint's disk; default 0, off)")
+    p.add_argument("--save-mode", choices=["sync", "async"],
+                   help="async: the training thread snapshots the variables and a background writer writes and "
+                        "commits them; sync: the training thread writes (default async; sync for multi-worker)")
     p.add_argument("--data-dir", type=local_text("--data-dir"),
                    help="folder holding the four IDX files (default: the usual places)")
     p.add_argument("--from", dest="resume_from", type=workdir_text("--from"), metavar="PATH",
@@ -151,7 +154,7 @@ def build_config(args: argparse.Namespace) -> Any:
     return TrainConfig(
         spec=spec, workdir=workdir, steps=args.steps if args.steps is not None else models.recipe(spec.model).steps,
         save_every=args.save_every, keep=args.keep, keep_every_hours=args.keep_every_hours,
-        keep_pending=args.keep_pending, data_dir=args.data_dir, resume_from=args.resume_from,
+        keep_pending=args.keep_pending, save_mode=args.save_mode, data_dir=args.data_dir, resume_from=args.resume_from,
         steps_per_loop=args.steps_per_loop, log_every=args.log_every, progress=args.progress, init=init, opened=opened,
     )
 
@@ -225,6 +228,9 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
         raise UsageError(f"--workers ({args.workers}) and --evaluators ({args.evaluators}) must not be negative")
     if args.workers and args.strategy not in (None, "multi-worker"):
         raise UsageError(f"--workers runs a multi-worker job; drop --strategy {args.strategy}")
+    if args.workers and args.save_mode == "async":
+        raise UsageError("--save-mode async: the saves of --workers are collective (every worker writes its part on "
+                         "its training thread); use --save-mode sync, the default there")
     if args.workers and args.devices:
         raise UsageError("--devices goes with --strategy mirrored, not --workers")
     workdir = args.workdir or default_workdir(args.dataset or RUN_DEFAULTS["dataset"],

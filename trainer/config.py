@@ -31,6 +31,7 @@ class TrainConfig:
     steps_per_loop: int = 20  # steps per tf.function call; bounds how fast a signal is seen
     log_every: int = 100  # steps between plain log lines (when output is not a terminal)
     progress: str = "auto"  # "auto", "rich" or "plain"
+    save_mode: str | None = None  # "sync", "async", or None: async unless the strategy needs sync saves
     init: InitSpec | None = None  # --init-from and its options: used at the first start only
     opened: Workdir | None = dataclasses.field(default=None, compare=False, repr=False)  # `workdir`, if opened
 
@@ -45,6 +46,8 @@ class TrainConfig:
             raise UsageError(f"--keep-pending ({self.keep_pending}) must be 0 (off) or a positive integer")
         if self.keep_every_hours < 0:
             raise UsageError(f"--keep-every-hours ({self.keep_every_hours}) must be 0 (off) or positive")
+        if self.save_mode not in (None, "sync", "async"):
+            raise UsageError(f"--save-mode ({self.save_mode!r}) must be sync or async")
         if self.progress not in ("auto", "rich", "plain"):
             raise UsageError(f"--progress ({self.progress!r}) must be auto, rich or plain")
 

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from common.checkpoint import checkpoints
 from common.checkpoint.checkpoints import CheckpointError, State
 from common.data import datasets
 from common.distribute import Topology, lost_worker_errors, topology
-from common.errors import BucketUnusable, DivergedError, UsageError
+from common.errors import BucketUnusable, DivergedError, UsageError, WorkdirIOError
 from common.layout import DONE_FILE, TB_DIR
 from common.model.evaluation import Evaluation
 from common.run.loader import build_model
@@ -33,7 +33,7 @@ from common.run.workdir import Workdir
 from common.signals import StopRequest, stop_on_signals
 from common.storage import Gone, Storage, open_source
 from common.storage.paths import checkpoint_place
-from trainer import distribute, warmstart
+from trainer import distribute, save_modes, warmstart
 from trainer import saver as saver_lib
 from trainer.actions import Action, CheckStopRequest, LoopOutput, SaveCheckpoints, make_actions
 from trainer.config import TrainConfig
@@ -93,6 +93,8 @@ class Checked:
     existing: RunSpec | None  # the workdir's run.json, if it has one
     loaded: RunData  # the run's data, restricted to its classes, and where it came from
     init_plan: warmstart.InitPlan | None  # what --init-from assigns, when it applies
+    save_mode: str  # "sync" or "async" (trainer.save_modes.choose)
+    save_note: str | None  # why the saves are sync although the default is async, if they are
 
 
 def check_inputs(cfg: TrainConfig, topo: Topology | None = None) -> Checked:
@@ -115,7 +117,8 @@ def check_inputs(cfg: TrainConfig, topo: Topology | None = None) -> Checked:
     if cfg.init is not None and fresh_workdir and cfg.resume_from is None:
         init_plan = warmstart.plan(cfg.init, {f"model/{k}": tuple(v.shape)
                                               for k, v in template.named_variables().items()})
-    return Checked(existing, loaded, init_plan)
+    save_mode, save_note = save_modes.choose(cfg.save_mode, topo or topology(tf.distribute.get_strategy()))
+    return Checked(existing, loaded, init_plan, save_mode, save_note)
 
 
 def from_prefix(cfg: TrainConfig) -> Located:
@@ -237,7 +240,7 @@ class Started:
     train_state: TrainState  # restored, or freshly built (and warm-started)
     step: int  # global_step at the start (0 when fresh)
     resumed_from: str | None  # the checkpoint restored, if any
-    saver: saver_lib.CheckpointSaver | distribute.ScratchSaver  # commits this run's checkpoints (on the chief)
+    saver: save_modes.SyncSaves | save_modes.AsyncSaves | distribute.ScratchSaver  # commits this run's checkpoints
     spent: StopRequestId | None  # the workdir's stop request, if a run already ended for it
 
 
@@ -264,8 +267,8 @@ def restore_or_initialise(cfg: TrainConfig, checked: Checked, reporter: Reporter
     _initialise(cfg, checked, train_state, reporter)
     if leftovers:
         reporter.message(f"removed leftovers of an interrupted save: {', '.join(sorted(leftovers))}")
-    saver = (_make_saver(cfg, train_state, state, resumed_from, reporter) if topo.chief
-             else distribute.ScratchSaver(cfg.workdir, train_state.checkpoint))
+    saver = (_make_saves(cfg, checked, _make_saver(cfg, train_state, state, resumed_from, reporter), reporter)
+             if topo.chief else distribute.ScratchSaver(cfg.workdir, train_state.checkpoint))
     data = checked.loaded.data
     reporter.message(f"data: {spec.dataset} from {data.source} (train {len(data.train)}, "
                      f"validation {len(data.validation)}, test {len(data.test)})")
@@ -314,6 +317,15 @@ def _make_saver(cfg: TrainConfig, train_state: TrainState, state: State | None, 
     return saver
 
 
+def _make_saves(cfg: TrainConfig, checked: Checked, saver: saver_lib.CheckpointSaver,
+                reporter: Reporter) -> save_modes.SyncSaves | save_modes.AsyncSaves:
+    """The saves in the mode chosen at the checks; say so when the default async could not be used."""
+    if checked.save_note:
+        reporter.message(checked.save_note)
+    kind = save_modes.AsyncSaves if checked.save_mode == save_modes.ASYNC else save_modes.SyncSaves
+    return kind(saver, report=reporter.message)
+
+
 # Phase 3: run. The inner loop does the math; the actions after each call do everything else.
 
 @dataclasses.dataclass(frozen=True)
@@ -336,7 +348,8 @@ def run_training(cfg: TrainConfig, started: Started, data: datasets.Dataset, rep
     """
     displays, heartbeat = _open_displays(cfg, started, reporter, chief)
     saves = SaveCheckpoints(lambda step: _save(started.saver, started.train_state, step),
-                            every=cfg.save_every, last_step=cfg.steps, stop=stop)
+                            every=cfg.save_every, last_step=cfg.steps, stop=stop,
+                            poll=getattr(started.saver, "poll", None))
     stop_check = CheckStopRequest(lambda: early_stop_request(cfg.wd.storage, since_step=started.step,
                                                              spent=started.spent), peers.requests if peers else stop)
     actions = make_actions(saves=saves, stop_check=stop_check, displays=displays.reporters, chief=chief, agree=peers)
@@ -412,11 +425,33 @@ def _call(loop: Any, iterator: Any, step: int, n: int, lr: float) -> LoopOutput:
                       steps_per_sec=n / (time.perf_counter() - began), lr=lr)
 
 
-def _save(saver: saver_lib.CheckpointSaver | distribute.ScratchSaver, train_state: TrainState, step: int) -> str:
+def _save(saver: save_modes.SyncSaves | save_modes.AsyncSaves | distribute.ScratchSaver, train_state: TrainState,
+          step: int) -> str:
     """Commit a checkpoint for `step`, unless a weight or shadow is not finite."""
     if not train_state.all_finite():
         raise DivergedError(f"non-finite weights at step {step}; not saved")
     return str(saver.save(step))
+
+
+@contextlib.contextmanager
+def pending_saves(saver: save_modes.SyncSaves | save_modes.AsyncSaves | distribute.ScratchSaver) -> Iterator[None]:
+    """Wait for the pending background save when the block ends, however it ends.
+
+    Its failure is raised (exit code 5) when the block ended normally (the end of training or a
+    signal); when the block raised, the failure is printed as a warning and the block's error goes on.
+    """
+    close = getattr(saver, "close", None)
+    try:
+        yield
+    except BaseException:
+        if close is not None:
+            try:
+                close()
+            except WorkdirIOError as e:
+                warn(str(e))
+        raise
+    if close is not None:
+        close()
 
 
 # The files this program shares with the evaluator (typed in common.run.protocol): stop_request.json
@@ -528,5 +563,6 @@ def train(cfg: TrainConfig, *, reporter: Reporter | None = None, stop: StopReque
     lock = WorkdirLock(cfg.wd.storage) if topo.chief else contextlib.nullcontext()
     with lock, stop_on_signals(peers.requests if peers else stop), lost_worker_errors(topo):
         started = restore_or_initialise(cfg, checked, reporter, strategy, peers)
-        ran = run_training(cfg, started, checked.loaded.data, reporter, stop, chief=topo.chief, peers=peers)
+        with pending_saves(started.saver):
+            ran = run_training(cfg, started, checked.loaded.data, reporter, stop, chief=topo.chief, peers=peers)
         return finish(cfg, started, ran, checked.loaded.data, reporter, stop, chief=topo.chief)

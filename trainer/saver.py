@@ -93,12 +93,20 @@ class CheckpointSaver:
         # inside a tf.function that happens at tracing only (measured: 24.6 -> 12.6 ms per save).
         self._write = tf.function(lambda prefix: checkpoint.write(prefix))
 
-    def save(self, step: int) -> Location:
-        """Commit a checkpoint for `step`; return its prefix."""
+    def save(self, step: int, write: Callable[[str], None] | None = None) -> Location:
+        """Commit a checkpoint for `step`; return its prefix.
+
+        `write` writes the checkpoint's files at a local prefix; by default the live variables are
+        written. A background save passes the writer of a snapshot taken earlier (trainer.snapshot).
+        """
         name = checkpoints.name_for(step)
         try:
             self._make_room(name)
-            self._write(tf.constant(self.storage.checkpoint_target(name)))
+            target = self.storage.checkpoint_target(name)
+            if write is None:
+                self._write(tf.constant(target))
+            else:
+                write(target)
             stamps = self.state.timestamps_by_path()
             entries = [(p, stamps.get(p, 0.0)) for p in self.state.paths] + [(name, time.time())]
             leased = self.storage.leased()

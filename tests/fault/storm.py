@@ -1,6 +1,8 @@
 """Kill storm: SIGKILL a real trainer again and again, many times inside a save, with an evaluator watching.
 
-Used by `tests/fault/test_kill_storm.py` (5 kills) and `make soak` (300 kills):
+The trainer runs with `--save-mode async` (the default; `--save-mode sync` for the other), so a
+kill aimed at a save lands while the writer thread writes the snapshot, the training thread
+already training on. Used by `tests/fault/test_kill_storm.py` (5 kills) and `make soak` (300 kills):
 
     python -m tests.fault.storm --kills 300
 """
@@ -29,7 +31,8 @@ from tests.helpers import REPO, committed_step
 @dataclass
 class StormStats:
     kills: int = 0
-    in_save: int = 0  # kills made while TF's <name>_temp staging folder existed
+    in_save: int = 0  # kills made while TF's <name>_temp staging folder existed (async: the writer was writing)
+    saves_logged: dict[str, int] = field(default_factory=dict)  # "saved" log lines of the killed trainers, by mode
     resumes_verified: int = 0
     evaluations: int = 0
     broken_reads: int = 0  # ledger rows with status error (a read of a partial checkpoint)
@@ -41,13 +44,14 @@ class StormStats:
         lost = self.steps_lost or [0]
         return (f"kills={self.kills} saves_interrupted={self.in_save} resumes_verified={self.resumes_verified} "
                 f"evaluations={self.evaluations} broken_reads={self.broken_reads} "
-                f"steps_lost_max={max(lost)} steps_lost_mean={statistics.mean(lost):.1f}")
+                f"steps_lost_max={max(lost)} steps_lost_mean={statistics.mean(lost):.1f} "
+                f"saves_logged={self.saves_logged}")
 
 
-def _trainer(workdir: Path, data_dir: Path) -> subprocess.Popen[str]:
+def _trainer(workdir: Path, data_dir: Path, save_mode: str) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "trainer.cli", "--workdir", str(workdir), "--data-dir", str(data_dir),
            "--model", "mlp", "--steps", "100000000", "--save-every", "10", "--steps-per-loop", "5", "--keep", "3",
-           "--progress", "plain", "--log-every", "100000000"]
+           "--progress", "plain", "--log-every", "100000000", "--save-mode", save_mode]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
 
@@ -79,7 +83,11 @@ def _kill_one(proc: subprocess.Popen[str], workdir: Path, rng: random.Random, st
             break
     saving = [int(p.name[len("model-"):-len("_temp")]) for p in workdir.glob("model-*_temp")]
     os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate()  # reaps it and closes its pipes
+    out, _ = proc.communicate()  # reaps it and closes its pipes
+    for line in out.splitlines():
+        if " trainer saved " in line and " mode=" in line:
+            mode = line.split(" mode=")[1].split()[0]
+            stats.saves_logged[mode] = stats.saves_logged.get(mode, 0) + 1
     stats.kills += 1
     stats.in_save += bool(saving)
     return max(saving, default=0)
@@ -92,7 +100,7 @@ def _state_mtime(workdir: Path) -> int:
         return 0
 
 
-def run_storm(kills: int, data_dir: Path, workdir: Path, seed: int = 0) -> StormStats:
+def run_storm(kills: int, data_dir: Path, workdir: Path, seed: int = 0, save_mode: str = "async") -> StormStats:
     """Run the storm and return its figures; problems found are listed in `stats.problems`."""
     rng = random.Random(seed)
     stats = StormStats()
@@ -100,7 +108,7 @@ def run_storm(kills: int, data_dir: Path, workdir: Path, seed: int = 0) -> Storm
     try:
         expected: int | None = None
         for _ in range(kills):
-            proc = _trainer(workdir, data_dir)
+            proc = _trainer(workdir, data_dir, save_mode)
             assert proc.stdout is not None
             first = proc.stdout.readline().strip()
             want = "starting fresh" if expected is None else f"resumed from model-{expected} (step {expected})"
@@ -115,7 +123,7 @@ def run_storm(kills: int, data_dir: Path, workdir: Path, seed: int = 0) -> Storm
             if expected is not None:
                 stats.steps_lost.append(max(0, reached - expected))
         # One last clean start removes the leftovers of the last kill.
-        proc = _trainer(workdir, data_dir)
+        proc = _trainer(workdir, data_dir, save_mode)
         assert proc.stdout is not None
         proc.stdout.readline()
         proc.send_signal(signal.SIGTERM)
@@ -165,6 +173,8 @@ def main(run: Callable[..., Any] | None = None, default_kills: int = 300, descri
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--kills", type=int, default=default_kills)
     p.add_argument("--seed", type=int, default=0)
+    if run is None:
+        p.add_argument("--save-mode", choices=["sync", "async"], default="async", help="the trainer's (default async)")
     args = p.parse_args()
     from common.tfenv import quiet_import_tensorflow
 
@@ -173,7 +183,9 @@ def main(run: Callable[..., Any] | None = None, default_kills: int = 300, descri
 
     with tempfile.TemporaryDirectory() as tmp:
         data = write_dataset(Path(tmp) / "data")
-        stats = (run or run_storm)(args.kills, data, Path(tmp) / "run", seed=args.seed)
+        workdir = Path(tmp) / "run"
+        stats = (run(args.kills, data, workdir, seed=args.seed) if run is not None
+                 else run_storm(args.kills, data, workdir, seed=args.seed, save_mode=args.save_mode))
     for problem in stats.problems:
         print(f"problem: {problem}")
     print(stats.line())

@@ -197,20 +197,22 @@ def test_retention_pressure_with_a_slow_evaluator(tmp_path: Path, tiny_data: Pat
     assert sorted(checkpoints.name_for(s) for s in checkpoints.on_disk(storage)) == sorted(state.paths)
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_during_a_save_finishes_the_save(sig: signal.Signals, make_config: Callable[..., Any],
+def test_signal_during_a_save_finishes_the_save(sig: signal.Signals, mode: str, make_config: Callable[..., Any],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal while a save is written (async: by the writer thread) ends the run once that save is committed."""
     real = saver_lib.CheckpointSaver.save
     calls = []
 
-    def save_with_signal(self: saver_lib.CheckpointSaver, step: int) -> Path:
+    def save_with_signal(self: saver_lib.CheckpointSaver, step: int, **kwargs: Any) -> Path:
         calls.append(step)
         if len(calls) == 1:
             os.kill(os.getpid(), sig)  # arrives while this save is in progress
-        return real(self, step)
+        return real(self, step, **kwargs)
 
     monkeypatch.setattr(saver_lib.CheckpointSaver, "save", save_with_signal)
-    cfg = make_config(steps=1000, save_every=20)
+    cfg = make_config(steps=1000, save_every=20, save_mode=mode)
     result = train(cfg, reporter=Recorder())
     assert result.stopped_by == sig.name and result.final_step == 20
     assert tf.train.latest_checkpoint(str(cfg.workdir)) == str(cfg.workdir / "model-20")

@@ -55,7 +55,11 @@ def test_two_workers_reach_the_weights_of_one_process(two_workers: tuple[Path, J
         assert any(re.fullmatch(rf"\[worker {i}\] strategy multi-worker: 2 workers, 2 replicas, chief worker 0 "
                                 rf"\(127\.0\.0\.1:\d+\) \(this is worker {i}\)", line) for line in job.out), job.out
     assert any(line.startswith("[worker 0] ") and " trainer final step=50 " in line for line in job.out)
-    one = make_train_config(tiny_data, tmp_path / "one", **SETTINGS)
+    # Collective saves stay sync, and the chief says so; its save lines say sync.
+    assert any(line.startswith("[worker 0] saves are sync: a multi-worker save is collective") for line in job.out)
+    assert any(line.startswith("[worker 0] ") and " trainer saved step=50 mode=sync " in line for line in job.out)
+    # Sync like the job's saves: an async save writes the same tensors in one data shard, not two.
+    one = make_train_config(tiny_data, tmp_path / "one", save_mode="sync", **SETTINGS)
     train(one, reporter=Recorder())
     for step in (25, 50):
         assert_same_weights(one.workdir / f"model-{step}", workdir / f"model-{step}")
