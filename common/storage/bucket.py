@@ -6,8 +6,9 @@
     `AWS_SECRET_ACCESS_KEY` points `s3://` at any S3-compatible server (MinIO, an emulator);
   - GCS: Application Default Credentials; `STORAGE_EMULATOR_HOST` points `gs://` at an emulator,
     which takes no credentials.
-Every request goes through `Bucket.call`, which retries transient failures (timeouts, refused
-connections, 5xx, throttling) with exponential backoff and logs each retry.
+Every request goes through `Bucket.call`, which retries transient failures (timeouts, resets,
+refused connections, 5xx, throttling) with jittered exponential backoff and logs each retry; a
+request with no answer for `REQUEST_TIMEOUT_SECS` is cut and counts as one of them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import errno
 import hashlib
 import logging
 import os
+import random
 import re
 import time
 from collections.abc import Callable
@@ -27,8 +29,12 @@ from common.errors import BucketUnusable, UsageError, WorkdirIOError
 
 SCHEMES = ("s3", "gs")
 _URL = re.compile(r"^(s3|gs)://([^/]+)/?(.*)$")
-ATTEMPTS = 8  # tries of one request before it fails (waits 0.2, 0.4, ... 12.8 s between them: 25 s in all)
+ATTEMPTS = 8  # tries of one request before it fails (waits up to 0.2, 0.4, ... 12.8 s between them: 25 s at most)
 BACKOFF_SECS = 0.2
+REQUEST_TIMEOUT_SECS = 60.0  # a request without an answer (or a body that stops coming) for this long is cut
+CONNECT_TIMEOUT_SECS = 10.0
+PART_BYTES = 16 << 20  # multipart uploads and ranged downloads move a large object in parts of this size
+CONCURRENCY = 8  # parts of one object, or objects of one checkpoint, moved at once
 # Errors that say something about the request, not the network: retrying cannot help.
 _FINAL = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
@@ -66,8 +72,12 @@ class BucketURL:
         return f"{self.scheme}://{self.path(key)}"
 
 
-def filesystem(url: BucketURL) -> Any:
+def filesystem(url: BucketURL, *, timeout: float = REQUEST_TIMEOUT_SECS) -> Any:
     """A fresh fsspec filesystem for the URL's store, without listing caches (every read must see the store).
+
+    `timeout`: seconds a request may go without an answer before it is cut (then `Bucket.call` retries it).
+    Large objects move in `PART_BYTES` parts, `CONCURRENCY` at once: S3 multipart uploads and
+    ranged downloads (s3fs), GCS ranged downloads (gcsfs; its uploads are resumable, in sequence).
 
     Raises:
       UsageError: the `cloud` extra is not installed.
@@ -77,21 +87,51 @@ def filesystem(url: BucketURL) -> Any:
             import s3fs
 
             # Botocore's and s3fs' own retries are off: `Bucket.call` retries, and says so in the log.
-            fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False,
-                                   config_kwargs={"connect_timeout": 10, "read_timeout": 60,
-                                                  "retries": {"max_attempts": 1, "mode": "standard"}})
+            fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, max_concurrency=CONCURRENCY,
+                                   default_block_size=PART_BYTES,
+                                   config_kwargs={"connect_timeout": min(CONNECT_TIMEOUT_SECS, timeout),
+                                                  "read_timeout": timeout,
+                                                  "retries": {"total_max_attempts": 1, "mode": "standard"}})
             fs.retries = 1
             return fs
         # gcsfs.core.GCSFileSystem, not the `gcsfs` default: that one first asks a gRPC control API for
         # the bucket's type, which an emulator does not serve (measured: a 60 s timeout per bucket).
-        # gcsfs retries 5xx itself (6 tries over about 30 s, silently; not configurable per instance).
+        # gcsfs retries 5xx, 429 and network errors itself (6 tries over about 30 s; not configurable per
+        # instance): `_GcsfsRetries` logs each of those retries as ours.
         from gcsfs.core import GCSFileSystem
 
+        _GcsfsRetries.install()
         token = "anon" if os.environ.get("STORAGE_EMULATOR_HOST") else None  # an emulator takes no credentials
-        return GCSFileSystem(skip_instance_cache=True, use_listings_cache=False, token=token)
+        return GCSFileSystem(skip_instance_cache=True, use_listings_cache=False, token=token,
+                             requests_timeout=timeout)
     except ImportError as e:
         raise UsageError(f"--workdir {url.url()}: {url.scheme}:// workdirs need the cloud extra "
                          f"(pip install -e '.[cloud]'): {e}") from e
+
+
+class _GcsfsRetries(logging.Filter):
+    """Turns gcsfs' own retries (debug lines) into warnings of this module's log, one line each, and counts them.
+
+    gcsfs logs a retry at debug level and its last failure with a traceback; both become one line here.
+    """
+
+    seen = 0  # gcsfs retries in this process (for tests and figures)
+
+    @classmethod
+    def install(cls) -> None:
+        logger = logging.getLogger("gcsfs")
+        if not any(isinstance(f, cls) for f in logger.filters):
+            logger.addFilter(cls())
+            logger.setLevel(logging.DEBUG)  # the filter drops every record: it re-logs only the retries
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "retrying after exception" in text:
+            type(self).seen += 1
+            log.warning("gcsfs %s", text.splitlines()[0])
+        elif record.levelno >= logging.ERROR:
+            log.warning("gcsfs %s", text.splitlines()[0])
+        return False
 
 
 def transient(error: BaseException) -> bool:
@@ -101,16 +141,21 @@ def transient(error: BaseException) -> bool:
     code = getattr(error, "code", None)
     if isinstance(code, int):
         return code >= 500 or code == 429
+    # aiohttp's and botocore's errors are the network's: a reset, a timeout, a body cut short.
     return isinstance(error, OSError | TimeoutError) or type(error).__module__.split(".")[0] in ("aiohttp", "botocore")
 
 
 class Bucket:
     """One workdir's connection to its bucket: `call` runs a request with retries."""
 
-    def __init__(self, url: BucketURL, fs: Any = None, *, attempts: int = ATTEMPTS) -> None:
+    def __init__(self, url: BucketURL, fs: Any = None, *, attempts: int = ATTEMPTS,
+                 backoff_secs: float = BACKOFF_SECS) -> None:
+        if attempts < 1 or backoff_secs < 0:
+            raise ValueError(f"attempts ({attempts}) must be at least 1 and backoff_secs ({backoff_secs}) not negative")
         self.url = url
         self.fs = fs if fs is not None else filesystem(url)
         self.attempts = attempts
+        self.backoff_secs = backoff_secs
         self.retries = 0  # transient failures retried so far (for tests and figures)
 
     def call(self, what: str, key: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -129,7 +174,8 @@ class Bucket:
                 text = one_line(e)
                 if attempt == self.attempts:
                     raise OSError(errno.EIO, f"{what} {self.url.url(key)} failed {attempt} times: {text}") from e
-                wait = BACKOFF_SECS * 2 ** (attempt - 1)
+                # Jittered, so that the clients a store throttled at once do not come back at once.
+                wait = self.backoff_secs * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
                 self.retries += 1
                 log.warning("%s %s: %s; retrying in %.1f s (attempt %d of %d)", what, self.url.url(key), text,
                             wait, attempt + 1, self.attempts)
