@@ -115,6 +115,7 @@ def fake_gcs_server() -> Iterator[str]:
 
 
 FAULTS = ("reset", "503", "429", "delay", "truncate")  # what FlakyProxy injects at `rate` (see there)
+OTHER_FAULTS = ("hang", "short")  # injected only when asked for
 
 
 class FlakyProxy:
@@ -127,7 +128,9 @@ class FlakyProxy:
       - "503" and "429": an error answer (the store is unavailable, or throttles);
       - "delay": the request waits `delay_secs`, then goes through;
       - "hang": the request waits `hang_secs`, then the connection is dropped (a client's timeout cuts it first);
-      - "truncate": the answer of a GET that has a body is cut half way (its `Content-Length` is the full one).
+      - "truncate": the answer of a GET that has a body is cut half way (its `Content-Length` is the full one);
+      - "short": an object's bytes (a GET answered `*octet-stream`) cut half way, with a `Content-Length`
+        that says so: an answer that looks complete, which only a checksum tells from the object.
     A fault other than "delay" never lets a request reach the store, so that a retried conditional
     create does not meet its own first try. `injected` counts the faults by kind; after `limit` of
     them (None: no limit) it injects no more.
@@ -135,8 +138,8 @@ class FlakyProxy:
 
     def __init__(self, upstream: str, failures: int = 0, *, rate: float = 0.0, faults: tuple[str, ...] = FAULTS,
                  seed: int = 0, delay_secs: float = 0.2, hang_secs: float = 30.0, limit: int | None = None) -> None:
-        if not 0.0 <= rate <= 1.0 or not set(faults) <= {*FAULTS, "hang"} or not faults:
-            raise ValueError(f"rate ({rate}) must be within [0, 1] and faults ({faults}) among {(*FAULTS, 'hang')}")
+        if not 0.0 <= rate <= 1.0 or not set(faults) <= {*FAULTS, *OTHER_FAULTS} or not faults:
+            raise ValueError(f"rate ({rate}) must be within [0, 1] and faults ({faults}) among {FAULTS + OTHER_FAULTS}")
         self.upstream = upstream.removeprefix("http://")
         self.failures, self.rate, self.faults = failures, rate, faults
         self.delay_secs, self.hang_secs, self.limit = delay_secs, hang_secs, limit
@@ -158,13 +161,19 @@ class FlakyProxy:
             elif self.limit is not None and self.injected.total() >= self.limit:
                 kind = None
             elif self.rate and self._rng.random() < self.rate:
-                kinds = [f for f in self.faults if f != "truncate" or method == "GET"] or ["503"]
-                kind = self._rng.choice(kinds)
+                kinds = [f for f in self.faults if f not in ("truncate", "short") or method == "GET"]
+                kind = self._rng.choice(kinds) if kinds else None
             else:
                 kind = None
             if kind is not None:
                 self.injected[kind] += 1
             return kind
+
+    def spare(self, kind: str) -> None:
+        """Take back fault `kind`, counted but not injected: the answer has nothing it can cut."""
+        with self._lock:
+            self.injected[kind] -= 1
+            self.injected += collections.Counter()  # drops the kinds at zero
 
     def __enter__(self) -> FlakyProxy:
         self.thread.start()
@@ -209,11 +218,12 @@ def _handler(proxy: FlakyProxy) -> type[http.server.BaseHTTPRequestHandler]:
             reply = conn.getresponse()
             data = reply.read()
             conn.close()
-            if kind == "truncate" and len(data) < 2:  # nothing to cut: a 503 instead
-                proxy.injected["truncate"] -= 1
-                proxy.injected["503"] += 1
-                self._answer(503, {"Content-Type": "application/xml"}, _ERRORS[503])
-                return
+            if kind in ("truncate", "short") and (len(data) < 2 or reply.status != 200 or (
+                    kind == "short" and not str(reply.getheader("Content-Type")).endswith("octet-stream"))):
+                proxy.spare(kind)  # nothing to cut here
+                kind = None
+            if kind == "short":
+                data = data[: len(data) // 2]
             self._answer(reply.status, dict(reply.getheaders()), data, cut=kind == "truncate")
 
         def _drop(self) -> None:

@@ -235,21 +235,66 @@ class Bucket:
         except Exception as e:  # no credentials, or another answer that no retry changes
             raise BucketUnusable(self.url.url(), f"cannot use the bucket: {one_line(e)}") from None
 
-    def verify(self, key: str, data_md5: bytes, size: int) -> None:
-        """Check an uploaded object against the local file: its size, and its MD5 where the store gives one.
+    def upload(self, key: str, local: str | os.PathLike[str]) -> None:
+        """Upload a local file as object `key` (in `PART_BYTES` parts when large), then check it (`verify`).
 
-        S3 gives the MD5 as the ETag of a single-part upload (a multipart ETag has a `-N` suffix and is
-        not an MD5: then only the size is checked); GCS gives `md5Hash` (base64) for every object.
+        Raises:
+          OSError: the upload failed through every retry, or the object does not verify (errno EIO).
+        """
+        self.call("uploading", key, self.fs.put_file, os.fspath(local), self.url.path(key), chunksize=PART_BYTES)
+        self.verify(key, Digest.of(local))
+
+    def verify(self, key: str, digest: Digest) -> None:
+        """Check an uploaded object against the local file's `digest` (see `mismatch`).
 
         Raises:
           OSError: the object is missing or differs (errno EIO).
         """
         info = self.call("checking", key, self.fs.info, self.url.path(key))
-        stored = store_md5(info)
-        if info.get("size") != size or (stored is not None and stored != data_md5):
-            md5 = "matches" if stored in (None, data_md5) else "differs"
-            raise OSError(errno.EIO, f"upload of {self.url.url(key)} did not verify: size {info.get('size')} "
-                                     f"(expected {size}), MD5 {md5}")
+        why = mismatch(info, digest)
+        if why:
+            raise OSError(errno.EIO, f"upload of {self.url.url(key)} did not verify: {why}")
+
+
+@dataclass(frozen=True)
+class Digest:
+    """What a local file's bytes give to compare with a store's own checksums."""
+
+    size: int  # bytes
+    md5: bytes  # MD5 of the whole file (GCS `md5Hash`, the S3 ETag of a single-part upload)
+    parts: tuple[bytes, ...]  # MD5 of each `PART_BYTES` part (an S3 multipart ETag is the MD5 of these)
+
+    @classmethod
+    def of(cls, path: str | os.PathLike[str]) -> Digest:
+        """The digest of a local file, read once."""
+        whole, parts, size = hashlib.md5(usedforsecurity=False), [], 0
+        with open(path, "rb") as f:
+            while chunk := f.read(PART_BYTES):  # a part per read: the parts' digests come with the whole one
+                whole.update(chunk)
+                parts.append(hashlib.md5(chunk, usedforsecurity=False).digest())
+                size += len(chunk)
+        return cls(size, whole.digest(), tuple(parts))
+
+
+def mismatch(info: dict[str, Any], digest: Digest) -> str | None:
+    """Why the object that `info` (fsspec's `info`, or `Bucket.head`) describes is not the local file of `digest`.
+
+    The size always; then the MD5 where the store gives one: GCS `md5Hash`, the ETag of a single-part
+    S3 upload, or of a multipart upload made in `PART_BYTES` parts (`Bucket.upload`), which is the
+    MD5 of the parts' MD5s followed by `-<parts>`. An object of other parts is checked by its size alone.
+    None when they agree.
+    """
+    size = int(info.get("size") or 0)
+    if size != digest.size:
+        return f"the store holds {size} bytes, the local copy {digest.size}"
+    stored = store_md5(info)
+    if stored is not None:
+        return None if stored == digest.md5 else "the MD5 differs"
+    multipart = re.fullmatch(r"([0-9a-f]{32})-(\d+)", str(info.get("ETag") or "").strip('"'))
+    if multipart and int(multipart.group(2)) == len(digest.parts):
+        joined = hashlib.md5(b"".join(digest.parts), usedforsecurity=False).hexdigest()
+        return None if joined == multipart.group(1) else "the multipart ETag differs"
+    return None
 
 
 def _precondition_failed(error: BaseException) -> bool:
@@ -263,16 +308,6 @@ def store_md5(info: dict[str, Any]) -> bytes | None:
         return base64.b64decode(info["md5Hash"])
     etag = str(info.get("ETag") or "").strip('"')
     return bytes.fromhex(etag) if re.fullmatch(r"[0-9a-f]{32}", etag) else None
-
-
-def md5_of(path: str | os.PathLike[str]) -> tuple[bytes, int]:
-    """The MD5 digest and the size of a local file."""
-    digest, size = hashlib.md5(usedforsecurity=False), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.digest(), size
 
 
 def one_line(error: BaseException) -> str:

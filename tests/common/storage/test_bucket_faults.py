@@ -8,6 +8,7 @@ was written reads back byte for byte.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
@@ -72,3 +73,47 @@ def test_a_request_that_hangs_is_cut_by_the_timeout_and_retried(
         assert store.read("checkpoint") == b"state"
     assert proxy.injected == {"hang": 1} and store.bucket.retries == 1
     assert "retrying in" in caplog.text
+
+
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_a_pin_downloads_again_a_copy_cut_short_and_never_keeps_half(
+        scheme: str, cloud: Servers, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    name = cloud.new_bucket(scheme)
+    files = {".index": os.urandom(2000), ".data-00000-of-00002": os.urandom(300_000),
+             ".data-00001-of-00002": os.urandom(300_000)}
+    commit_files(ObjectStorage(f"{scheme}://{name}/run"), "model-5", files)
+    # One object's answer is cut in half under a Content-Length that says so: the client sees a complete answer.
+    upstream = cloud.s3 if scheme == "s3" else cloud.gcs
+    with FlakyProxy(upstream, rate=1.0, faults=("short",), limit=1) as proxy, caplog.at_level(logging.WARNING):
+        store = _through(proxy, scheme, name, monkeypatch)
+        with store.pin("model-5") as pinned:
+            copies = {suffix: Path(f"{pinned}{suffix}").read_bytes() for suffix in files}
+    assert proxy.injected == {"short": 1} and copies == files
+    # Caught by our check of the copy, or before it by the S3 client's own (botocore checks the CRC32
+    # that moto sends with a whole object): either way one download again, logged.
+    assert caplog.text.count("does not verify") + caplog.text.count("did not match calculated checksum") == 1
+    assert store.bucket.retries == 1
+    # Every answer cut: the pin fails in one line after its attempts, and leaves no folder behind.
+    with FlakyProxy(upstream, rate=1.0, faults=("short",)) as proxy:
+        store = _through(proxy, scheme, name, monkeypatch)
+        with (pytest.raises(OSError, match=r"did not verify 3 times: the store holds|failed 8 times") as raised,
+              store.pin("model-5")):
+            pass
+    assert raised.value.errno == errno.EIO and not store._pinned
+
+
+def test_a_multipart_upload_verifies_by_its_etag_and_a_changed_one_does_not(
+        cloud: Servers, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(bucket_lib, "PART_BYTES", 5 << 20)  # S3's smallest part: an 11 MiB file goes in 3 parts
+    store = ObjectStorage(f"s3://{cloud.new_bucket('s3')}/run")
+    local = tmp_path / "big"
+    local.write_bytes(os.urandom(11 << 20))
+    store.bucket.upload("big", local)  # verified: by the multipart ETag, which is no MD5 of the object
+    info = store.fs.info(store.url.path("big"))
+    assert str(info["ETag"]).strip('"').endswith("-3")
+    digest = bucket_lib.Digest.of(local)
+    assert bucket_lib.mismatch(info, digest) is None
+    changed = bytearray(local.read_bytes())
+    changed[7 << 20] ^= 1  # one bit of the second part
+    local.write_bytes(bytes(changed))
+    assert bucket_lib.mismatch(info, bucket_lib.Digest.of(local)) == "the multipart ETag differs"
