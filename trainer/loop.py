@@ -309,7 +309,7 @@ def _make_saver(cfg: TrainConfig, train_state: TrainState, state: State | None, 
     gone = saver.remove_unlisted(frozenset({Path(resumed_from).name}) if resumed_from else frozenset())
     if gone:
         shown = ", ".join(gone[:5]) + (f" and {len(gone) - 5} more" if len(gone) > 5 else "")
-        reporter.message(f"removed {len(gone)} checkpoint(s) that the state file no longer lists "
+        reporter.message(f"removed {len(gone)} checkpoint(s) that the state file does not list "
                          f"(left by an interrupted save): {shown}")
     return saver
 

@@ -33,6 +33,7 @@ from common.run.protocol import LedgerRow
 from common.run.workdir import Workdir
 from common.storage import Storage, read_best
 from common.storage.paths import Location, OutsideError
+from trainer import orphans
 
 
 def select_kept(
@@ -185,7 +186,7 @@ class CheckpointSaver:
             try:
                 self._delete(name)
             except OSError as e:
-                raise WorkdirIOError(f"removing {name}, which the state file no longer lists: {e.strerror or e}") from e
+                raise WorkdirIOError(f"removing {name}, which the state file does not list: {e.strerror or e}") from e
         return gone
 
     def _delete(self, path: str) -> None:
@@ -203,12 +204,13 @@ def _to_stderr(text: str) -> None:
 
 
 def unlisted(workdir: Workdir, state: State) -> list[str]:
-    """Checkpoints on disk that `state` does not list and whose step is below the newest it lists."""
+    """Checkpoints on disk that `state` does not list: below the newest it lists, or above it and written
+    after the last commit (an interrupted save's, see `trainer.orphans`)."""
     named = [state.latest or "", *state.paths]
     listed = {Path(p).name for p in named if p and workdir.inside(p)}
     newest = max((s for s in map(checkpoints.step_of, listed) if s is not None), default=None)
     if newest is None:
         return []
     names = (checkpoints.name_for(s) for s in workdir.steps_on_disk() if s < newest)
-    return [n for n in names if n not in listed]
+    return [n for n in names if n not in listed] + orphans.never_listed(workdir, listed, newest)
 

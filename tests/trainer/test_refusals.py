@@ -195,17 +195,22 @@ def test_hand_edited_class_names_are_named_as_an_edit(workdir: Path, tiny_data: 
 
 # Item 7: what is on disk is what the state file lists.
 
-def test_unlisted_older_checkpoints_are_removed_at_start(workdir: Path, tiny_data: Path) -> None:
+def test_unlisted_checkpoints_are_removed_at_start(workdir: Path, tiny_data: Path) -> None:
     # As after a kill right after the state-file rename: the state file lists only model-60.
     state = State(latest="model-60", paths=["model-60"], timestamps=[time.time()])
     checkpoints.write_state(open_storage(workdir), state)
     (workdir / "eval").mkdir(exist_ok=True)
     (workdir / "eval" / "best.json").write_text(json.dumps({"checkpoint": "model-20"}))
+    # As after kills inside later saves, before their commit: model-100 whole, model-120's data without its index.
+    for file in workdir.glob("model-60.*"):
+        (workdir / file.name.replace("model-60", "model-100")).write_bytes(file.read_bytes())
+    (workdir / "model-120.data-00000-of-00001").write_bytes(b"cut")
     rec = Recorder()
-    train(make_train_config(tiny_data, workdir, steps=80, keep=0), reporter=rec)
+    train(make_train_config(tiny_data, workdir, steps=80, keep=0), reporter=rec)  # fewer steps than were saved
     assert checkpoints.on_disk(open_storage(workdir)) == [20, 60, 80]  # model-20 is the evaluator's best
-    assert any(m.startswith("removed 1 checkpoint(s) that the state file no longer lists") and "model-40" in m
-               for m in rec.messages)
+    assert not list(workdir.glob("model-1[02]0.*"))
+    assert any(m.startswith("removed 3 checkpoint(s) that the state file does not list (left by an interrupted "
+                            "save): model-40, model-100, model-120") for m in rec.messages), rec.messages
 
 
 def test_retention_ignores_timestamps_from_a_clock_stepped_back(workdir: Path, tiny_data: Path) -> None:
