@@ -1,7 +1,8 @@
 """Kill storms of a trainer on a bucket workdir (`s3://`, `gs://`; servers on 127.0.0.1), an evaluator watching.
 
 After each SIGKILL the state file must name a checkpoint that reads in full, and the relaunch must
-resume from exactly that one; a last start with fewer steps leaves exactly the listed checkpoints. The commit itself is stormed on both stores in tests/common/storage/test_objectstore.py.
+resume from exactly that one; a last start with fewer steps leaves exactly the listed checkpoints.
+The commit itself is stormed on both stores in tests/common/storage/test_objectstore.py.
 """
 
 from __future__ import annotations
