@@ -488,8 +488,15 @@ class ObjectStorage:
         return problems
 
     def clean_leftovers(self) -> list[str]:
-        """See `Storage.clean_leftovers`: staging folders of dead trainers of this machine (none is in the bucket)."""
-        return _remove_dead_local("stage")
+        """See `Storage.clean_leftovers`: nothing of the bucket's (its unlisted checkpoints are the saver's).
+
+        Staging folders of dead trainers of this machine go too, without a word to the user: they
+        may be any run's, and a local copy is no part of the run (every committed file is in the bucket).
+        """
+        removed = _remove_dead_local("stage")
+        if removed:
+            log.debug("removed %d local staging folder(s) of dead processes: %s", len(removed), ", ".join(removed))
+        return []
 
     def watch(self, names: Collection[str], on_change: Callable[[], None], *, on_lost: Callable[[], None],
               poll: bool, poll_secs: float) -> Poller:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -117,3 +120,12 @@ def test_a_multipart_upload_verifies_by_its_etag_and_a_changed_one_does_not(
     changed[7 << 20] ^= 1  # one bit of the second part
     local.write_bytes(bytes(changed))
     assert bucket_lib.mismatch(info, bucket_lib.Digest.of(local)) == "the multipart ETag differs"
+
+
+def test_staging_folders_of_dead_processes_go_without_a_word(cloud: Servers) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folder = Path(tempfile.gettempdir()) / f"ckpt-watch-stage-{dead.stdout.strip()}-x1"
+    folder.mkdir()
+    (folder / "model-5.index").write_bytes(b"staged")
+    assert ObjectStorage(f"s3://{cloud.new_bucket('s3')}/run").clean_leftovers() == []  # nothing to tell the user
+    assert not folder.exists()
