@@ -32,7 +32,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from common.errors import UsageError
+from common.errors import UsageError, WorkdirIOError
 from common.layout import CHECKPOINT_PREFIX, EVAL_DIR, LEASE_DIR, lease_path
 from common.storage.api import Gone, Locked, Stat, checkpoint_keys, require_complete
 from common.storage.fileio import TMP_MARK, atomic_write_bytes, fsync_path
@@ -40,6 +40,7 @@ from common.storage.paths import OutsideError, remove
 
 OVERFLOW_LOGGER = "watchdog.observers.inotify_c"  # where watchdog 7 reports an overflowed inotify queue
 PIN_PREFIX = ".snapshot-"  # eval/.snapshot-<pid>-<id>/: a pinned checkpoint
+log = logging.getLogger("ckpt_watch.storage")
 _RELEVANT = frozenset({"created", "modified", "moved", "closed"})
 
 
@@ -189,7 +190,10 @@ class LocalStorage:
             _link_checkpoint(self, name, folder)
             yield folder / name.rpartition("/")[2]
         finally:
-            remove(folder, scratch)
+            try:
+                remove(folder, scratch)
+            except OSError as e:  # the pin's use is over: the next evaluator start removes the folder of a dead pid
+                log.warning("cannot remove the pinned copy %s: %s", folder, e.strerror or e)
 
     @contextlib.contextmanager
     def lock(self, key: str, *, wait: bool, note: str = "", discard: bool = False) -> Iterator[None]:
@@ -300,6 +304,8 @@ class LocalStorage:
                 remove(path, self.path)
             except OutsideError:
                 continue
+            except OSError as e:  # said, with what is in the way (exit 5), rather than left there for good
+                raise WorkdirIOError(f"cannot remove {path}, left by an interrupted save: {e.strerror or e}") from e
             removed.append(name)
         return removed
 
