@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tensorflow as tf
 
 from common.checkpoint import checkpoints
 from common.checkpoint.checkpoints import State
-from common.errors import UsageError
+from common.errors import UsageError, WorkdirIOError
 from common.run.spec import MAX_CLASS_NAMES, read_run
+from common.run.workdir import Workdir
 from common.storage import open_storage
 from evaluator.config import EvalConfig
 from evaluator.loop import run_once
@@ -301,3 +303,23 @@ def test_an_unknown_scheme_is_refused_naming_the_ones_taken(program: str, flags:
     code, _, err = run(flags, capsys)
     assert code == 2 and err.count("\n") == 1, err
     assert "is not a storage this program reads; give a local path, s3://bucket/prefix or gs://bucket/prefix" in err
+
+
+def test_a_failed_save_that_replaced_the_only_kept_checkpoint_says_so(tmp_path: Path) -> None:
+    wd = Workdir.open(tmp_path)
+    saver = saver_lib.CheckpointSaver(wd, tf.train.Checkpoint(v=tf.Variable(1.0)), state=State(None, [], []),
+                                      keep=1, keep_every_hours=0, anchor=0.0)
+    saver.save(5)
+
+    def disk_full(prefix: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    saver._write = disk_full  # type: ignore[method-assign]
+    with pytest.raises(WorkdirIOError, match=r"saving model-10: disk full .*; the previous checkpoints are intact"):
+        saver.save(10)
+    # Training passes step 5 again (it resumed from an older checkpoint): model-5 goes first, then the write fails.
+    with pytest.raises(WorkdirIOError) as raised:
+        saver.save(5)
+    assert "the earlier model-5 had been removed first" in str(raised.value)
+    assert "--keep 1" in str(raised.value) and "intact" not in str(raised.value)
+    assert checkpoints.read_state(open_storage(tmp_path)) is None  # what the message says
