@@ -61,7 +61,8 @@ class SnapshotEvaluator:
         try:
             results = [self._evaluate_weights(private, kind) for kind in self.weights]
         except CheckpointError as e:
-            return self.failed(base, "error", str(e).replace(str(private), base["checkpoint"]))
+            # Named where it lies (a bucket's URL), never by the private copy that was read.
+            return self.failed(base, "error", str(e).replace(str(private), self.workdir.describe(base["checkpoint"])))
         finished = time.time()
         return [LedgerRow(base | r | {"status": "ok", "finished": finished, "eval_secs": finished - base["started"]})
                 for r in results]

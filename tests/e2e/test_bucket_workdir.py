@@ -129,8 +129,10 @@ def test_a_truncated_object_and_a_garbage_state_file(bucket_workdir: str, tiny_d
     storage.write(data, shards[data][:64])  # cut short: every tensor past byte 64 is gone
     code, _, err = run_evaluator_cli(["--workdir", bucket_workdir, "--data-dir", str(tiny_data), "--once"], capsys)
     assert code == 0, err
-    status = {r["checkpoint"]: r["status"] for r in Ledger(open_storage(BucketPath(bucket_workdir))).read()}
-    assert status == {"model-10": "ok", "model-20": "error"}  # never the raw weights instead
+    rows = Ledger(open_storage(BucketPath(bucket_workdir))).read()
+    assert {r["checkpoint"]: r["status"] for r in rows} == {"model-10": "ok", "model-20": "error"}  # never raw weights
+    reason = next(r["reason"] for r in rows if r["status"] == "error")
+    assert f"{bucket_workdir}/model-20" in reason and "ckpt-watch-pin" not in reason  # its URL, not the local copy
 
     storage.write(checkpoints.STATE_FILE, b"garbage \x00 not a state file\n")
     code, out, err = _train(bucket_workdir, tiny_data, 30, capsys, "--keep", "0")
