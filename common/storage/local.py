@@ -182,9 +182,13 @@ class LocalStorage:
 
     @contextlib.contextmanager
     def pin(self, name: str) -> Iterator[Path]:
-        """See `Storage.pin`: hard links in `eval/.snapshot-<pid>-<id>/`, on the workdir's filesystem."""
+        """See `Storage.pin`: hard links in `eval/.snapshot-<pid>-<id>@<host>/`, on the workdir's filesystem.
+
+        The folder names its machine, so that an evaluator on another host of a shared filesystem
+        never takes it for a dead process's (a pid is exact only on its own machine).
+        """
         scratch = self.path / EVAL_DIR
-        folder = scratch / f"{PIN_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        folder = scratch / f"{PIN_PREFIX}{os.getpid()}-{secrets.token_hex(4)}@{socket.gethostname()}"
         folder.mkdir(parents=True)
         try:
             _link_checkpoint(self, name, folder)
@@ -260,13 +264,14 @@ class LocalStorage:
     def clean_readers(self) -> list[str]:
         """See `Storage.clean_readers`: leases of dead evaluators of this machine, and their pinned copies.
 
-        A lease names its machine; one from another machine is left alone, since its pid means
-        nothing here. Leases of older versions hold no name and came from this machine.
+        A lease and a pinned copy name their machine; one from another machine is left alone, since
+        its pid means nothing here. Those of older versions name none and came from this machine.
         """
         problems = []
         for name in self.names(EVAL_DIR, f"{PIN_PREFIX}*"):
-            pid = name[len(PIN_PREFIX):].split("-")[0]
-            if not (pid.isdigit() and pid_alive(int(pid))):
+            owner, _, host = name[len(PIN_PREFIX):].partition("@")
+            pid = owner.split("-")[0]
+            if host in ("", socket.gethostname()) and not (pid.isdigit() and pid_alive(int(pid))):
                 problems += self._remove(f"{EVAL_DIR}/{name}", "")
         folder = f"{EVAL_DIR}/{LEASE_DIR}"
         for name in self.names(folder, "*@*"):

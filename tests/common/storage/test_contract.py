@@ -11,6 +11,7 @@ import contextlib
 import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -263,6 +264,16 @@ def test_local_delete_of_a_folder_raises_what_it_cannot_delete(tmp_path: Path, m
         storage.delete("eval/report-5")
     monkeypatch.undo()
     assert (tmp_path / "eval" / "report-5" / "a.json").exists()  # said, not ignored
+
+
+def test_local_pins_of_another_host_outlive_a_clean(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    here = socket.gethostname()
+    names = [".snapshot-999999999-a", f".snapshot-999999999-b@{here}", ".snapshot-999999999-c@other-host"]
+    for name in names:  # pid 999999999 is dead here; on the other host (a shared filesystem) it may be live
+        (tmp_path / "eval" / name).mkdir(parents=True)
+    assert storage.clean_readers() == []
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [".snapshot-999999999-c@other-host"]
 
 
 def test_local_pin_is_gone_when_a_file_vanishes_mid_pin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
