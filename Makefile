@@ -69,7 +69,7 @@ soak: data
 	$(BIN)/python -m tests.fault.eval_storm --kills 20
 	$(BIN)/python -m pytest -q -m soak $(PYTEST_ARGS)
 
-# Benchmarks B1-B14 against Keras fit/evaluate, tf.train.checkpoints_iterator, the trainer alone, one process
+# Benchmarks B1-B16 against Keras fit/evaluate, tf.train.checkpoints_iterator, the trainer alone, one process
 # and a local workdir (about 16 minutes).
 bench: data
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
