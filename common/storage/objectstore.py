@@ -490,10 +490,11 @@ class ObjectStorage:
     def clean_leftovers(self) -> list[str]:
         """See `Storage.clean_leftovers`: nothing of the bucket's (its unlisted checkpoints are the saver's).
 
-        Staging folders of dead trainers of this machine go too, without a word to the user: they
+        Staging folders (and local TensorBoard mirrors) of dead trainers of this machine go too, without a word
+        to the user: they
         may be any run's, and a local copy is no part of the run (every committed file is in the bucket).
         """
-        removed = _remove_dead_local("stage")
+        removed = _remove_dead_local("stage") + _remove_dead_local("mirror")
         if removed:
             log.debug("removed %d local staging folder(s) of dead processes: %s", len(removed), ", ".join(removed))
         return []
