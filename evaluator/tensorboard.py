@@ -7,14 +7,17 @@ from pathlib import Path
 import tensorflow as tf
 
 from common.run.protocol import LedgerRow
+from common.storage.mirror import MirroredFolder
 
 
 class TensorBoardSink:
     """Write `<split>/accuracy/<weights>` and `<split>/loss/<weights>` for each ok record."""
 
-    def __init__(self, logdir: Path | None) -> None:
-        """`logdir` None (a bucket workdir, which TF cannot write to here) writes nothing."""
+    def __init__(self, logdir: Path | None, mirror: MirroredFolder | None = None) -> None:
+        """`logdir` None writes nothing. For a bucket workdir, which TF cannot write to here, `logdir`
+        is `mirror.path`: a local folder copied into the bucket (`common.storage.mirror`)."""
         self.logdir = logdir
+        self.mirror = mirror
         self._writer: tf.summary.SummaryWriter | None = None
 
     def write(self, rows: list[LedgerRow]) -> None:
@@ -28,8 +31,13 @@ class TensorBoardSink:
                 for metric, value in (("accuracy", r.accuracy), ("loss", r.loss)):
                     tf.summary.scalar(f"{r.split}/{metric}/{r.weights}", value, step=int(r.step or 0))
         self._writer.flush()
+        if self.mirror is not None and self.mirror.due():
+            self.mirror.sync()
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self.mirror is not None:
+            self.mirror.close()
+            self.mirror = None
