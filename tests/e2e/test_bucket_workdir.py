@@ -303,7 +303,8 @@ def test_a_two_worker_job_on_a_bucket_workdir(cloud: Servers, tiny_data: Path,
     assert (run["strategy"], run["replicas"], run["workers"]) == ("multi-worker", 2, 2)
     # Only the chief wrote the bucket, and what a single trainer writes: no lock left, no scratch part.
     assert {n for n in storage.names() if not n.startswith("model-")} == {"checkpoint", "done.json",
-                                                                          "heartbeat.json", "run.json"}
+                                                                          "heartbeat.json", "run.json", "tb"}
+    assert storage.names("tb") == ["train"]  # the chief's TensorBoard log, one
     code, _, err = run_evaluator_cli(["--workdir", workdir, "--data-dir", str(tiny_data), "--once"], capsys)
     assert code == 0, err
     rows = Ledger(open_storage(BucketPath(workdir))).read()
