@@ -113,6 +113,8 @@ class _GcsfsRetries(logging.Filter):
     """Turns gcsfs' own retries (debug lines) into warnings of this module's log, one line each, and counts them.
 
     gcsfs logs a retry at debug level and its last failure with a traceback; both become one line here.
+    What it calls a non-retriable exception (a 412 of a conditional create, say) goes to the caller,
+    which handles it: it is not logged.
     """
 
     seen = 0  # gcsfs retries in this process (for tests and figures)
@@ -129,7 +131,7 @@ class _GcsfsRetries(logging.Filter):
         if "retrying after exception" in text:
             type(self).seen += 1
             log.warning("gcsfs %s", text.splitlines()[0])
-        elif record.levelno >= logging.ERROR:
+        elif "out of retries" in text:
             log.warning("gcsfs %s", text.splitlines()[0])
         return False
 
