@@ -131,8 +131,9 @@ class FlakyProxy:
       - "truncate": the answer of a GET that has a body is cut half way (its `Content-Length` is the full one);
       - "short": an object's bytes (a GET answered `*octet-stream`) cut half way, with a `Content-Length`
         that says so: an answer that looks complete, which only a checksum tells from the object.
-    A fault other than "delay" never lets a request reach the store, so that a retried conditional
-    create does not meet its own first try. `injected` counts the faults by kind; after `limit` of
+    "reset", "503", "429" and "hang" never let the request reach the store, so that a retried
+    conditional create does not meet its own first try; "truncate" and "short" cut the answer of a
+    GET, which changed nothing. `injected` counts the faults by kind; after `limit` of
     them (None: no limit) it injects no more.
     """
 
