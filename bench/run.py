@@ -25,7 +25,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 # B9 comes with B1, from the same process; B11-B13 (bucket workdirs) are measured together.
-ALL_FIGURES = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B10", "B11", "B14", "B15", "B17")
+ALL_FIGURES = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B10", "B11", "B14", "B15", "B16", "B17")
 VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
 
 # Sizes of each measurement. full: `make bench` (about 15 minutes on 2 cores). quick: about two minutes,
@@ -37,14 +37,15 @@ PLANS: dict[str, dict[str, Any]] = {
              "b5_epochs": 15, "b6_count": 100, "b7_repeats": 5, "b8_args": [], "matmul_size": 2048,
              "matmul_repeats": 5, "b10_steps": 600, "b10_saves": 30, "cloud_samples": 10, "cloud_poll_secs": 2.0,
              "b14_checkpoints": 24, "b14_pause": 1.0, "b14_repeats": 2, "b15_steps": 100, "b15_every": 25,
-             "b15_repeats": 2, "b15_bucket": True, "b17_steps": 600, "b17_repeats": 3, "b17_folder_images": 2000},
+             "b15_repeats": 2, "b15_bucket": True, "b16_steps": 300, "b16_save_every": 10, "b16_repeats": 1,
+             "b17_steps": 600, "b17_repeats": 3, "b17_folder_images": 2000},
     "quick": {"train_steps": 60, "repeats": 1, "experiment_repeats": 0, "b2_steps": 150, "b3_steps": 80,
               "b3_every": 20, "eval_repeats": 2, "b5_target": 0.3, "b5_steps": 150, "b5_every": 50, "b5_epochs": 3,
               "b6_count": 3, "b7_repeats": 1, "b8_args": ["--steps", "60", "--save-every", "20"],
               "matmul_size": 1024, "matmul_repeats": 5, "b10_steps": 60, "b10_saves": 3, "cloud_samples": 3,
               "cloud_poll_secs": 0.5, "b14_checkpoints": 4, "b14_pause": 0.2, "b14_repeats": 1, "b15_steps": 20,
-              "b15_every": 10, "b15_repeats": 1, "b15_bucket": False, "b17_steps": 60, "b17_repeats": 1,
-              "b17_folder_images": 100},
+              "b15_every": 10, "b15_repeats": 1, "b15_bucket": False, "b16_steps": 40, "b16_save_every": 10,
+              "b16_repeats": 1, "b17_steps": 60, "b17_repeats": 1, "b17_folder_images": 100},
     # On a GPU, oneDNN (a CPU library) does not change B1, so its second process is left out.
     "gpu": {"figures": ("B1", "B4", "B8"), "train_steps": 1000, "repeats": 2, "experiment_repeats": 0,
             "b1_as_shipped": False, "eval_repeats": 5, "b8_args": [], "matmul_size": 8192, "matmul_repeats": 5},
@@ -409,9 +410,35 @@ def _minus(a: Any, b: Any) -> Any:
     return not_measured("one side was not measured") if x is None or y is None else x - y
 
 
+def b16(ctx: Context) -> dict[str, Any]:
+    """Training and a watching evaluator on a bucket workdir through a proxy injecting 5% faults (bench/faults.py)."""
+    name = "bucket workdir through 5% injected faults: training + watching evaluator, wall s (compared with: no faults)"
+    from tests.cloud import MISSING, SKIP_REASON
+
+    if MISSING:
+        return {"B16": {"name": name, "ours": not_measured(SKIP_REASON), "onednn": ctx.onednn}}
+    from bench import faults
+
+    got = faults.measure(rate=0.05, steps=ctx.plan["b16_steps"], save_every=ctx.plan["b16_save_every"],
+                         repeats=ctx.plan["b16_repeats"])
+    runs = got["runs"]
+    walls = {k: summary([r["wall_s"] for r in v], missing="no run") for k, v in runs.items()}
+    injected = [sum(r["injected"].values()) for r in runs["faults"]]
+    logged = [sum(r["retries_logged"].values()) for r in runs["faults"]]
+    return {"B16": {"name": f"{name}; {got['steps']} steps, a save every {got['save_every']}",
+                    "ours": walls["faults"], "clean": walls["clean"], "ratio": ratio(walls["faults"], walls["clean"]),
+                    "commits": [r["commits"] for r in runs["faults"]],
+                    "evaluated": [r["evaluated"] for r in runs["faults"]],
+                    "requests": [r["requests"] for r in runs["faults"]],
+                    "injected": [r["injected"] for r in runs["faults"]], "injected_total": injected,
+                    "retries_logged": logged, "statuses": [r["statuses"] for r in runs["faults"]],
+                    "target": "every commit evaluated, none lost or error, exits 0",
+                    "met": not got["problems"], "problems": got["problems"], "onednn": ctx.onednn}}
+
+
 FIGURES: dict[str, Callable[[Context], dict[str, Any]]] = {
     "B1": b1, "B2": b2, "B3": b3, "B4": b4, "B5": b5, "B6": b6_b7, "B7": b6_b7, "B8": b8, "B10": b10,
-    "B11": b11_b13, "B12": b11_b13, "B13": b11_b13, "B14": b14, "B15": b15, "B17": b17}
+    "B11": b11_b13, "B12": b11_b13, "B13": b11_b13, "B14": b14, "B15": b15, "B16": b16, "B17": b17}
 
 
 def problems(results: dict[str, Any]) -> list[str]:
@@ -548,12 +575,21 @@ _CELLS: dict[str, Callable[[dict[str, Any], str], Cells]] = {
     "B15_s3": lambda fig, fmt: _b15_cells(fig),
     "B14": lambda fig, fmt: (f"4: {_text(_ours(fig), fmt)}", fig["one"],
                              f"2: {_text(fig['two'], fmt)} ({_text(fig['ratio_two'], '{:.2f}')}x); 1: "),
+    "B16": lambda fig, fmt: (f"{_text(_ours(fig), fmt)} ({_b16_counts(fig)})", fig.get("clean"), "no faults "),
     "B17": lambda fig, fmt: (f"2: {_text(_ours(fig), fmt)}", fig["one"],
                              f"3: {_text(fig['three'], fmt)}; test alone {_text(fig['test_alone'], fmt)}; 1: "),
 }
-_ONE_DECIMAL = ("B3", "B5", "B7", "B8", "B9", "B11", "B12", "B13", "B14")
+_ONE_DECIMAL = ("B3", "B5", "B7", "B8", "B9", "B11", "B12", "B13", "B14", "B16")
 _TWO_DECIMALS = ("B17",)
 _THREE_DECIMALS = ("B15", "B15_s3")  # seconds of a save
+
+
+def _b16_counts(fig: dict[str, Any]) -> str:
+    """B16's counts: commits evaluated, faults injected of requests, retries logged."""
+    if "commits" not in fig:
+        return "not measured"
+    return (f"{sum(fig['evaluated'])} of {sum(fig['commits'])} commits evaluated; {sum(fig['injected_total'])} "
+            f"faults in {sum(fig['requests'])} requests, {sum(fig['retries_logged'])} retries logged")
 
 
 def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:

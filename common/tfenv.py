@@ -14,6 +14,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from common.errors import UsageError
 
@@ -156,8 +157,7 @@ def configure(runtime: Runtime) -> Setup:
     """
     import tensorflow as tf
 
-    with _quiet_stderr():  # the GPU build of TF logs a cuInit failure here on machines without a GPU
-        gpus = tf.config.list_physical_devices("GPU")
+    gpus = quiet_gpu_lookup()
     if runtime.device == "gpu" and not gpus:
         raise UsageError("--device gpu: TensorFlow sees no GPU here (no device, driver or CUDA build); "
                          "use --device auto or cpu")
@@ -180,6 +180,18 @@ def configure(runtime: Runtime) -> Setup:
                  intra_op_threads=tf.config.threading.get_intra_op_parallelism_threads(),
                  inter_op_threads=tf.config.threading.get_inter_op_parallelism_threads(),
                  nice=max(_niceness(t) for t in _thread_ids()), onednn=onednn_enabled())
+
+
+def quiet_gpu_lookup() -> list[Any]:
+    """TensorFlow's GPUs, looked up with stderr filtered (see `_NOISE`).
+
+    The GPU build of TF logs a cuInit failure at its first look for a GPU on a machine without one:
+    a program that does not call `configure` calls this before its first op, so that the line never shows.
+    """
+    import tensorflow as tf
+
+    with _quiet_stderr():
+        return list(tf.config.list_physical_devices("GPU"))
 
 
 def _split_cpu(count: int) -> None:

@@ -56,7 +56,9 @@ class SnapshotEvaluator:
         try:
             results = [r for kind in self.weights for r in self._evaluate_weights(private, kind, chosen)]
         except CheckpointError as e:
-            return self.failed(base, "error", str(e).replace(str(private), base["checkpoint"]), sets)
+            # Named where it lies (a bucket's URL), never by the private copy that was read.
+            return self.failed(base, "error", str(e).replace(str(private), self.workdir.describe(base["checkpoint"])),
+                               sets)
         finished = time.time()
         return [LedgerRow(base | r | {"status": "ok", "finished": finished, "eval_secs": finished - base["started"]})
                 for r in results]

@@ -7,6 +7,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from common.run.protocol import LedgerRow
+from common.storage.mirror import MirroredFolder
 
 
 class TensorBoardSink:
@@ -15,9 +16,11 @@ class TensorBoardSink:
     One tag per evaluation set (`validation/accuracy/ema`, `test/accuracy/ema`, `shifted/loss/ema`).
     """
 
-    def __init__(self, logdir: Path | None) -> None:
-        """`logdir` None (a bucket workdir, which TF cannot write to here) writes nothing."""
+    def __init__(self, logdir: Path | None, mirror: MirroredFolder | None = None) -> None:
+        """`logdir` None writes nothing. For a bucket workdir, which TF cannot write to here, `logdir`
+        is `mirror.path`: a local folder copied into the bucket (`common.storage.mirror`)."""
         self.logdir = logdir
+        self.mirror = mirror
         self._writer: tf.summary.SummaryWriter | None = None
 
     def write(self, rows: list[LedgerRow]) -> None:
@@ -34,8 +37,13 @@ class TensorBoardSink:
                     if value is not None:
                         tf.summary.scalar(f"{r.split}/{metric}/{r.weights}", value, step=int(r.step or 0))
         self._writer.flush()
+        if self.mirror is not None and self.mirror.due():
+            self.mirror.sync()
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self.mirror is not None:
+            self.mirror.close()
+            self.mirror = None

@@ -8,14 +8,17 @@ they cannot run here (a package of the `cloud` extra that does not import), or "
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import http.client
 import http.server
 import importlib.util
 import logging
 import os
+import random
 import secrets
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -111,63 +114,144 @@ def fake_gcs_server() -> Iterator[str]:
             server.wait(10)
 
 
-class FlakyProxy:
-    """An HTTP proxy on 127.0.0.1 that answers the first `failures` requests with 503, then forwards.
+FAULTS = ("reset", "503", "429", "delay", "truncate")  # what FlakyProxy injects at `rate` (see there)
+OTHER_FAULTS = ("hang", "short")  # injected only when asked for
 
-    It stands for a store that throttles or fails for a while: the client under test retries.
+
+class FlakyProxy:
+    """An HTTP proxy on 127.0.0.1 in front of a store that injects faults; it stands for an unreliable network.
+
+    The first `failures` requests are answered 503 (a store that throttles for a while). After
+    them, each request meets a fault with probability `rate`, drawn from `faults` by a generator
+    seeded with `seed`:
+      - "reset": the connection is dropped without an answer (the request never reaches the store);
+      - "503" and "429": an error answer (the store is unavailable, or throttles);
+      - "delay": the request waits `delay_secs`, then goes through;
+      - "hang": the request waits `hang_secs`, then the connection is dropped (a client's timeout cuts it first);
+      - "truncate": the answer of a GET that has a body is cut half way (its `Content-Length` is the full one);
+      - "short": an object's bytes (a GET answered `*octet-stream`) cut half way, with a `Content-Length`
+        that says so: an answer that looks complete, which only a checksum tells from the object.
+    "reset", "503", "429" and "hang" never let the request reach the store, so that a retried
+    conditional create does not meet its own first try; "truncate" and "short" cut the answer of a
+    GET, which changed nothing. `injected` counts the faults by kind; after `limit` of
+    them (None: no limit) it injects no more.
     """
 
-    def __init__(self, upstream: str, failures: int) -> None:
+    def __init__(self, upstream: str, failures: int = 0, *, rate: float = 0.0, faults: tuple[str, ...] = FAULTS,
+                 seed: int = 0, delay_secs: float = 0.2, hang_secs: float = 30.0, limit: int | None = None) -> None:
+        if not 0.0 <= rate <= 1.0 or not set(faults) <= {*FAULTS, *OTHER_FAULTS} or not faults:
+            raise ValueError(f"rate ({rate}) must be within [0, 1] and faults ({faults}) among {FAULTS + OTHER_FAULTS}")
         self.upstream = upstream.removeprefix("http://")
-        self.failures = failures
+        self.failures, self.rate, self.faults = failures, rate, faults
+        self.delay_secs, self.hang_secs, self.limit = delay_secs, hang_secs, limit
         self.seen = 0
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # so that a PUT's `Expect: 100-continue` is answered
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _any(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                proxy.seen += 1
-                if proxy.seen <= proxy.failures:
-                    self._answer(503, {"Content-Type": "application/xml"},
-                                 b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message>"
-                                 b"</Error>")
-                    return
-                conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                conn.request(self.command, self.path, body=body, headers={**headers, "Host": proxy.upstream})
-                reply = conn.getresponse()
-                self._answer(reply.status, dict(reply.getheaders()), reply.read())
-                conn.close()
-
-            def _answer(self, status: int, headers: dict[str, str], body: bytes) -> None:
-                self.send_response(status)
-                length = str(len(body))
-                for k, v in headers.items():
-                    if k.lower() == "content-length" and self.command == "HEAD":
-                        length = v  # a HEAD answer has no body but tells the object's length
-                    elif k.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", length)
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
-
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.injected: collections.Counter[str] = collections.Counter()
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _handler(self))
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, name="flaky proxy", daemon=True)
+
+    def fault(self, method: str) -> str | None:
+        """The fault for the next request (None: none), counted."""
+        with self._lock:
+            self.seen += 1
+            if self.seen <= self.failures:
+                kind: str | None = "503"
+            elif self.limit is not None and self.injected.total() >= self.limit:
+                kind = None
+            elif self.rate and self._rng.random() < self.rate:
+                kinds = [f for f in self.faults if f not in ("truncate", "short") or method == "GET"]
+                kind = self._rng.choice(kinds) if kinds else None
+            else:
+                kind = None
+            if kind is not None:
+                self.injected[kind] += 1
+            return kind
+
+    def spare(self, kind: str) -> None:
+        """Take back fault `kind`, counted but not injected: the answer has nothing it can cut."""
+        with self._lock:
+            self.injected[kind] -= 1
+            self.injected += collections.Counter()  # drops the kinds at zero
 
     def __enter__(self) -> FlakyProxy:
         self.thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._closing.set()  # a hanging request ends now
         self.server.shutdown()
         self.server.server_close()
         self.thread.join()
+
+
+_ERRORS = {503: b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>",
+           429: b"<Error><Code>TooManyRequests</Code><Message>Rate exceeded.</Message></Error>"}
+
+
+def _handler(proxy: FlakyProxy) -> type[http.server.BaseHTTPRequestHandler]:
+    """The request handler of `proxy`'s server."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # so that a PUT's `Expect: 100-continue` is answered
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _any(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            kind = proxy.fault(self.command)
+            if kind in ("503", "429"):
+                self._answer(int(kind), {"Content-Type": "application/xml"}, _ERRORS[int(kind)])
+                return
+            if kind in ("reset", "hang"):
+                if kind == "hang":
+                    proxy._closing.wait(proxy.hang_secs)
+                self._drop()
+                return
+            if kind == "delay":
+                proxy._closing.wait(proxy.delay_secs)
+            conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
+            headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+            conn.request(self.command, self.path, body=body, headers={**headers, "Host": proxy.upstream})
+            reply = conn.getresponse()
+            data = reply.read()
+            conn.close()
+            if kind in ("truncate", "short") and (len(data) < 2 or reply.status != 200 or (
+                    kind == "short" and not str(reply.getheader("Content-Type")).endswith("octet-stream"))):
+                proxy.spare(kind)  # nothing to cut here
+                kind = None
+            if kind == "short":
+                data = data[: len(data) // 2]
+            self._answer(reply.status, dict(reply.getheaders()), data, cut=kind == "truncate")
+
+        def _drop(self) -> None:
+            """Close the connection at once, with a reset (SO_LINGER 0) rather than an orderly close."""
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+
+        def _answer(self, status: int, headers: dict[str, str], body: bytes, *, cut: bool = False) -> None:
+            self.send_response(status)
+            length = str(len(body))
+            for k, v in headers.items():
+                if k.lower() == "content-length" and self.command == "HEAD":
+                    length = v  # a HEAD answer has no body but tells the object's length
+                elif k.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
+                    self.send_header(k, v)
+            self.send_header("Content-Length", length)
+            self.end_headers()
+            try:
+                if self.command != "HEAD":
+                    self.wfile.write(body[: len(body) // 2] if cut else body)
+            except ConnectionError:  # the client gave up on this connection (its own timeout, a cancelled read)
+                self.close_connection = True
+                return
+            if cut:
+                self.wfile.flush()
+                self._drop()
+
+        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
+
+    return Handler

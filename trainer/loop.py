@@ -32,6 +32,7 @@ from common.run.spec import RunData, RunSpec, read_run, write_run
 from common.run.workdir import Workdir
 from common.signals import StopRequest, stop_on_signals
 from common.storage import Gone, Storage, open_source
+from common.storage.mirror import MirroredFolder
 from common.storage.paths import checkpoint_place
 from trainer import distribute, save_modes, warmstart
 from trainer import saver as saver_lib
@@ -312,7 +313,7 @@ def _make_saver(cfg: TrainConfig, train_state: TrainState, state: State | None, 
     gone = saver.remove_unlisted(frozenset({Path(resumed_from).name}) if resumed_from else frozenset())
     if gone:
         shown = ", ".join(gone[:5]) + (f" and {len(gone) - 5} more" if len(gone) > 5 else "")
-        reporter.message(f"removed {len(gone)} checkpoint(s) that the state file no longer lists "
+        reporter.message(f"removed {len(gone)} checkpoint(s) that the state file does not list "
                          f"(left by an interrupted save): {shown}")
     return saver
 
@@ -374,10 +375,9 @@ def _open_displays(cfg: TrainConfig, started: Started, reporter: Reporter,
     heartbeat.start(first_step=started.step, total_steps=cfg.steps)
     remove_done(cfg.wd.storage)
     local = cfg.wd.local_folder()
-    if local is None:
-        reporter.message("TensorBoard logs are not written for a bucket workdir (TF cannot reach an S3 or "
-                         "emulated GCS endpoint)")
-        return Tee(reporter, heartbeat), heartbeat
+    if local is None:  # TF cannot write to a bucket here: a local folder, copied into it (common.storage.mirror)
+        mirror = MirroredFolder(cfg.wd.storage, f"{TB_DIR}/train")
+        return Tee(reporter, heartbeat, TensorBoardLog(mirror.path, mirror)), heartbeat
     return Tee(reporter, heartbeat, TensorBoardLog(local / TB_DIR / "train")), heartbeat
 
 

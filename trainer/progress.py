@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from common.run.protocol import SPENT_KEY, StopRequestId, TrainerHeartbeat
 from common.storage import Storage
+from common.storage.mirror import MirroredFolder
 
 
 def log_line(event: str, **fields: Any) -> str:
@@ -205,13 +206,18 @@ class Tee:
 
 
 class TensorBoardLog:
-    """Scalars for TensorBoard under `tb/train`: loss, learning rate and steps/s by step."""
+    """Scalars for TensorBoard under `tb/train`: loss, learning rate and steps/s by step.
 
-    def __init__(self, logdir: Path) -> None:
+    `mirror`: for a bucket workdir, the local folder TF writes into (`logdir` is inside it), copied
+    into the bucket every `mirror.every_secs` and at `close`.
+    """
+
+    def __init__(self, logdir: Path, mirror: MirroredFolder | None = None) -> None:
         import tensorflow as tf
 
         self._tf = tf
         self.writer = tf.summary.create_file_writer(str(logdir))
+        self.mirror = mirror
 
     def start(self, *, first_step: int, total_steps: int) -> None:
         pass
@@ -220,6 +226,9 @@ class TensorBoardLog:
         with self.writer.as_default(step=int(metrics["step"])):
             for name in ("loss", "lr", "steps_per_sec"):
                 self._tf.summary.scalar(name, metrics[name])
+        if self.mirror is not None and self.mirror.due():
+            self.writer.flush()
+            self.mirror.sync()
 
     def message(self, text: str) -> None:
         pass
@@ -227,3 +236,5 @@ class TensorBoardLog:
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()
+        if self.mirror is not None:
+            self.mirror.close()

@@ -33,6 +33,7 @@ from common.run.protocol import LedgerRow
 from common.run.workdir import Workdir
 from common.storage import Storage, read_best
 from common.storage.paths import Location, OutsideError
+from trainer import orphans
 
 
 def select_kept(
@@ -66,11 +67,24 @@ def select_kept(
     return preserved + recent, last
 
 
-def _raise_io(what: str, error: Exception) -> None:
+def _raise_io(what: str, error: Exception, after: str = "the previous checkpoints are intact") -> None:
+    """Raise WorkdirIOError for a failed save: `what` failed, why, and `after` (what the workdir holds now)."""
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left" in str(error):
-        raise WorkdirIOError(f"{what}: disk full ({text}); the previous checkpoints are intact") from error
-    raise WorkdirIOError(f"{what}: {text}; the previous checkpoints are intact") from error
+        raise WorkdirIOError(f"{what}: disk full ({text}); {after}") from error
+    raise WorkdirIOError(f"{what}: {text}; {after}") from error
+
+
+def _after_replacing(name: str, state: State) -> str:
+    """What a failed save left when `_make_room` had removed the listed checkpoint of the same name first."""
+    if state.paths and state.latest:
+        kept = ", ".join(Path(p).name for p in state.paths)
+        return (f"the earlier {name} had been removed first, to be replaced by this save; the state file lists "
+                f"{kept}, and the next start resumes from {Path(state.latest).name} once the cause is mended")
+    return (f"the earlier {name} had been removed first, to be replaced by this save, and it was the only "
+            "checkpoint kept (--keep 1), so no state file is left; mend the cause and start again: the trainer "
+            "resumes from the newest checkpoint left in the workdir, else starts afresh (--keep 2 or more keeps "
+            "another checkpoint through such a save)")
 
 
 class CheckpointSaver:
@@ -100,8 +114,9 @@ class CheckpointSaver:
         written. A background save passes the writer of a snapshot taken earlier (trainer.snapshot).
         """
         name = checkpoints.name_for(step)
+        replaced = False
         try:
-            self._make_room(name)
+            replaced = self._make_room(name)
             target = self.storage.checkpoint_target(name)
             if write is None:
                 self._write(tf.constant(target))
@@ -119,6 +134,8 @@ class CheckpointSaver:
             self.storage.commit_checkpoint(name, state_key=checkpoints.STATE_FILE,
                                            state=checkpoints.state_bytes(new_state))
         except (OSError, tf.errors.OpError) as e:
+            if replaced:
+                _raise_io(f"saving {name}", e, _after_replacing(name, self.state))
             _raise_io(f"saving {name}", e)
         dropped = [p for p in self.state.paths if p not in new_state.paths]
         self.state = new_state
@@ -165,9 +182,13 @@ class CheckpointSaver:
             names.add(best["checkpoint"])
         return frozenset(names)
 
-    def _make_room(self, name: str) -> None:
-        """Remove an earlier checkpoint of the same name: out of the state file first, then its files."""
-        if name in self.state.paths:
+    def _make_room(self, name: str) -> bool:
+        """Remove an earlier checkpoint of the same name: out of the state file first, then its files.
+
+        Returns whether the state file listed it (a failed save then cannot say the checkpoints are intact).
+        """
+        listed = name in self.state.paths
+        if listed:
             index = self.state.paths.index(name)
             paths = self.state.paths[:index] + self.state.paths[index + 1:]
             by_path = self.state.timestamps_by_path()
@@ -180,6 +201,7 @@ class CheckpointSaver:
             else:
                 checkpoints.write_state(self.storage, self.state)
         self._delete(name)
+        return listed
 
     def remove_unlisted(self, keep: frozenset[str] = frozenset()) -> list[str]:
         """Delete checkpoints the state file lost track of (older than its newest); return their names.
@@ -193,7 +215,7 @@ class CheckpointSaver:
             try:
                 self._delete(name)
             except OSError as e:
-                raise WorkdirIOError(f"removing {name}, which the state file no longer lists: {e.strerror or e}") from e
+                raise WorkdirIOError(f"removing {name}, which the state file does not list: {e.strerror or e}") from e
         return gone
 
     def _delete(self, path: str) -> None:
@@ -211,12 +233,13 @@ def _to_stderr(text: str) -> None:
 
 
 def unlisted(workdir: Workdir, state: State) -> list[str]:
-    """Checkpoints on disk that `state` does not list and whose step is below the newest it lists."""
+    """Checkpoints on disk that `state` does not list: below the newest it lists, or above it and written
+    after the last commit (an interrupted save's, see `trainer.orphans`)."""
     named = [state.latest or "", *state.paths]
     listed = {Path(p).name for p in named if p and workdir.inside(p)}
     newest = max((s for s in map(checkpoints.step_of, listed) if s is not None), default=None)
     if newest is None:
         return []
     names = (checkpoints.name_for(s) for s in workdir.steps_on_disk() if s < newest)
-    return [n for n in names if n not in listed]
+    return [n for n in names if n not in listed] + orphans.never_listed(workdir, listed, newest)
 

@@ -32,7 +32,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from common.errors import UsageError
+from common.errors import UsageError, WorkdirIOError
 from common.layout import CHECKPOINT_PREFIX, EVAL_DIR, LEASE_DIR, lease_path
 from common.storage.api import Gone, Locked, Stat, checkpoint_keys, require_complete
 from common.storage.fileio import TMP_MARK, atomic_write_bytes, fsync_path
@@ -40,6 +40,7 @@ from common.storage.paths import OutsideError, remove
 
 OVERFLOW_LOGGER = "watchdog.observers.inotify_c"  # where watchdog 7 reports an overflowed inotify queue
 PIN_PREFIX = ".snapshot-"  # eval/.snapshot-<pid>-<id>/: a pinned checkpoint
+log = logging.getLogger("ckpt_watch.storage")
 _RELEVANT = frozenset({"created", "modified", "moved", "closed"})
 
 
@@ -181,15 +182,22 @@ class LocalStorage:
 
     @contextlib.contextmanager
     def pin(self, name: str) -> Iterator[Path]:
-        """See `Storage.pin`: hard links in `eval/.snapshot-<pid>-<id>/`, on the workdir's filesystem."""
+        """See `Storage.pin`: hard links in `eval/.snapshot-<pid>-<id>@<host>/`, on the workdir's filesystem.
+
+        The folder names its machine, so that an evaluator on another host of a shared filesystem
+        never takes it for a dead process's (a pid is exact only on its own machine).
+        """
         scratch = self.path / EVAL_DIR
-        folder = scratch / f"{PIN_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        folder = scratch / f"{PIN_PREFIX}{os.getpid()}-{secrets.token_hex(4)}@{socket.gethostname()}"
         folder.mkdir(parents=True)
         try:
             _link_checkpoint(self, name, folder)
             yield folder / name.rpartition("/")[2]
         finally:
-            remove(folder, scratch)
+            try:
+                remove(folder, scratch)
+            except OSError as e:  # the pin's use is over: the next evaluator start removes the folder of a dead pid
+                log.warning("cannot remove the pinned copy %s: %s", folder, e.strerror or e)
 
     @contextlib.contextmanager
     def lock(self, key: str, *, wait: bool, note: str = "", discard: bool = False) -> Iterator[None]:
@@ -256,13 +264,14 @@ class LocalStorage:
     def clean_readers(self) -> list[str]:
         """See `Storage.clean_readers`: leases of dead evaluators of this machine, and their pinned copies.
 
-        A lease names its machine; one from another machine is left alone, since its pid means
-        nothing here. Leases of older versions hold no name and came from this machine.
+        A lease and a pinned copy name their machine; one from another machine is left alone, since
+        its pid means nothing here. Those of older versions name none and came from this machine.
         """
         problems = []
         for name in self.names(EVAL_DIR, f"{PIN_PREFIX}*"):
-            pid = name[len(PIN_PREFIX):].split("-")[0]
-            if not (pid.isdigit() and pid_alive(int(pid))):
+            owner, _, host = name[len(PIN_PREFIX):].partition("@")
+            pid = owner.split("-")[0]
+            if host in ("", socket.gethostname()) and not (pid.isdigit() and pid_alive(int(pid))):
                 problems += self._remove(f"{EVAL_DIR}/{name}", "")
         folder = f"{EVAL_DIR}/{LEASE_DIR}"
         for name in self.names(folder, "*@*"):
@@ -300,6 +309,8 @@ class LocalStorage:
                 remove(path, self.path)
             except OutsideError:
                 continue
+            except OSError as e:  # said, with what is in the way (exit 5), rather than left there for good
+                raise WorkdirIOError(f"cannot remove {path}, left by an interrupted save: {e.strerror or e}") from e
             removed.append(name)
         return removed
 

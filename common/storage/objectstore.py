@@ -25,9 +25,11 @@ the object being absent (S3 `If-None-Match: *`, GCS `ifGenerationMatch=0`). How 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
+import errno
 import fnmatch
 import functools
 import json
@@ -45,7 +47,7 @@ from typing import Any
 
 from common.layout import EVAL_DIR, LEASE_DIR, STATE_FILE
 from common.storage.api import Gone, Locked, Stat, checkpoint_keys, require_complete
-from common.storage.bucket import Bucket, BucketURL, md5_of, one_line
+from common.storage.bucket import CONCURRENCY, Bucket, BucketURL, Digest, mismatch, one_line
 from common.storage.local import pid_alive
 from common.storage.paths import BucketPath, is_bucket
 
@@ -57,6 +59,7 @@ LOCK_TTL_SECS = 30.0  # a lock or lease not renewed for this long is free (renew
 LEASE_TTL_SECS = 60.0
 LOCAL_PREFIX = "ckpt-watch-"  # <tmp>/ckpt-watch-{stage,pin}-<pid>-<id>/: this process's local copies
 MAX_HOPS = 4  # pointers followed by one read
+VERIFY_ATTEMPTS = 3  # downloads of one object whose copy does not match the store's checksum before a pin fails
 
 log = logging.getLogger("ckpt_watch.bucket")
 
@@ -290,8 +293,7 @@ class ObjectStorage:
         folder = name.rpartition("/")[0]
         for file in files:
             key = f"{folder}/{file.name}" if folder else file.name
-            self.bucket.call("uploading", key, self.fs.put_file, str(file), self._path(key))
-            self.bucket.verify(key, *md5_of(file))
+            self.bucket.upload(check_key(key), file)
         self.write(state_key, state)
         for file in files:
             file.unlink()
@@ -316,25 +318,49 @@ class ObjectStorage:
             shutil.rmtree(folder, ignore_errors=True)
 
     def _download_checkpoint(self, name: str, folder: Path) -> dict[str, tuple[str, str]]:
-        """Download checkpoint `name`'s files into `folder`; return each file's key and token (for `adopt`)."""
-        sources = {}
+        """Download checkpoint `name`'s files into `folder`, `CONCURRENCY` at once, each verified (see `_download`).
+
+        Returns each file's key and token (for `adopt`).
+        """
         keys = self.checkpoint_files(name)
         require_complete(name, keys)
-        for key in keys:
-            before = self._object_stat(key)
-            local = folder / key.rpartition("/")[2]
+        files = {key.rpartition("/")[2]: key for key in keys}
+        with concurrent.futures.ThreadPoolExecutor(min(CONCURRENCY, len(keys)), "download") as pool:
+            tokens = pool.map(lambda file: self._download(files[file], folder / file), files)
+            return {file: (files[file], token) for file, token in zip(files, tokens, strict=True)}
+
+    def _download(self, key: str, local: Path) -> str:
+        """Download object `key` into `local` and check it against the store's size and MD5; return its token.
+
+        A copy that does not match (a body cut short that the client did not notice, a part of a
+        ranged download lost) is downloaded again, `VERIFY_ATTEMPTS` times in all: a pin never
+        holds a half object. A file deleted before or during the download, or replaced meanwhile, is `Gone`.
+
+        Raises:
+          Gone: as above.
+          OSError: every copy differed from the store's (errno EIO), or the store failed through every retry.
+        """
+        for attempt in range(1, VERIFY_ATTEMPTS + 1):
+            before = self.bucket.head(key)
             try:
                 if before is None:
                     raise FileNotFoundError(key)
                 self.bucket.call("downloading", key, self.fs.get_file, self._path(key), str(local))
             except FileNotFoundError:
                 raise Gone(f"{local.name} was deleted while being read") from None
+            token = _stat(before).token
             after = self._object_stat(key)
-            if after is not None and (after.token != before.token or local.stat().st_size != before.size):
+            if after is not None and after.token != token:
                 raise Gone(f"{local.name} was replaced while being read")
-            # Deleted after the download (`after` None): our copy holds the complete old version.
-            sources[local.name] = (key, before.token)
-        return sources
+            # Deleted after the download (`after` None): our copy holds the complete old version, if it verifies.
+            why = mismatch(before, Digest.of(local))
+            if why is None:
+                return token
+            if attempt < VERIFY_ATTEMPTS:
+                self.bucket.retries += 1
+                log.warning("downloading %s: the copy does not verify (%s); downloading it again (attempt %d of %d)",
+                            self.describe(key), why, attempt + 1, VERIFY_ATTEMPTS)
+        raise OSError(errno.EIO, f"download of {self.describe(key)} did not verify {VERIFY_ATTEMPTS} times: {why}")
 
     def publish(self, folder: Path, key: str, *, last: str) -> None:
         old = self.names(key)
@@ -359,16 +385,14 @@ class ObjectStorage:
         for file in sorted(p for p in folder.iterdir() if p.is_file()):
             dest, source = f"{key}/{file.name}", sources.get(file.name)
             now = self._object_stat(source[0]) if source else None
-            digest = md5_of(file)
             if source and now is not None and now.token == source[1]:
                 self.bucket.call("copying", dest, self.fs.copy, self._path(source[0]), self._path(dest))
                 try:
-                    self.bucket.verify(dest, *digest)
+                    self.bucket.verify(dest, Digest.of(file))
                     continue
                 except OSError:  # replaced between the check and the copy: put the bytes that were evaluated
                     log.warning("%s changed while being copied; uploading the evaluated copy", self.describe(dest))
-            self.bucket.call("uploading", dest, self.fs.put_file, str(file), self._path(dest))
-            self.bucket.verify(dest, *digest)
+            self.bucket.upload(check_key(dest), file)
         shutil.rmtree(folder, ignore_errors=True)
 
     def point(self, key: str, target: str) -> None:
@@ -464,8 +488,16 @@ class ObjectStorage:
         return problems
 
     def clean_leftovers(self) -> list[str]:
-        """See `Storage.clean_leftovers`: staging folders of dead trainers of this machine (none is in the bucket)."""
-        return _remove_dead_local("stage")
+        """See `Storage.clean_leftovers`: nothing of the bucket's (its unlisted checkpoints are the saver's).
+
+        Staging folders (and local TensorBoard mirrors) of dead trainers of this machine go too, without a word
+        to the user: they
+        may be any run's, and a local copy is no part of the run (every committed file is in the bucket).
+        """
+        removed = _remove_dead_local("stage") + _remove_dead_local("mirror")
+        if removed:
+            log.debug("removed %d local staging folder(s) of dead processes: %s", len(removed), ", ".join(removed))
+        return []
 
     def watch(self, names: Collection[str], on_change: Callable[[], None], *, on_lost: Callable[[], None],
               poll: bool, poll_secs: float) -> Poller:

@@ -15,7 +15,7 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from common.errors import UsageError, WorkdirIOError
 
@@ -126,9 +126,11 @@ class OutsideError(WorkdirIOError):
 def remove(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> None:
     """Delete a file, a link (never what it points to) or a folder tree that lies inside `root`.
 
-    A missing path is fine. Raises:
+    A missing path is fine, and so is a part of the tree that vanishes meanwhile (another process
+    removing it too). Raises:
       OutsideError: the path's folder, or the path itself once links are resolved, is not inside
         `root`; nothing is deleted.
+      OSError: a part of it could not be deleted (no permission, a read-only or failing disk).
     """
     target = Path(path)
     if not is_inside(target.parent, root) and Path(os.path.realpath(target.parent)) != Path(os.path.realpath(root)):
@@ -142,9 +144,15 @@ def remove(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> None:
         raise OutsideError(f"refused to delete {target}: it resolves to {os.path.realpath(target)}, "
                            f"outside {root}")
     if target.is_dir():
-        shutil.rmtree(target, ignore_errors=True)
+        shutil.rmtree(target, onerror=_unless_gone)
     else:
         target.unlink(missing_ok=True)
+
+
+def _unless_gone(func: Callable[..., Any], path: str, exc_info: Any) -> None:
+    """`shutil.rmtree`'s error handler: an entry removed by someone else meanwhile is fine; any other error raises."""
+    if not issubclass(exc_info[0], FileNotFoundError):
+        raise exc_info[1]
 
 
 def local_path(flag: str) -> Callable[[str], Path]:

@@ -46,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parser().parse_args(argv)
         if args.top_k < 1:
             raise UsageError(f"--top-k ({args.top_k}) must be a positive integer")
-        from common.tfenv import quiet_import_tensorflow
+        from common.tfenv import quiet_gpu_lookup, quiet_import_tensorflow
 
         quiet_import_tensorflow()
+        quiet_gpu_lookup()  # before the first op: stderr holds one line per failed file, nothing of TF's
         from evaluator.serving import backends
 
         if args.graph is not None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from common.checkpoint import checkpoints
@@ -43,8 +44,14 @@ def test_train_resume_evaluate_best_and_export_from_a_bucket(bucket_workdir: str
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _train(bucket_workdir, tiny_data, 20, capsys, "--keep", "0")
     assert code == 0, err
-    assert "starting fresh" in out + err and "TensorBoard logs are not written for a bucket workdir" in out + err
+    assert "starting fresh" in out + err and "TensorBoard" not in out + err
+    # TensorBoard's event file, written locally and copied into the bucket: the trainer's scalars, by step.
     storage = open_storage(bucket_workdir)
+    [events] = storage.names("tb/train", "events.out.tfevents.*")
+    local = tmp_path / events
+    local.write_bytes(storage.read(f"tb/train/{events}") or b"")
+    tags = {v.tag for e in tf.compat.v1.train.summary_iterator(str(local)) for v in e.summary.value}
+    assert {"loss", "lr", "steps_per_sec"} <= tags
     state = checkpoints.read_state(storage)
     assert state is not None and state.latest == "model-20" and state.paths == ["model-10", "model-20"]
     assert storage.stat(DONE_FILE) is not None and storage.stat("run.json") is not None
@@ -129,8 +136,10 @@ def test_a_truncated_object_and_a_garbage_state_file(bucket_workdir: str, tiny_d
     storage.write(data, shards[data][:64])  # cut short: every tensor past byte 64 is gone
     code, _, err = run_evaluator_cli(["--workdir", bucket_workdir, "--data-dir", str(tiny_data), "--once"], capsys)
     assert code == 0, err
-    status = {r["checkpoint"]: r["status"] for r in Ledger(open_storage(BucketPath(bucket_workdir))).read()}
-    assert status == {"model-10": "ok", "model-20": "error"}  # never the raw weights instead
+    rows = Ledger(open_storage(BucketPath(bucket_workdir))).read()
+    assert {r["checkpoint"]: r["status"] for r in rows} == {"model-10": "ok", "model-20": "error"}  # never raw weights
+    reason = next(r["reason"] for r in rows if r["status"] == "error")
+    assert f"{bucket_workdir}/model-20" in reason and "ckpt-watch-pin" not in reason  # its URL, not the local copy
 
     storage.write(checkpoints.STATE_FILE, b"garbage \x00 not a state file\n")
     code, out, err = _train(bucket_workdir, tiny_data, 30, capsys, "--keep", "0")
@@ -294,7 +303,8 @@ def test_a_two_worker_job_on_a_bucket_workdir(cloud: Servers, tiny_data: Path,
     assert (run["strategy"], run["replicas"], run["workers"]) == ("multi-worker", 2, 2)
     # Only the chief wrote the bucket, and what a single trainer writes: no lock left, no scratch part.
     assert {n for n in storage.names() if not n.startswith("model-")} == {"checkpoint", "done.json",
-                                                                          "heartbeat.json", "run.json"}
+                                                                          "heartbeat.json", "run.json", "tb"}
+    assert storage.names("tb") == ["train"]  # the chief's TensorBoard log, one
     code, _, err = run_evaluator_cli(["--workdir", workdir, "--data-dir", str(tiny_data), "--once"], capsys)
     assert code == 0, err
     rows = Ledger(open_storage(BucketPath(workdir))).read()

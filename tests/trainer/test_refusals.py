@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tensorflow as tf
 
 from common.checkpoint import checkpoints
 from common.checkpoint.checkpoints import State
-from common.errors import UsageError
+from common.errors import UsageError, WorkdirIOError
 from common.run.spec import MAX_CLASS_NAMES, read_run
+from common.run.workdir import Workdir
 from common.storage import open_storage
 from evaluator.config import EvalConfig
 from evaluator.loop import run_once
@@ -195,17 +197,22 @@ def test_hand_edited_class_names_are_named_as_an_edit(workdir: Path, tiny_data: 
 
 # Item 7: what is on disk is what the state file lists.
 
-def test_unlisted_older_checkpoints_are_removed_at_start(workdir: Path, tiny_data: Path) -> None:
+def test_unlisted_checkpoints_are_removed_at_start(workdir: Path, tiny_data: Path) -> None:
     # As after a kill right after the state-file rename: the state file lists only model-60.
     state = State(latest="model-60", paths=["model-60"], timestamps=[time.time()])
     checkpoints.write_state(open_storage(workdir), state)
     (workdir / "eval").mkdir(exist_ok=True)
     (workdir / "eval" / "best.json").write_text(json.dumps({"checkpoint": "model-20"}))
+    # As after kills inside later saves, before their commit: model-100 whole, model-120's data without its index.
+    for file in workdir.glob("model-60.*"):
+        (workdir / file.name.replace("model-60", "model-100")).write_bytes(file.read_bytes())
+    (workdir / "model-120.data-00000-of-00001").write_bytes(b"cut")
     rec = Recorder()
-    train(make_train_config(tiny_data, workdir, steps=80, keep=0), reporter=rec)
+    train(make_train_config(tiny_data, workdir, steps=80, keep=0), reporter=rec)  # fewer steps than were saved
     assert checkpoints.on_disk(open_storage(workdir)) == [20, 60, 80]  # model-20 is the evaluator's best
-    assert any(m.startswith("removed 1 checkpoint(s) that the state file no longer lists") and "model-40" in m
-               for m in rec.messages)
+    assert not list(workdir.glob("model-1[02]0.*"))
+    assert any(m.startswith("removed 3 checkpoint(s) that the state file does not list (left by an interrupted "
+                            "save): model-40, model-100, model-120") for m in rec.messages), rec.messages
 
 
 def test_retention_ignores_timestamps_from_a_clock_stepped_back(workdir: Path, tiny_data: Path) -> None:
@@ -296,3 +303,23 @@ def test_an_unknown_scheme_is_refused_naming_the_ones_taken(program: str, flags:
     code, _, err = run(flags, capsys)
     assert code == 2 and err.count("\n") == 1, err
     assert "is not a storage this program reads; give a local path, s3://bucket/prefix or gs://bucket/prefix" in err
+
+
+def test_a_failed_save_that_replaced_the_only_kept_checkpoint_says_so(tmp_path: Path) -> None:
+    wd = Workdir.open(tmp_path)
+    saver = saver_lib.CheckpointSaver(wd, tf.train.Checkpoint(v=tf.Variable(1.0)), state=State(None, [], []),
+                                      keep=1, keep_every_hours=0, anchor=0.0)
+    saver.save(5)
+
+    def disk_full(prefix: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    saver._write = disk_full  # type: ignore[method-assign]
+    with pytest.raises(WorkdirIOError, match=r"saving model-10: disk full .*; the previous checkpoints are intact"):
+        saver.save(10)
+    # Training passes step 5 again (it resumed from an older checkpoint): model-5 goes first, then the write fails.
+    with pytest.raises(WorkdirIOError) as raised:
+        saver.save(5)
+    assert "the earlier model-5 had been removed first" in str(raised.value)
+    assert "--keep 1" in str(raised.value) and "intact" not in str(raised.value)
+    assert checkpoints.read_state(open_storage(tmp_path)) is None  # what the message says

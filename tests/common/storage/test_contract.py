@@ -11,11 +11,13 @@ import contextlib
 import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -244,6 +246,34 @@ def test_local_delete_refuses_a_link_that_points_outside(tmp_path: Path) -> None
         storage.delete("eval/model-5.index")
     storage.delete("eval")  # the link itself goes, never what it points to
     assert (tmp_path / "outside" / "model-5.index").read_bytes() == b"not ours"
+
+
+def test_local_delete_of_a_folder_raises_what_it_cannot_delete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = LocalStorage(tmp_path)
+    (tmp_path / "eval" / "report-5").mkdir(parents=True)
+    (tmp_path / "eval" / "report-5" / "a.json").write_text("{}")
+    real_unlink = os.unlink
+
+    def refuse(path: Any, *args: Any, **kwargs: Any) -> None:
+        if os.fspath(path).endswith("a.json"):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refuse)  # as a file of another user in a sticky folder would (tests run as root)
+    with pytest.raises(PermissionError):
+        storage.delete("eval/report-5")
+    monkeypatch.undo()
+    assert (tmp_path / "eval" / "report-5" / "a.json").exists()  # said, not ignored
+
+
+def test_local_pins_of_another_host_outlive_a_clean(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    here = socket.gethostname()
+    names = [".snapshot-999999999-a", f".snapshot-999999999-b@{here}", ".snapshot-999999999-c@other-host"]
+    for name in names:  # pid 999999999 is dead here; on the other host (a shared filesystem) it may be live
+        (tmp_path / "eval" / name).mkdir(parents=True)
+    assert storage.clean_readers() == []
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [".snapshot-999999999-c@other-host"]
 
 
 def test_local_pin_is_gone_when_a_file_vanishes_mid_pin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

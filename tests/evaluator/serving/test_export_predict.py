@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from evaluator import cli
 from evaluator.serving import export as export_lib
 from evaluator.serving import predict
 from evaluator.serving.images import preprocess, read_gray
-from tests.helpers import Recorder, make_train_config, mnist_model
+from tests.helpers import REPO, Recorder, make_train_config, mnist_model
 from trainer.loop import train
 
 # Run in a subprocess: refuse any import of this project, then use only TensorFlow.
@@ -306,3 +307,16 @@ def test_predict_recovers_real_test_images(tmp_path: Path, capsys: pytest.Captur
         assert rates[kind] >= rates["plain"] - 0.15, rates
     assert result.metrics["test"]["accuracy"] > 0.7
     assert read_gray(folder / "00-plain.png").shape == (28, 28)
+
+
+def test_predict_prints_one_line_per_failed_file_and_nothing_of_tensorflow(workdir: Path, tiny_data: Path,
+                                                                           tmp_path: Path) -> None:
+    # A process of its own: TensorFlow logs its cuInit failure (the GPU build, no GPU) once per process.
+    good = save_png(tmp_path / "ok.png", datasets.load("fashion-mnist", str(tiny_data)).test.images[0])
+    (tmp_path / "bad.png").write_text("hello")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user runs it
+    done = subprocess.run([sys.executable, "-m", "evaluator.serving.predict", "--model", str(workdir), str(good),
+                           str(tmp_path / "bad.png")], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert done.returncode == 1 and done.stdout.startswith(f"{good}: ")
+    errors = done.stderr.splitlines()
+    assert len(errors) == 1 and errors[0].startswith(f"predict: error: {tmp_path / 'bad.png'}: not an image"), errors
