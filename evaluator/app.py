@@ -82,7 +82,7 @@ def _lead(args: argparse.Namespace, cfg: EvalConfig, workdir: Workdir, cluster: 
         session = run_once(cfg, workdir, cluster=cluster)
         if args.json:
             sys.stdout.write(json_lines(session))
-            for text in session.data_warnings:  # the header that shows them is not printed
+            for text in session.notes:  # the header that shows them is not printed
                 print(f"evaluator: warning: {text}", file=sys.stderr)
         else:
             # Into a file or a pipe, every column of every set keeps its width: nothing wraps a line there.

@@ -191,7 +191,10 @@ class BestKeeper:
         """Set `mismatch` to why eval/best's results do not rank against this evaluator's ("" when they do)."""
         row = LedgerRow({"weights": weights or self.weights})
         why = "" if best is None else why_incomparable(row, best, self.selection)
-        self.mismatch = f"{why}: left it alone (remove {self.workdir.describe(_BEST)} to rank anew)" if why else ""
+        mismatch = f"{why}: left it alone (remove {self.workdir.describe(_BEST)} to rank anew)" if why else ""
+        if mismatch and mismatch != self.mismatch:
+            self.warn(mismatch)  # once: the header keeps showing it as `problem`
+        self.mismatch = mismatch
         self.problem = self.mismatch or self.problem
 
     def offer(self, private: Path, main: LedgerRow) -> None:

@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from evaluator.rows import Row, SetResult
+from evaluator.sets import is_fraction
 
 # Checkpoints deleted before they could be read have no numbers: past this many, the table shows
 # only the newest (a state file listing 10,000 missing names would otherwise print 10,000 empty rows).
@@ -81,13 +82,13 @@ class Layout:
 
 def _short_metric(metric: str) -> str:
     """A metric's column title: `top5%` for top-5 accuracy, else its name."""
-    return f"{metric.removesuffix('_accuracy')}%" if metric.endswith("_accuracy") else metric
+    return f"{metric.removesuffix('_accuracy')}%" if is_fraction(metric) and metric != "accuracy" else metric
 
 
 def _metric_cell(metric: str, value: float | None, signed: bool = False) -> str:
     if value is None:
         return ""
-    if metric.endswith("accuracy"):
+    if is_fraction(metric):
         return _pct(value, signed=signed)
     return f"{value:+.4f}" if signed else f"{value:.4f}"
 
@@ -191,13 +192,13 @@ def log_line(event: str, **fields: Any) -> str:
 
 
 def _other_sets(row: Row) -> dict[str, Any]:
-    """With several sets: the headline's set, and `<set>_accuracy` and `<set>_loss` of every other set."""
-    if len(row.sets) < 2:
-        return {}
-    fields: dict[str, Any] = {"set": row.headline}
+    """Each set's other figures as `<set>.<metric>`: with several sets, their accuracy and loss; always, the
+    extra metrics (top-k accuracy, users' metrics). The dot keeps them apart from the line's own keys."""
+    fields: dict[str, Any] = {"set": row.headline} if len(row.sets) > 1 else {}
     for name, result in row.sets.items():
-        if name != row.headline:
-            fields |= {f"{name}_accuracy": result.accuracy, f"{name}_loss": result.loss}
+        if len(row.sets) > 1 and name != row.headline:
+            fields |= {f"{name}.accuracy": result.accuracy, f"{name}.loss": result.loss}
+        fields |= {f"{name}.{metric}": value for metric, value in result.metrics.items()}
     return fields
 
 
@@ -211,7 +212,7 @@ class PlainLines:
 
     def update(self, rows: list[Row], status: dict[str, Any]) -> None:
         for row in rows:
-            key = (row.checkpoint, f"{row.step}:{row.status}:{row.eval_secs}")
+            key = (row.checkpoint, f"{row.step}:{row.status}:{row.eval_secs}:{','.join(row.sets)}")
             if key in self._printed:
                 continue
             self._printed.add(key)

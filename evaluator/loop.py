@@ -23,6 +23,7 @@ from evaluator.config import EvalConfig, require_folder
 from evaluator.core import CheckpointEvaluator
 from evaluator.display import Display, log_line
 from evaluator.session import Candidate, Session
+from evaluator.sets import SET_ERRORS
 from evaluator.tf1core import FLAG_ERRORS
 from evaluator.wakeups import Wake, watching
 
@@ -108,6 +109,7 @@ def run_watch(cfg: EvalConfig, display: Display, stop: StopRequest, workdir: Wor
         wake.wait(0.5)
     if stop:
         return
+    _scan(session)  # flags that no later state of the workdir mends (FLAG_ERRORS, SET_ERRORS) stop before any write
     with contextlib.closing(session), session.register(), \
             watching(session.workdir.storage, wake, poll=cfg.poll, poll_secs=cfg.poll_secs):
         session.clean()
@@ -196,7 +198,7 @@ def _scan(session: Session) -> list[Candidate]:
     try:
         session.prepare()
         todo = session.pending(session.listed())
-    except FLAG_ERRORS:
+    except FLAG_ERRORS + SET_ERRORS:
         raise
     except (ProjectError, CheckpointError) as e:
         session.problem = str(e)
@@ -227,7 +229,7 @@ def _worker_core(session: Session, *, wait: bool) -> CheckpointEvaluator:
     while True:
         try:
             core = session.prepare()
-        except FLAG_ERRORS:
+        except FLAG_ERRORS + SET_ERRORS:
             raise
         except (ProjectError, CheckpointError):
             if not wait:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from common.checkpoint import checkpoints
-from common.errors import UsageError, WorkdirIOError
+from common.errors import DataNotFoundError, UsageError, WorkdirIOError
 from common.layout import CLAIMS_DIR, EVAL_DIR, EVALUATOR_LEASE, TB_DIR
 from common.model import registry
 from common.model.metrics import UserMetric, load_metrics
@@ -31,6 +31,7 @@ from common.run.protocol import LedgerRow
 from common.run.spec import RunSpec, read_run
 from common.run.workdir import Workdir
 from common.storage import Gone, Locked, Stat, Storage
+from common.storage.mirror import MirroredFolder
 from evaluator import foreign, tf1core
 from evaluator.best import BestKeeper, clean_stale
 from evaluator.cluster import Cluster
@@ -38,7 +39,7 @@ from evaluator.config import EvalConfig
 from evaluator.core import WEIGHT_CHOICES, CheckpointEvaluator, SnapshotEvaluator
 from evaluator.early_stop import check_patience
 from evaluator.rows import Row, build_rows
-from evaluator.sets import EvalSet, Selection, load_named_set
+from evaluator.sets import EvalSet, Selection, SetError, SetNotFound, check_reused, load_named_set
 from evaluator.snapshot import lease
 from evaluator.status import header, result_warnings
 from evaluator.tensorboard import TensorBoardSink
@@ -61,17 +62,30 @@ def _native(session: Session) -> SnapshotEvaluator:
     loaded = spec.load_data(cfg.data_dir)
     warnings = list(loaded.warnings)
     sets = [EvalSet(name, loaded.data.split(name)) for name in cfg.splits]
-    for name, reference in cfg.eval_data:
-        named, skipped = load_named_set(name, reference, spec)
-        sets.append(named)
-        warnings += skipped
+    with _flag_errors():
+        for name, reference in cfg.eval_data:
+            named, skipped = load_named_set(name, reference, spec)
+            sets.append(named)
+            warnings += skipped
+        check_reused(sets, session.ledger.read())
+        metrics = _metrics(cfg, sets[0], spec.num_classes)
     for text in warnings:
         session.note(text)
     session.data_warnings = warnings
     session.spec = spec
-    metrics = _metrics(cfg, sets[0], spec.num_classes)
     return CheckpointEvaluator(workdir, spec, tuple(sets), weights=cfg.weights, cluster=session.cluster,
                                top_k=cfg.top_k, metrics=metrics)
+
+
+@contextlib.contextmanager
+def _flag_errors() -> Iterator[None]:
+    """Turn what the sets' and metrics' flags get wrong into errors no later state of the workdir mends (SET_ERRORS)."""
+    try:
+        yield
+    except DataNotFoundError as e:
+        raise SetNotFound(str(e)) from None
+    except UsageError as e:
+        raise SetError(str(e)) from None
 
 
 def _metrics(cfg: EvalConfig, first: EvalSet, num_classes: int) -> tuple[UserMetric, ...]:
@@ -97,10 +111,13 @@ def _other_loop(session: Session) -> SnapshotEvaluator:
     cfg = session.cfg
     assert cfg.foreign is not None
     newest = tf1core.check_kind(session.workdir, tf1=False)
+    with _flag_errors():
+        metrics = load_metrics(cfg.metrics)
     core = foreign.prepare(session.workdir, cfg.foreign, splits=cfg.splits, weights=cfg.weights,
                            data_dir=cfg.data_dir, newest=newest, strategy=session.cluster.strategy,
-                           top_k=cfg.top_k, metrics=load_metrics(cfg.metrics))
-    _metrics(cfg, core.sets[0], core.model.num_classes)
+                           top_k=cfg.top_k, metrics=metrics)
+    with _flag_errors():
+        _metrics(cfg, core.sets[0], core.model.num_classes)
     return core
 
 
@@ -142,8 +159,12 @@ class Session:
         self.spec: RunSpec | None = None
         self.first_seen: dict[Candidate, float] = {}
         self.problem = ""  # the current setup or state-file problem, shown until it clears
-        local = self.workdir.local_folder()  # TF cannot write TensorBoard logs to S3 or an emulator
-        self.tensorboard = TensorBoardSink(None if local is None else local / TB_DIR / "eval")
+        local = self.workdir.local_folder()
+        if local is None:  # TF cannot write to a bucket here: a local folder, copied into it (common.storage.mirror)
+            mirror = MirroredFolder(self.workdir.storage, f"{TB_DIR}/eval")
+            self.tensorboard = TensorBoardSink(mirror.path, mirror)
+        else:
+            self.tensorboard = TensorBoardSink(local / TB_DIR / "eval")
         self.stop_requested = ""  # the reason of the stop request this session wrote, if any
         self.notes: list[str] = []  # one-off warnings (refused deletes, lost events), newest last
         self.unsent: list[str] = []  # notes the watch loop has not printed yet
@@ -154,9 +175,8 @@ class Session:
         self.elsewhere: dict[Candidate, str] = {}  # pending, claimed by another evaluator (its name) at the last try
         self.mine: set[tuple[Any, ...]] = set()  # record keys of the rows this session evaluated itself
         self.last_listed: list[Candidate] = []  # the checkpoints the state file listed at the last scan
+        self.started = time.time()  # checkpoints committed since get every set (see `needed`)
         self._fingerprints: dict[str, tuple[str, str | None]] = {}  # name -> (Stat.token, fingerprint)
-        if local is None:
-            self.note("TensorBoard logs are not written for a bucket workdir")
 
     def prepare(self) -> SnapshotEvaluator:
         """Make the evaluation core of the configured kind (`KINDS`) once: its model and split."""
@@ -227,8 +247,10 @@ class Session:
     def needed(self, cand: Candidate, done: Set[tuple[Any, ...]] | None = None) -> tuple[str, ...]:
         """The sets `cand` is still to be evaluated on (`done`: the ledger's keys, read again when not given).
 
-        A checkpoint the ledger holds results of for the deciding set gets the sets an earlier
-        evaluator left out only with --backfill: new sets are added for new checkpoints.
+        New sets are added for new checkpoints: one committed before this evaluator started, whose
+        deciding set (or, when none decides, some set) is recorded already, gets the sets an earlier
+        evaluator left out only with --backfill. One committed since gets every set it lacks, even
+        when a concurrent evaluator of fewer sets recorded the deciding one first.
         """
         done = self.ledger.keys() if done is None else done
         name = Path(cand.name).name
@@ -236,9 +258,8 @@ class Session:
             any(k in done for k in candidate_keys(name, fingerprint=cand.fingerprint, committed=cand.committed,
                                                   split=s, weights=w)) for w in self.weights))
         decides = self.cfg.selection.set if self.cfg.selection is not None else None
-        if not missing or self.cfg.backfill or decides in missing:
-            return missing
-        return missing if decides is None and len(missing) == len(self.cfg.set_names) else ()
+        new = self.cfg.backfill or cand.committed >= self.started or len(missing) == len(self.cfg.set_names)
+        return missing if new or decides in missing else ()
 
     @contextlib.contextmanager
     def claim(self, cand: Candidate) -> Iterator[bool]:
@@ -275,6 +296,8 @@ class Session:
         core = self.prepare()
         name = Path(cand.name).name
         sets = self.needed(cand)
+        if not sets:  # recorded meanwhile (`claim` read the ledger before this did)
+            return []
         base = core.begin(cand.name, committed=cand.committed, fingerprint=cand.fingerprint,
                           detected=self.first_seen.get(cand, time.time()))
         if not self.workdir.inside(cand.name):
@@ -334,7 +357,9 @@ class Session:
     def _after(self, added: list[LedgerRow]) -> list[LedgerRow]:
         """Hand what was added to TensorBoard, then check patience (which reads the ledger again)."""
         self.tensorboard.write(added)
-        if self.cfg.patience:
+        if self.cfg.patience and self.best.mismatch:
+            self.note(f"--patience is paused: {self.best.mismatch}")
+        elif self.cfg.patience:
             assert self.cfg.selection is not None  # EvalConfig refuses --patience without one
             reason = check_patience(self.workdir.storage, self._settled_rows(), selection=self.cfg.selection,
                                     patience=self.cfg.patience,

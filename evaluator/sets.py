@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from common.data import datasets, userdata
-from common.errors import UsageError
+from common.errors import DataNotFoundError, UsageError
 from common.model.metrics import top_k_name
 from common.run.spec import RunSpec
 
@@ -27,6 +27,17 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
 # Directions of the built-in metrics; a user's metric must say its own.
 _DIRECTIONS = {"accuracy": "max", "loss": "min"}
 _TOP_K = re.compile(r"^top(\d+)_accuracy$")
+
+
+class SetError(UsageError):
+    """A set or metric the flags name cannot be used, whatever the workdir holds later (exit 2)."""
+
+
+class SetNotFound(DataNotFoundError):
+    """A set the flags name is not there (exit 4, as for a run's data)."""
+
+
+SET_ERRORS = (SetError, SetNotFound)  # the watch loop stops for these instead of waiting for the workdir
 
 
 def fingerprint(split: datasets.Split) -> str:
@@ -128,11 +139,16 @@ def direction(metric: str) -> str | None:
     return "max" if _TOP_K.match(metric) else _DIRECTIONS.get(metric)
 
 
+def is_fraction(metric: str) -> bool:
+    """Whether `metric` is one of the built-in accuracies, shown in percent (a user's metric never is)."""
+    return metric == "accuracy" or bool(_TOP_K.match(metric))
+
+
 def show_value(metric: str, value: float | None) -> str:
-    """A metric's value for people: accuracies in percent, anything else to four decimals."""
+    """A metric's value for people: the built-in accuracies in percent, anything else to four decimals."""
     if value is None:
         return "-"
-    return f"{100 * value:.2f}%" if metric.endswith("accuracy") else f"{value:.4f}"
+    return f"{100 * value:.2f}%" if is_fraction(metric) else f"{value:.4f}"
 
 
 def metric_value(fields: Mapping[str, Any], metric: str) -> Any:
@@ -165,16 +181,35 @@ def load_named_set(name: str, reference: str, spec: RunSpec) -> tuple[EvalSet, l
     """
     split, class_names, images, warnings = userdata.load_eval_split(reference, spec.input)
     what = f"--eval-data {name}={reference}"
+    if len(split) == 0:
+        raise UsageError(f"{what}: holds no examples")
     if images != spec.input:
         raise UsageError(f"{what}: holds {images.describe()} images; the model takes {spec.input.describe()}")
-    if class_names == tuple(str(i) for i in range(len(class_names))) and class_names != spec.class_names:
-        labels = split.labels  # arrays that name no classes: the labels are the run's class indices
-        if labels.max(initial=0) >= spec.num_classes:
-            raise UsageError(f"{what}: labels go up to {labels.max()}; the run has {spec.num_classes} classes")
+    if class_names is None:  # arrays that name no classes: the labels are the run's class indices
+        if split.labels.max(initial=0) >= spec.num_classes:
+            raise UsageError(f"{what}: labels go up to {split.labels.max()}; the run has {spec.num_classes} classes")
         return EvalSet(name, split, reference), warnings
-    unknown = [c for c in class_names if c not in spec.class_names]
-    if unknown:
-        raise UsageError(f"{what}: classes the model does not know: {', '.join(unknown[:5])} "
-                         f"(its classes: {', '.join(spec.class_names)})")
-    index = np.array([spec.class_names.index(c) for c in class_names], dtype=np.int64)
+    index = np.array([_class_index(c, spec.class_names, what) for c in class_names], dtype=np.int64)
     return EvalSet(name, datasets.Split(split.images, index[split.labels]), reference), warnings
+
+
+def _class_index(found: str, classes: tuple[str, ...], what: str) -> int:
+    """The run's index of class `found`: its name, or (for a folder) the name with `/` written as `_`."""
+    for i, name in enumerate(classes):
+        if found in (name, name.replace("/", "_")):
+            return i
+    raise UsageError(f"{what}: a class the model does not know: {found} (its classes: {', '.join(classes)}; "
+                     "a folder stands for a class whose name holds '/' with '_' in its place)")
+
+
+def check_reused(sets: list[EvalSet], records: list[dict[str, Any]]) -> None:
+    """Refuse a named set whose name the ledger holds results of other data under (they would mix silently)."""
+    for eval_set in sets:
+        if not eval_set.source:
+            continue
+        other = next((r.get("data_fingerprint") for r in records if r.get("split") == eval_set.name
+                      and r.get("data_fingerprint") not in (None, eval_set.fingerprint)), None)
+        if other is not None:
+            raise SetError(f"--eval-data {eval_set.name}={eval_set.source}: the ledger holds results of other data "
+                           f"under the name {eval_set.name!r} (fingerprint {other}, these {eval_set.fingerprint}): "
+                           "give this set a name of its own")

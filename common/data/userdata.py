@@ -100,31 +100,43 @@ def load(name: str, spec: InputSpec) -> tuple[Dataset, list[str]]:
     return _load_arrays(name), []
 
 
-def load_eval_split(name: str, spec: InputSpec) -> tuple[Split, tuple[str, ...], InputSpec, list[str]]:
+def load_eval_split(name: str, spec: InputSpec) -> tuple[Split, tuple[str, ...] | None, InputSpec, list[str]]:
     """One evaluation set from a reference (the evaluator's --eval-data), images decoded as `spec` says.
 
     A `folder:` reference gives its `test/` folder when it has one, else every image of its class
-    folders; an `npz:` file or a function gives its test split. Returns the split, its class names
-    (`0`, `1`, ... for arrays that name none), the images' spec and warnings about skipped files.
+    folders (one class is enough: a set may hold fewer classes than a run); an `npz:` file or a
+    function gives its test split only. Returns the split, its class names (None for arrays that
+    name none), the images' spec and warnings about skipped files.
 
     Raises:
       DataNotFoundError, DataFormatError: as `load`, and a folder with split folders but no `test/`.
     """
     if not name.startswith(FOLDER):
-        data = _load_arrays(name)
-        return data.test, data.info.class_names, data.info.input_spec, []
+        parts, class_names = _npz_parts(Path(name[len(NPZ):])) if name.startswith(NPZ) else _function_parts(name)[:2]
+        images, labels = _as_arrays(parts["test"], f"{name} (test)")
+        images_spec, images = _input_spec(images, f"{name} (test)")
+        labels = labels.reshape(-1)
+        if len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer) or labels.min(initial=0) < 0:
+            raise DataFormatError(f"{name} (test): {len(images)} images need as many integer labels >= 0 "
+                                  f"(got {len(labels)} of {labels.dtype})")
+        names = None if class_names is None else tuple(class_names)
+        if names is not None and labels.max(initial=0) >= len(names):
+            raise DataFormatError(f"{name}: labels go up to {labels.max()} but there are {len(names)} class names")
+        return Split(images, labels.astype(np.int64)), names, images_spec, []
     root = Path(name[len(FOLDER):])
     if not root.is_dir():
         raise DataNotFoundError(f"{name}: no such folder")
     folder = root / "test" if (root / "test").is_dir() else root
     if folder == root and any((root / s).is_dir() for s in SPLIT_FOLDERS):
         raise DataFormatError(f"{name}: has split folders but no test/; name a folder of class subfolders")
-    class_names = _class_names(folder)
+    found = tuple(sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in SPLIT_FOLDERS))
+    if not found:
+        raise DataFormatError(f"{name}: no class folder in {folder} (one subfolder of images per class)")
     warnings: list[str] = []
-    split = _decode_split(folder, class_names, spec, warnings)
+    split = _decode_split(folder, found, spec, warnings)
     if len(split) == 0:
         raise DataFormatError(f"{name}: no readable image in {folder}")
-    return split, class_names, spec, warnings
+    return split, found, spec, warnings
 
 
 def _info(name: str, class_names: tuple[str, ...], spec: InputSpec, prep: Preprocessing) -> DatasetInfo:

@@ -193,6 +193,7 @@ class TrainingDone:
 _BEST_SCHEMA: Schema = {"step": _INT, "checkpoint": _STR, "accuracy": _NUM, "loss": _NUM, "split": _STR,
                         "weights": _STR, "committed": _NUM, "source": _STR, "time": _NUM, "metric": _STR,
                         "mode": _STR, "value": _NUM}
+_RANKING = ("metric", "mode", "value")  # BestEntry's fields of the selected result (evaluator --select)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +225,9 @@ class BestEntry:
         return cls(**{k: obj.get(k) for k in _BEST_SCHEMA}, extra=_extra(obj, _BEST_SCHEMA))
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.extra, **{k: getattr(self, k) for k in _BEST_SCHEMA}}
+        # The ranking's fields only when known, so that an entry written before them reads back as it was.
+        return {**self.extra, **{k: getattr(self, k) for k in _BEST_SCHEMA
+                                 if k not in _RANKING or getattr(self, k) is not None}}
 
     @classmethod
     def read(cls, storage: Storage) -> BestEntry | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from collections.abc import Callable
@@ -18,14 +19,19 @@ from common.model.evaluation import Evaluation
 from common.model.metrics import UserMetric
 from common.run.ledger import Ledger
 from common.run.workdir import Workdir
+from common.signals import StopRequest
 from common.storage import open_storage, read_best
 from evaluator.config import EvalConfig
-from evaluator.loop import run_once
-from tests.helpers import mirrored, mnist_model
+from evaluator.display import PlainLines
+from evaluator.loop import run_watch
+from evaluator.rows import Row, SetResult
+from evaluator.session import Session
+from evaluator.sets import SetError
+from tests.helpers import Spy, mirrored, mnist_model
 from tests.helpers import run_evaluator_cli as run_cli
 
 # Classes of the tiny data (fashion-mnist's names) that a folder set holds: fewer than the run has.
-FOLDER_CLASSES = {1: "Trouser", 2: "Pullover", 8: "Bag"}
+FOLDER_CLASSES = {0: "T-shirt_top", 2: "Pullover", 8: "Bag"}  # T-shirt/top: no '/' in a folder's name
 # What a row's evaluation measured, as opposed to when and by whom.
 MEASURED = ("accuracy", "loss", "per_class_accuracy", "confusion", "count", "examples", "data_fingerprint",
             "checkpoint", "step", "split", "weights", "status", "index_fingerprint")
@@ -85,6 +91,11 @@ def test_sets_end_to_end(workdir: Path, tiny_data: Path, tmp_path: Path, capsys:
     _check_tensorboard(workdir, by_set)
     _check_table(workdir, tiny_data, capsys, flags)
     _check_best_select(workdir, capsys, rows)
+    # The name stands for its data: other images under it would mix with its results.
+    other = image_folder(tmp_path / "other", tiny_data, classes={2: "Pullover"}, per_class=5)
+    code, _, err = run_cli(["--workdir", str(workdir), "--data-dir", str(tiny_data), "--once", "--eval-data",
+                            f"shifted=folder:{other}"], capsys)
+    assert code == 2 and "the ledger holds results of other data under the name 'shifted'" in err
 
 
 def _check_tensorboard(workdir: Path, by_set: dict[tuple[int, str], Any]) -> None:
@@ -131,11 +142,10 @@ def test_select_a_metric_where_lower_is_better(workdir: Path, tiny_data: Path,
     assert (best["checkpoint"], best["split"], best["metric"], best["mode"]) == (lowest["checkpoint"], "test",
                                                                                  "loss", "min")
     assert best["value"] == lowest["loss"]
-    # An evaluator that ranks another result leaves that best alone, and says so.
-    session = run_once(EvalConfig(workdir=workdir, data_dir=str(tiny_data)))
-    assert (read_best(open_storage(workdir)) or {})["metric"] == "loss"
-    assert any("eval/best ranks test loss (lower is better) and this evaluator validation accuracy" in w
-               for w in session.status(0)["warnings"])
+    # An evaluator that ranks another result leaves that best alone, and says so, even with --json.
+    code, _, err = run_cli(["--workdir", str(workdir), "--data-dir", str(tiny_data), "--once", "--json"], capsys)
+    assert code == 0 and (read_best(open_storage(workdir)) or {})["metric"] == "loss"
+    assert "warning: eval/best ranks test loss (lower is better) and this evaluator validation accuracy" in err
 
 
 def test_new_sets_go_to_new_checkpoints_unless_backfill(trained_runs: Callable[..., Path], tiny_data: Path,
@@ -145,6 +155,11 @@ def test_new_sets_go_to_new_checkpoints_unless_backfill(trained_runs: Callable[.
     rows = evaluate_json(workdir, tiny_data, capsys, "--split", "validation", "--split", "test")
     assert Ledger(open_storage(workdir)).read() == before  # every checkpoint has its deciding result
     assert {r["split"] for r in rows} == {"validation"}
+    # A checkpoint committed after the evaluator started gets every set, whoever recorded the deciding one.
+    session = Session(EvalConfig(workdir=workdir, data_dir=str(tiny_data), splits=("validation", "test")))
+    assert [session.needed(c) for c in session.listed()] == [(), (), ()]
+    session.started = 0.0
+    assert [session.needed(c) for c in session.listed()] == [("test",)] * 3
     rows = evaluate_json(workdir, tiny_data, capsys, "--split", "validation", "--split", "test", "--backfill")
     assert sorted((r["step"], r["split"], r["evaluated_here"]) for r in rows) == [
         (s, n, n == "test") for s in (20, 40, 60) for n in ("test", "validation")]
@@ -153,6 +168,32 @@ def test_new_sets_go_to_new_checkpoints_unless_backfill(trained_runs: Callable[.
     rows = evaluate_json(again, tiny_data, capsys, "--split", "test")
     assert sorted((r["step"], r["split"], r["evaluated_here"]) for r in rows) == [(s, "test", True)
                                                                                  for s in (20, 40, 60)]
+
+
+def _empty_npz(tmp_path: Path) -> Path:
+    images = np.zeros((4, 28, 28), np.uint8)
+    np.savez(tmp_path / "empty.npz", x_train=images, y_train=np.arange(4), x_test=images[:0], y_test=np.arange(0))
+    return tmp_path / "empty.npz"
+
+
+def test_watch_stops_at_once_for_a_bad_metric(workdir: Path, tiny_data: Path) -> None:
+    """Watch mode does not wait for a workdir that no state of it mends: exit 2 (SetError), nothing written."""
+    cfg = EvalConfig(workdir=workdir, data_dir=str(tiny_data), metrics=("tests.user_metrics:raises",),
+                     exit_when_done=True)
+    with pytest.raises(SetError, match="raised ValueError: no metric today"):
+        run_watch(cfg, Spy(), StopRequest())
+    assert not (workdir / "eval").exists()
+
+
+def test_plain_lines_keep_each_sets_figures_apart() -> None:
+    """A set may be called `raw`: its figures are `raw.accuracy`, never the line's own `raw_accuracy`."""
+    row = Row(step=20, checkpoint="model-20", status="ok", accuracy=0.5, headline="validation",
+              sets={"validation": SetResult("ok", accuracy=0.5, loss=1.0, metrics={"hits": 0.5}),
+                    "raw": SetResult("ok", accuracy=0.25, loss=2.0)})
+    out = io.StringIO()
+    PlainLines(out).update([row], {})
+    assert "set=validation" in out.getvalue() and "raw.accuracy=0.25" in out.getvalue()
+    assert "validation.hits=0.5" in out.getvalue()
 
 
 def _bad_folder(tmp_path: Path, tiny_data: Path) -> Path:
@@ -167,7 +208,8 @@ def _bad_folder(tmp_path: Path, tiny_data: Path) -> Path:
     (["--split", "test", "--split", "test"], "the set 'test' is named twice"),
     (["--eval-data", "shifted"], "expected NAME=REF"),
     (["--eval-data", "test=npz:/x.npz"], "not a split's name"),
-    (["--eval-data", "ZOO"], "classes the model does not know: Zebra"),
+    (["--eval-data", "ZOO"], "a class the model does not know: Zebra"),
+    (["--eval-data", "EMPTY"], "holds no examples"),
     (["--top-k", "10"], "--top-k (10) must be below the model's 10 classes"),
     (["--metric", "tests.user_metrics:raises"], "tests.user_metrics:raises raised ValueError: no metric today"),
     (["--metric", "tests.user_metrics:per_class_shape"], "returned shape [10] for a batch of 8"),
@@ -178,6 +220,7 @@ def _bad_folder(tmp_path: Path, tiny_data: Path) -> Path:
 def test_bad_sets_and_metrics_exit_2_before_writing(flags: list[str], message: str, workdir: Path, tiny_data: Path,
                                                     tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     flags = [f"zoo=folder:{_bad_folder(tmp_path, tiny_data)}" if f == "ZOO" else f for f in flags]
+    flags = [f"empty=npz:{_empty_npz(tmp_path)}" if f == "EMPTY" else f for f in flags]
     before = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))
     code, _, err = run_cli(["--workdir", str(workdir), "--data-dir", str(tiny_data), "--once", *flags], capsys)
     assert code == 2 and err.startswith("evaluator: error: ") and err.count("\n") == 1, err
