@@ -62,7 +62,7 @@ export: install
 	$(BIN)/evaluator export --workdir $(WORKDIR) --frozen
 
 # 300 SIGKILLs of a real trainer, then 50 of a random worker of a 2-worker job, with an evaluator watching,
-# then 20 of random evaluators of three sharing a workdir (each ends with one line of figures); then the long test variants (100 kills per bucket store, the quick bench).
+# then 20 of random evaluators of three sharing a workdir (each ends with one line of figures); then the long test variants (100 kills per bucket store, the quick bench, the transfer demo, GCS runs).
 soak: data
 	$(BIN)/python -m tests.fault.storm --kills 300
 	$(BIN)/python -m tests.fault.mw_storm --kills 50

@@ -114,7 +114,7 @@ def run_watch(cfg: EvalConfig, display: Display, stop: StopRequest, workdir: Wor
             watching(session.workdir.storage, wake, poll=cfg.poll, poll_secs=cfg.poll_secs):
         session.clean()
         show = _Refresh(session, display, wake)
-        show("watching", 0)
+        show("waiting for the trainer" if session.problem else "watching", 0)
         scan = True
         while not stop:
             if scan:  # otherwise nothing can have changed, and only the header's trainer line is refreshed

@@ -47,11 +47,7 @@ def test_train_resume_evaluate_best_and_export_from_a_bucket(bucket_workdir: str
     assert "starting fresh" in out + err and "TensorBoard" not in out + err
     # TensorBoard's event file, written locally and copied into the bucket: the trainer's scalars, by step.
     storage = open_storage(bucket_workdir)
-    [events] = storage.names("tb/train", "events.out.tfevents.*")
-    local = tmp_path / events
-    local.write_bytes(storage.read(f"tb/train/{events}") or b"")
-    tags = {v.tag for e in tf.compat.v1.train.summary_iterator(str(local)) for v in e.summary.value}
-    assert {"loss", "lr", "steps_per_sec"} <= tags
+    assert {"loss", "lr", "steps_per_sec"} <= _tags(storage, "tb/train", tmp_path)
     state = checkpoints.read_state(storage)
     assert state is not None and state.latest == "model-20" and state.paths == ["model-10", "model-20"]
     assert storage.stat(DONE_FILE) is not None and storage.stat("run.json") is not None
@@ -68,6 +64,7 @@ def test_train_resume_evaluate_best_and_export_from_a_bucket(bucket_workdir: str
     assert sorted(r["step"] for r in rows if r["status"] == "ok") == [10, 20, 30]
     best = json.loads(storage.read("eval/best.json") or b"{}")
     assert best["checkpoint"] in {"model-10", "model-20", "model-30"}
+    assert {"validation/accuracy/ema", "validation/loss/ema"} <= _tags(storage, "tb/eval", tmp_path)
 
     code, out, err = run_evaluator_cli(["best", "--workdir", bucket_workdir], capsys)
     assert code == 0, err
@@ -79,6 +76,14 @@ def test_train_resume_evaluate_best_and_export_from_a_bucket(bucket_workdir: str
     assert code == 0, err
     assert (tmp_path / "exp" / "saved_model.pb").is_file()
     assert json.loads((tmp_path / "exp" / "export.json").read_text())["workdir"] == bucket_workdir
+
+
+def _tags(storage: Any, folder: str, tmp_path: Path) -> set[str]:
+    """The scalar tags of the one TensorBoard event file in `folder` of a bucket workdir (copied there)."""
+    [events] = storage.names(folder, "events.out.tfevents.*")
+    local = tmp_path / folder.replace("/", "-")
+    local.write_bytes(storage.read(f"{folder}/{events}") or b"")
+    return {v.tag for e in tf.compat.v1.train.summary_iterator(str(local)) for v in e.summary.value}
 
 
 def test_a_missing_bucket_is_one_line_and_exit_2(bucket_workdir: str, tiny_data: Path, tmp_path: Path,
@@ -104,7 +109,10 @@ def test_a_missing_bucket_is_one_line_and_exit_2(bucket_workdir: str, tiny_data:
     assert "--workdir" not in err
 
 
-def test_watch_beside_the_trainer_until_patience_stops_it(bucket_workdir: str, tiny_data: Path) -> None:
+# The watch loop is the same on both stores (each store's poller: tests/common/storage); GCS is a long variant.
+@pytest.mark.parametrize("scheme", ["s3", pytest.param("gs", marks=pytest.mark.soak)])
+def test_watch_beside_the_trainer_until_patience_stops_it(scheme: str, cloud: Servers, tiny_data: Path) -> None:
+    bucket_workdir = f"{scheme}://{cloud.new_bucket(scheme)}/run"
     # An improvement of more than 50 points is impossible: the second evaluation exhausts patience 1.
     workdir = BucketPath(bucket_workdir)
     stop, out, err, code = watch_beside(

@@ -153,6 +153,7 @@ def test_class_subset_flows_to_evaluator(tmp_path: Path, tiny_data: Path) -> Non
 
 
 @pytest.mark.realdata
+@pytest.mark.soak  # 40 s of two cores, the longest single test: `make soak`, not `make test`
 def test_transfer_beats_scratch_on_real_data(tmp_path: Path) -> None:
     """The README's demonstration at a small scale: 600 pre-training steps, 400 on the 1,000 images
     (unfrozen at step 100)."""
