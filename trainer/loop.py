@@ -205,10 +205,14 @@ def _restore_if_readable(train_state: TrainState, prefix: Located) -> str | None
         if prefix.storage.stat(f"{prefix.key}.index") is None:
             return f"{prefix.name}.index is missing"
         with prefix.readable() as local:
+            where = str(prefix)  # a bucket's URL: messages never name the private download
             why = checkpoints.check_readable_files(local)
             if why is None:
-                restore(train_state, local)
-            return why
+                try:
+                    restore(train_state, local)
+                except CheckpointError as e:
+                    raise CheckpointError(str(e).replace(str(local), where)) from e
+            return None if why is None else why.replace(str(local), where)
     except Gone as e:
         return str(e)
 

@@ -317,3 +317,23 @@ def test_a_two_worker_job_on_a_bucket_workdir(cloud: Servers, tiny_data: Path,
     assert code == 0, err
     rows = Ledger(open_storage(BucketPath(workdir))).read()
     assert sorted((r["checkpoint"], r["status"]) for r in rows) == [("model-10", "ok"), ("model-20", "ok")]
+
+
+def test_a_bucket_checkpoint_that_does_not_restore_is_named_by_its_url(cloud: Servers, tiny_data: Path,
+                                                                       tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Readable files of another model under model-10: the refusal names the checkpoint's URL, not the download."""
+    workdir = f"s3://{cloud.new_bucket('s3')}/run"
+    assert _train(workdir, tiny_data, 10, capsys, "--keep", "0")[0] == 0
+    other = tmp_path / "other"
+    code, _, err = run_trainer_cli(["--workdir", str(other), "--data-dir", str(tiny_data), "--model", "mlp",
+                                    "--steps", "10", "--save-every", "10"], capsys)
+    assert code == 0, err
+    storage = open_storage(workdir)
+    for key in storage.checkpoint_files("model-10"):
+        storage.delete(key)
+    for file in other.glob("model-10.*"):
+        storage.write(file.name, file.read_bytes())
+    code, _, err = _train(workdir, tiny_data, 20, capsys, "--keep", "0")
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{workdir}/model-10: cannot restore" in err and "ckpt-watch-" not in err, err
