@@ -285,15 +285,16 @@ class ObjectStorage:
         return str(self._staging / check_key(name))
 
     def commit_checkpoint(self, name: str, *, state_key: str, state: bytes) -> None:
-        """See `Storage.commit_checkpoint`: upload, verify, then PUT the state file; the staged copy goes last."""
+        """See `Storage.commit_checkpoint`: upload and verify the files, `CONCURRENCY` at once, then PUT the
+        state file; the staged copy goes last."""
         target = Path(self.checkpoint_target(name))
         files = sorted(target.parent.glob(f"{target.name}.*"))
         if not any(f.name == f"{target.name}.index" for f in files):
             raise OSError(f"no checkpoint was written at {target}")
         folder = name.rpartition("/")[0]
-        for file in files:
-            key = f"{folder}/{file.name}" if folder else file.name
-            self.bucket.upload(check_key(key), file)
+        keys = {file: check_key(f"{folder}/{file.name}" if folder else file.name) for file in files}
+        with concurrent.futures.ThreadPoolExecutor(min(CONCURRENCY, len(files)), "upload") as pool:
+            list(pool.map(lambda file: self.bucket.upload(keys[file], file), files))  # the first failure is raised
         self.write(state_key, state)
         for file in files:
             file.unlink()
