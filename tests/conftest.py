@@ -28,7 +28,7 @@ from tests.helpers import make_train_config, write_dataset  # noqa: E402
 # starts last and runs alone at the end. Every other file keeps its place after them.
 LONGEST_FIRST = (
     "tests/fault/test_kill_storm.py",  # 5 kills
-    "tests/fault/test_kill_storm_bucket.py",  # 2 kills on each store
+    "tests/fault/test_kill_storm_bucket.py",  # 1 kill on each store, then a last start
     "tests/fault/test_kill_storm_multiworker.py",
     "tests/e2e/test_bucket_workdir.py",
     "tests/evaluator/test_several_evaluators.py",
