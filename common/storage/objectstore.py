@@ -285,16 +285,24 @@ class ObjectStorage:
         return str(self._staging / check_key(name))
 
     def commit_checkpoint(self, name: str, *, state_key: str, state: bytes) -> None:
-        """See `Storage.commit_checkpoint`: upload and verify the files, `CONCURRENCY` at once, then PUT the
-        state file; the staged copy goes last."""
+        """See `Storage.commit_checkpoint`: upload and verify the data files, `CONCURRENCY` at once, then the
+        `.index`, then PUT the state file; the staged copy goes last.
+
+        The index goes up last, so that an upload cut short (a kill) never leaves an index without its
+        data: a checkpoint whose index is there is complete, and only the state file may be missing.
+        """
         target = Path(self.checkpoint_target(name))
         files = sorted(target.parent.glob(f"{target.name}.*"))
-        if not any(f.name == f"{target.name}.index" for f in files):
+        index = target.parent / f"{target.name}.index"
+        if index not in files:
             raise OSError(f"no checkpoint was written at {target}")
         folder = name.rpartition("/")[0]
         keys = {file: check_key(f"{folder}/{file.name}" if folder else file.name) for file in files}
-        with concurrent.futures.ThreadPoolExecutor(min(CONCURRENCY, len(files)), "upload") as pool:
-            list(pool.map(lambda file: self.bucket.upload(keys[file], file), files))  # the first failure is raised
+        data = [file for file in files if file != index]
+        if data:
+            with concurrent.futures.ThreadPoolExecutor(min(CONCURRENCY, len(data)), "upload") as pool:
+                list(pool.map(lambda file: self.bucket.upload(keys[file], file), data))  # the first failure is raised
+        self.bucket.upload(keys[index], index)
         self.write(state_key, state)
         for file in files:
             file.unlink()
@@ -432,11 +440,20 @@ class ObjectStorage:
             yield
 
     def _release(self, key: str, holder: Holder) -> None:
-        """Delete lock `key` if it is still ours (a holder that took it over after our time ran out keeps it)."""
-        version = self.bucket.head(key)
-        current = Holder.parse(self._get(key))
-        if version is not None and current is not None and current.owner == holder.owner:
-            self.bucket.delete_if_unchanged(key, version)
+        """Delete lock `key` if it is still ours (a holder that took it over after our time ran out keeps it).
+
+        A release the store keeps failing (an outage, retried already) is a warning, never an error: it
+        must not replace the error that may be ending the block, and the lock frees itself anyway, once
+        its time runs out or as soon as another process of this host finds its pid dead.
+        """
+        try:
+            version = self.bucket.head(key)
+            current = Holder.parse(self._get(key))
+            if version is not None and current is not None and current.owner == holder.owner:
+                self.bucket.delete_if_unchanged(key, version)
+        except OSError as e:
+            log.warning("cannot release %s (%s); it frees itself when its time runs out, or at once for a "
+                        "process of this host that finds this pid dead", self.describe(key), e.strerror or e)
 
     def _create(self, key: str, holder: Holder) -> bool:
         """Create `key` holding `holder` only if absent; take over a holder that is dead or out of time."""

@@ -60,6 +60,42 @@ def test_a_commit_without_its_index_writes_no_state_file(store: ObjectStorage) -
     assert store.read("checkpoint") is None
 
 
+def test_a_commit_uploads_its_data_at_once_and_its_index_last(store: ObjectStorage,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill during the uploads never leaves an index without its data (trainer/orphans.py relies on it)."""
+    events: list[tuple[str, str]] = []
+    real = store.bucket.upload
+
+    def slow_upload(key: str, local: Any) -> None:
+        events.append(("start", key))
+        real(key, local)
+        if key != INDEX:
+            time.sleep(0.2)  # a data file takes its time: an index started beside it would start first
+        events.append(("end", key))
+
+    monkeypatch.setattr(store.bucket, "upload", slow_upload)
+    shards = {f".data-0000{i}-of-00003": os.urandom(1024) for i in range(3)}
+    commit_files(store, "model-5", {".index": b"index-bytes", **shards})
+    starts = [key for event, key in events if event == "start"]
+    assert sorted(starts[:3]) == [f"model-5{suffix}" for suffix in sorted(shards)]
+    ends = [events.index(("end", f"model-5{suffix}")) for suffix in shards]
+    assert max(events.index(("start", f"model-5{suffix}")) for suffix in shards) < min(ends)  # all three at once
+    assert events.index(("start", INDEX)) > max(ends)
+
+
+def test_a_lock_the_store_will_not_release_is_a_warning(store: ObjectStorage, monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """An outage at the release never replaces the error that ends the block; the lock frees itself later."""
+    def outage(key: str) -> Any:
+        raise OSError(errno.EIO, "checking failed 8 times: Service Unavailable")
+
+    with pytest.raises(ZeroDivisionError), caplog.at_level(logging.WARNING), \
+            store.lock("trainer.lock", wait=False, note="{}"):
+        monkeypatch.setattr(store.bucket, "head", outage)
+        raise ZeroDivisionError
+    assert any("cannot release" in r.getMessage() and "trainer.lock" in r.getMessage() for r in caplog.records)
+
+
 def test_a_missing_bucket_is_a_one_line_usage_error(cloud: Servers) -> None:
     for url in ("s3://no-such-bucket-here/run", "gs://no-such-bucket-here/run"):
         with pytest.raises(UsageError, match=r"the bucket 'no-such-bucket-here' does not exist \(create it first\)"):
