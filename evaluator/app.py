@@ -12,7 +12,6 @@ from common.checkpoint.keymap import parse_map
 from common.checkpoint.tf1graph import GraphFlags
 from common.errors import UsageError
 from common.layout import BEST_LINK, EVAL_DIR
-from common.model.metrics import top_k_name
 from common.run.ledger import Ledger
 from common.run.workdir import Workdir
 from common.signals import StopRequest, stop_on_signals
@@ -108,8 +107,7 @@ def _lead(args: argparse.Namespace, cfg: EvalConfig, workdir: Workdir, cluster: 
 
 def layout_of(cfg: EvalConfig) -> Layout:
     """The table's columns for these flags: a group per set, and the metrics they compute."""
-    metrics = ((top_k_name(cfg.top_k),) if cfg.top_k else ()) + tuple(r.partition(":")[2] for r in cfg.metrics)
-    return Layout(sets=cfg.set_names, both=cfg.weights == "both", metrics=metrics,
+    return Layout(sets=cfg.set_names, both=cfg.weights == "both", metrics=cfg.extra_metrics,
                   decides=cfg.selection.metric if cfg.selection is not None else "accuracy")
 
 
@@ -132,7 +130,8 @@ def show_best(args: argparse.Namespace, workdir: Workdir) -> None:
 
 def _show_ranked(args: argparse.Namespace, workdir: Workdir, selection: Selection) -> None:
     """`best --select`: the ledger's best result on a set and metric, which eval/best need not keep."""
-    records = Ledger(workdir.storage).read()
+    ledger = Ledger(workdir.storage)
+    records = ledger.read()
     top = ranked(records, selection, weights=args.weights)
     if not top:
         sets = sorted({str(r.get("split")) for r in records if r.get("status") == "ok"})
@@ -144,7 +143,7 @@ def _show_ranked(args: argparse.Namespace, workdir: Workdir, selection: Selectio
         return
     print(f"best on {selection.describe()}: {row.checkpoint} (step {row.step}) {selection.metric} "
           f"{show_value(selection.metric, selection.value(row.fields))} ({args.weights} weights; "
-          f"{len(top)} result(s) ranked, from {Ledger(workdir.storage).where})")
+          f"{len(top)} result(s) ranked, from {ledger.where})")
 
 
 def report(args: argparse.Namespace, workdir: Workdir) -> None:

@@ -60,7 +60,7 @@ def improves(row: LedgerRow, best: BestEntry | Mapping[str, Any] | None,
     if best is None:
         return True
     entry = best if isinstance(best, BestEntry) else BestEntry.from_json({"checkpoint": "", **best})
-    if entry is None or why_incomparable(row, entry, selection):
+    if entry is None or why_incomparable(row.weights, entry, selection):
         return False
     held = best_score(entry)
     if held is None:
@@ -69,14 +69,14 @@ def improves(row: LedgerRow, best: BestEntry | Mapping[str, Any] | None,
     return score > held or (score == held and earlier)
 
 
-def why_incomparable(row: LedgerRow, best: BestEntry, selection: Selection) -> str:
-    """Why `row`, ranked by `selection`, may not be ranked against `best`; "" when it may.
+def why_incomparable(weights: str | None, best: BestEntry, selection: Selection) -> str:
+    """Why a result of `weights`, ranked by `selection`, may not be ranked against `best`; "" when it may.
 
     Entries written before a field was recorded hold any weights, and validation accuracy.
     """
     held = Selection(best.split or "validation", best.metric or "accuracy", best.mode or "max")
-    if best.weights is not None and best.weights != row.weights:
-        return f"eval/best ranks {best.weights} weights and this evaluator {row.weights}"
+    if best.weights is not None and best.weights != weights:
+        return f"eval/best ranks {best.weights} weights and this evaluator {weights}"
     if held != selection:
         return f"eval/best ranks {held.describe()} and this evaluator {selection.describe()}"
     return ""
@@ -136,10 +136,11 @@ def promote(workdir: Workdir, private_prefix: Path, row: LedgerRow, *, selection
 
 def ranked(records: list[Record], selection: Selection, *, weights: str) -> list[LedgerRow]:
     """The ok results of `selection`'s set and `weights`, best first (ties: the earlier step)."""
-    rows = [row for row in map(LedgerRow, records) if row.split == selection.set and row.weights == weights
-            and row.status == "ok" and selection.score(row.fields) is not None]
-    return sorted(rows, key=lambda row: (-(selection.score(row.fields) or 0.0), row.step if row.step is not None
-                                         else 0))
+    scored = [(score, row) for row in map(LedgerRow, records)
+              if row.split == selection.set and row.weights == weights and row.status == "ok"
+              and (score := selection.score(row.fields)) is not None]
+    scored.sort(key=lambda pair: (-pair[0], pair[1].step if pair[1].step is not None else 0))
+    return [row for _, row in scored]
 
 
 def better_than_best(workdir: Workdir, records: list[Record], *, weights: str,
@@ -189,8 +190,7 @@ class BestKeeper:
 
     def _check_like(self, best: BestEntry | None, weights: str | None = None) -> None:
         """Set `mismatch` to why eval/best's results do not rank against this evaluator's ("" when they do)."""
-        row = LedgerRow({"weights": weights or self.weights})
-        why = "" if best is None else why_incomparable(row, best, self.selection)
+        why = "" if best is None else why_incomparable(weights or self.weights, best, self.selection)
         mismatch = f"{why}: left it alone (remove {self.workdir.describe(_BEST)} to rank anew)" if why else ""
         if mismatch and mismatch != self.mismatch:
             self.warn(mismatch)  # once: the header keeps showing it as `problem`

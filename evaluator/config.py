@@ -10,6 +10,7 @@ import socket
 from common.checkpoint.tf1graph import GraphFlags
 from common.distribute import check_flags
 from common.errors import UsageError
+from common.model.metrics import metric_name, top_k_name
 from common.storage.paths import Location, refuse_bucket, refuse_file
 from evaluator.core import WEIGHT_CHOICES
 from evaluator.foreign import ForeignFlags
@@ -69,7 +70,7 @@ class EvalConfig:
         if self.top_k < 0:
             raise UsageError(f"--top-k ({self.top_k}) must be 0 (off) or a positive integer")
         if chosen is not None:
-            check_selection(chosen, names, top_k=self.top_k, metrics=tuple(r.partition(":")[2] for r in self.metrics))
+            check_selection(chosen, names, self.extra_metrics)
         elif self.patience:
             raise UsageError("--patience watches the selected set (--select; validation by default), which is not "
                              "evaluated: add --split validation or --select SET")
@@ -105,6 +106,11 @@ class EvalConfig:
         if self.kind != "native":
             refuse_bucket(self.workdir, f"--{'tf1-graph' if self.graph is not None else 'model'} goes with a local "
                                         f"--workdir, not {self.workdir}")
+
+    @property
+    def extra_metrics(self) -> tuple[str, ...]:
+        """The metrics computed beside accuracy and loss: top-k accuracy, then the users' (by name)."""
+        return ((top_k_name(self.top_k),) if self.top_k else ()) + tuple(metric_name(r) for r in self.metrics)
 
     @property
     def set_names(self) -> tuple[str, ...]:

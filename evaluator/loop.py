@@ -10,7 +10,9 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from common.checkpoint.checkpoints import CheckpointError
 from common.errors import ProjectError, UsageError
@@ -29,6 +31,7 @@ from evaluator.wakeups import Wake, watching
 
 SETTLE_QUIET_SECS = 0.02  # a save writes the state file once; wait this long for more events
 SETTLE_MAX_SECS = 0.2
+T = TypeVar("T")
 CLAIM_RETRY_SECS = 0.25  # how often --once looks again at checkpoints other evaluators are evaluating
 WORKER_RETRY_SECS = 2.0  # a worker of a multi-worker evaluation looks again this often for a run to evaluate
 
@@ -109,7 +112,8 @@ def run_watch(cfg: EvalConfig, display: Display, stop: StopRequest, workdir: Wor
         wake.wait(0.5)
     if stop:
         return
-    _scan(session)  # flags that no later state of the workdir mends (FLAG_ERRORS, SET_ERRORS) stop before any write
+    # Flags that no later state of the workdir mends (FLAG_ERRORS, SET_ERRORS) stop here, before any write.
+    _attempt(session, session.prepare)
     with contextlib.closing(session), session.register(), \
             watching(session.workdir.storage, wake, poll=cfg.poll, poll_secs=cfg.poll_secs):
         session.clean()
@@ -195,16 +199,27 @@ def _finished_state(session: Session) -> str:
 
 def _scan(session: Session) -> list[Candidate]:
     """Pending checkpoints, or none while the workdir is not usable yet (the problem is shown)."""
-    try:
+    def pending() -> list[Candidate]:
         session.prepare()
-        todo = session.pending(session.listed())
+        return session.pending(session.listed())
+
+    return _attempt(session, pending) or []
+
+
+def _attempt(session: Session, action: Callable[[], T]) -> T | None:
+    """`action()`, or None while the workdir is not usable yet: its problem is kept for the header.
+
+    Flags that no later state of the workdir mends (FLAG_ERRORS, SET_ERRORS) raise instead.
+    """
+    try:
+        result = action()
     except FLAG_ERRORS + SET_ERRORS:
         raise
     except (ProjectError, CheckpointError) as e:
         session.problem = str(e)
-        return []
+        return None
     session.problem = ""
-    return todo
+    return result
 
 
 def run_worker(cfg: EvalConfig, workdir: Workdir, cluster: Cluster, *, wait: bool) -> int:

@@ -18,7 +18,6 @@ import numpy as np
 
 from common.data import datasets, userdata
 from common.errors import DataNotFoundError, UsageError
-from common.model.metrics import top_k_name
 from common.run.spec import RunSpec
 
 SPLITS = ("validation", "test")  # the run's own splits that --split takes
@@ -159,11 +158,11 @@ def metric_value(fields: Mapping[str, Any], metric: str) -> Any:
     return extra.get(metric) if isinstance(extra, Mapping) else None
 
 
-def check_selection(selection: Selection, names: tuple[str, ...], *, top_k: int, metrics: tuple[str, ...]) -> None:
+def check_selection(selection: Selection, names: tuple[str, ...], extra_metrics: tuple[str, ...]) -> None:
     """Refuse a selection of a set that is not evaluated, or of a metric that is not computed."""
     if selection.set not in names:
         raise UsageError(f"--select {selection.set}: not an evaluated set (they are: {', '.join(names)})")
-    computed = ["accuracy", "loss", *([top_k_name(top_k)] if top_k else []), *metrics]
+    computed = ["accuracy", "loss", *extra_metrics]
     if selection.metric not in computed:
         raise UsageError(f"--select {selection.set}:{selection.metric}: not a computed metric "
                          f"(they are: {', '.join(computed)}; --top-k K adds top<K>_accuracy)")

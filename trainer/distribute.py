@@ -69,6 +69,12 @@ class ScratchSaver:
             shutil.rmtree(folder, ignore_errors=True)
         return self.workdir / name
 
+    def poll(self) -> None:
+        """Nothing is ever pending: a worker writes its part on its training thread (as save_modes.SyncSaves)."""
+
+    def close(self) -> None:
+        """Nothing is ever pending."""
+
 
 class Peers:
     """The collectives outside the step: the same start step on every worker, and one stop for all.

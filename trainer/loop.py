@@ -354,7 +354,7 @@ def run_training(cfg: TrainConfig, started: Started, data: datasets.Dataset, rep
     displays, heartbeat = _open_displays(cfg, started, reporter, chief)
     saves = SaveCheckpoints(lambda step: _save(started.saver, started.train_state, step),
                             every=cfg.save_every, last_step=cfg.steps, stop=stop,
-                            poll=getattr(started.saver, "poll", None))
+                            poll=started.saver.poll)
     stop_check = CheckStopRequest(lambda: early_stop_request(cfg.wd.storage, since_step=started.step,
                                                              spent=started.spent), peers.requests if peers else stop)
     actions = make_actions(saves=saves, stop_check=stop_check, displays=displays.reporters, chief=chief, agree=peers)
@@ -444,18 +444,15 @@ def pending_saves(saver: save_modes.SyncSaves | save_modes.AsyncSaves | distribu
     Its failure is raised (exit code 5) when the block ended normally (the end of training or a
     signal); when the block raised, the failure is printed as a warning and the block's error goes on.
     """
-    close = getattr(saver, "close", None)
     try:
         yield
     except BaseException:
-        if close is not None:
-            try:
-                close()
-            except WorkdirIOError as e:
-                warn(str(e))
+        try:
+            saver.close()
+        except WorkdirIOError as e:
+            warn(str(e))
         raise
-    if close is not None:
-        close()
+    saver.close()
 
 
 # The files this program shares with the evaluator (typed in common.run.protocol): stop_request.json

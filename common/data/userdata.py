@@ -115,14 +115,11 @@ def load_eval_split(name: str, spec: InputSpec) -> tuple[Split, tuple[str, ...] 
         parts, class_names = _npz_parts(Path(name[len(NPZ):])) if name.startswith(NPZ) else _function_parts(name)[:2]
         images, labels = _as_arrays(parts["test"], f"{name} (test)")
         images_spec, images = _input_spec(images, f"{name} (test)")
-        labels = labels.reshape(-1)
-        if len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer) or labels.min(initial=0) < 0:
-            raise DataFormatError(f"{name} (test): {len(images)} images need as many integer labels >= 0 "
-                                  f"(got {len(labels)} of {labels.dtype})")
+        labels = _checked_labels(labels, len(images), f"{name} (test)")
         names = None if class_names is None else tuple(class_names)
         if names is not None and labels.max(initial=0) >= len(names):
             raise DataFormatError(f"{name}: labels go up to {labels.max()} but there are {len(names)} class names")
-        return Split(images, labels.astype(np.int64)), names, images_spec, []
+        return Split(images, labels), names, images_spec, []
     root = Path(name[len(FOLDER):])
     if not root.is_dir():
         raise DataNotFoundError(f"{name}: no such folder")
@@ -366,6 +363,15 @@ def _as_arrays(part: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(part[0]), np.asarray(part[1])
 
 
+def _checked_labels(labels: np.ndarray, images: int, what: str) -> np.ndarray:
+    """`labels` as int64 `[images]`; DataFormatError unless there is one integer label >= 0 per image."""
+    labels = labels.reshape(-1)
+    if len(labels) != images or not np.issubdtype(labels.dtype, np.integer) or labels.min(initial=0) < 0:
+        raise DataFormatError(f"{what}: {images} images need as many integer labels >= 0 "
+                              f"(got {len(labels)} of {labels.dtype})")
+    return labels.astype(np.int64)
+
+
 def _input_spec(images: np.ndarray, what: str) -> tuple[InputSpec, np.ndarray]:
     """The spec that `images` ([N, H, W] or [N, H, W, 1|3], uint8 or float) have; [N, H, W, 1] becomes [N, H, W]."""
     if images.ndim == 4 and images.shape[-1] == 1:
@@ -394,11 +400,7 @@ def _from_arrays(name: str, parts: dict[str, Any], class_names: list[str] | None
         if spec is not None and split_spec != spec:
             raise DataFormatError(f"{name}: {split} images are {split_spec.describe()}, train's {spec.describe()}")
         spec = split_spec
-        labels = labels.reshape(-1)
-        if len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer) or labels.min(initial=0) < 0:
-            raise DataFormatError(f"{name} ({split}): {len(images)} images need as many integer labels >= 0 "
-                                  f"(got {len(labels)} of {labels.dtype})")
-        splits[split] = Split(images, labels.astype(np.int64))
+        splits[split] = Split(images, _checked_labels(labels, len(images), f"{name} ({split})"))
     assert spec is not None  # parts always hold train and test
     largest = max(int(s.labels.max(initial=0)) for s in splits.values())
     names = tuple(class_names) if class_names is not None else tuple(str(i) for i in range(largest + 1))

@@ -38,6 +38,11 @@ def top_k_name(k: int) -> str:
     return f"top{k}_accuracy"
 
 
+def metric_name(reference: str) -> str:
+    """The name a `--metric pkg.mod:fn` is recorded under: its function's name."""
+    return reference.partition(":")[2]
+
+
 @dataclasses.dataclass(frozen=True)
 class UserMetric:
     """One `--metric` function and the name its value is recorded under (the function's name)."""
@@ -47,7 +52,7 @@ class UserMetric:
 
     @property
     def name(self) -> str:
-        return self.reference.partition(":")[2]
+        return metric_name(self.reference)
 
     def batch_sum(self, labels: np.ndarray, logits: np.ndarray) -> float:
         """The sum of the metric over one batch's `n` examples (n x the batch mean, or the per-example sum)."""
